@@ -1,0 +1,129 @@
+//! Command line. Every option has a default a single node can run with.
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+    str::FromStr,
+};
+
+use clap::{Args, Parser, Subcommand};
+use serviceless_common::DEFAULT_PIN_DIR;
+
+use crate::{dataplane::XdpAttachMode, model::VipRange};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "serviceless",
+    version,
+    about = "Node dataplane that sends each app's traffic (VIP:port) to its live pods, or to the activator when it has none, without Kubernetes Services",
+    long_about = None
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+    /// Log filter (tracing EnvFilter syntax), e.g. "info" or "serviceless=debug".
+    #[arg(long, global = true, env = "SERVICELESS_LOG", default_value = "info")]
+    pub log: String,
+    /// Log as JSON lines instead of text.
+    #[arg(long, global = true)]
+    pub log_json: bool,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the node daemon: attach the programs and keep the maps up to date.
+    Run(RunArgs),
+    /// Show apps, backends, flows and counters from the pinned maps (works while the daemon is down).
+    Inspect(InspectArgs),
+    /// Remove the programs from an interface and unpin every map (drops all flows).
+    Detach(DetachArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct RunArgs {
+    /// Node uplink to attach to (XDP ingress, TC egress).
+    #[arg(long, env = "SERVICELESS_IFACE")]
+    pub iface: String,
+    /// Where apps with no ready pod (or unknown VIP ports) are sent: IPv4 ip:port.
+    #[arg(long, env = "SERVICELESS_ACTIVATOR")]
+    pub activator: Option<SocketAddr>,
+    /// IPv6 activator, [ip]:port.
+    #[arg(long, env = "SERVICELESS_ACTIVATOR6")]
+    pub activator6: Option<SocketAddr>,
+    /// Desired state: `file:<path>` (YAML or JSON, reloaded on change).
+    #[arg(long, env = "SERVICELESS_SOURCE")]
+    pub source: SourceSpec,
+    /// VIP range (CIDR); repeat for IPv4 and IPv6. Only addresses in a range are treated as VIPs.
+    #[arg(long = "vip-range", env = "SERVICELESS_VIP_RANGES", value_delimiter = ',', default_value = "10.96.0.0/12")]
+    pub vip_ranges: Vec<VipRange>,
+    /// bpffs directory for pinned maps and links.
+    #[arg(long, env = "SERVICELESS_PIN_DIR", default_value = DEFAULT_PIN_DIR)]
+    pub pin_dir: PathBuf,
+    /// XDP attach mode; use `generic` for devices without native XDP.
+    #[arg(long, value_enum, default_value_t = XdpAttachMode::Driver)]
+    pub xdp_mode: XdpAttachMode,
+    /// Address for /metrics, /healthz and /readyz.
+    #[arg(long, env = "SERVICELESS_LISTEN", default_value = "127.0.0.1:9095")]
+    pub listen: SocketAddr,
+    /// Capacity of the app tables (apps).
+    #[arg(long, default_value_t = serviceless_common::default_capacity::APPS)]
+    pub max_apps: u32,
+    /// Capacity of the VIP:port table (app ports).
+    #[arg(long, default_value_t = serviceless_common::default_capacity::SERVICES)]
+    pub max_services: u32,
+    /// Capacity of the backend table (pods, all apps).
+    #[arg(long, default_value_t = serviceless_common::default_capacity::BACKENDS)]
+    pub max_backends: u32,
+    /// Capacity of each flow table (LRU: the least recently used flow is evicted when full).
+    #[arg(long, default_value_t = serviceless_common::default_capacity::FLOWS)]
+    pub max_flows: u32,
+    /// On exit, detach the programs and unpin the maps (default: leave traffic flowing).
+    #[arg(long)]
+    pub detach_on_exit: bool,
+}
+
+/// Where desired state comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SourceSpec {
+    File(PathBuf),
+}
+
+impl FromStr for SourceSpec {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.split_once(':') {
+            Some(("file", path)) if !path.is_empty() => Ok(SourceSpec::File(path.into())),
+            _ => Err(format!("unknown source '{s}'; expected file:<path>")),
+        }
+    }
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct InspectArgs {
+    /// bpffs directory of the pinned maps.
+    #[arg(long, env = "SERVICELESS_PIN_DIR", default_value = DEFAULT_PIN_DIR)]
+    pub pin_dir: PathBuf,
+    /// Print JSON instead of tables.
+    #[arg(long)]
+    pub json: bool,
+    /// Show at most this many flows.
+    #[arg(long, default_value_t = 50)]
+    pub flows: usize,
+    /// Only this app (hostname).
+    #[arg(long)]
+    pub app: Option<String>,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct DetachArgs {
+    #[arg(long, env = "SERVICELESS_IFACE")]
+    pub iface: String,
+    #[arg(long, env = "SERVICELESS_PIN_DIR", default_value = DEFAULT_PIN_DIR)]
+    pub pin_dir: PathBuf,
+}
+
+/// `ip:port` printed as the kernel config needs it.
+pub fn split_endpoint(addr: Option<SocketAddr>) -> Option<(IpAddr, u16)> {
+    addr.map(|a| (a.ip(), a.port()))
+}

@@ -1,0 +1,210 @@
+//! `serviceless inspect`: what the dataplane holds, read straight from the
+//! pinned maps, so it works while the daemon is down.
+
+use std::{collections::BTreeMap, fmt::Write as _, net::IpAddr};
+
+use anyhow::Context as _;
+use serde::Serialize;
+use serviceless_common::{BACKEND_READY, BackendKey, FLOW_TO_ACTIVATOR, SERVICE_F_ACTIVATOR_ONLY};
+
+use crate::{
+    cli::InspectArgs,
+    maps::{Capacities, DataplaneMaps},
+    model::{Protocol, from_addr},
+    reconcile::stored_hostname,
+};
+
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub apps: Vec<AppReport>,
+    pub flows: Vec<FlowReport>,
+    pub flows_total: usize,
+    pub counters: BTreeMap<&'static str, u64>,
+    pub capacity: Capacities,
+    pub config: ConfigReport,
+    pub map_ids: BTreeMap<&'static str, u32>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct AppReport {
+    pub id: u32,
+    pub hostname: String,
+    pub vip: Option<IpAddr>,
+    pub ports: Vec<String>,
+    /// The VIP is contested: its traffic goes to the activator.
+    pub collision: bool,
+    pub backends: Vec<BackendReport>,
+    pub packets: u64,
+    pub bytes: u64,
+    /// Seconds since the last packet, if any was seen.
+    pub idle_seconds: Option<f64>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct BackendReport {
+    pub slot: u32,
+    pub ip: IpAddr,
+    pub state: &'static str,
+}
+
+#[derive(Debug, Serialize)]
+pub struct FlowReport {
+    pub client: String,
+    pub vip: String,
+    pub protocol: String,
+    pub to: String,
+    pub kind: &'static str,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ConfigReport {
+    pub activator4: Option<String>,
+    pub activator6: Option<String>,
+}
+
+fn monotonic_coarse_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: valid out-pointer. The kernel stamps activity with the same clock.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+fn endpoint(addr: &[u8; 16], port_be: u16) -> String {
+    match from_addr(addr) {
+        IpAddr::V4(ip) => format!("{ip}:{}", u16::from_be(port_be)),
+        IpAddr::V6(ip) => format!("[{ip}]:{}", u16::from_be(port_be)),
+    }
+}
+
+/// Reads everything `inspect` shows.
+pub fn report(maps: &DataplaneMaps, flow_limit: usize, only: Option<&str>) -> Report {
+    let mut by_app: BTreeMap<u32, (Option<IpAddr>, Vec<String>, bool)> = BTreeMap::new();
+    for (key, value) in maps.services() {
+        let entry = by_app.entry(value.app_id).or_insert((None, Vec::new(), false));
+        entry.0 = Some(from_addr(&key.vip));
+        let proto = Protocol::from_ip_proto(key.proto).map(|p| p.to_string()).unwrap_or_else(|| key.proto.to_string());
+        entry.1.push(format!("{}->{}/{proto}", u16::from_be(key.port), u16::from_be(value.target_port)));
+        entry.2 |= value.flags & SERVICE_F_ACTIVATOR_ONLY != 0;
+    }
+    for (key, _) in maps.backends() {
+        by_app.entry(key.app_id).or_insert((None, Vec::new(), false));
+    }
+    let now = monotonic_coarse_ns();
+    let mut apps = Vec::new();
+    for (id, (vip, ports, collision)) in by_app {
+        let Some(value) = maps.app(id) else { continue };
+        let hostname = stored_hostname(&value.hostname);
+        if only.is_some_and(|h| h != hostname) {
+            continue;
+        }
+        let backends = (0..value.backend_count)
+            .filter_map(|slot| {
+                let b = maps.backend(&BackendKey { app_id: id, slot })?;
+                let state = if b.state == BACKEND_READY { "ready" } else { "draining" };
+                Some(BackendReport { slot, ip: from_addr(&b.addr), state })
+            })
+            .collect();
+        let activity = maps.activity(id).unwrap_or_default();
+        apps.push(AppReport {
+            id,
+            hostname,
+            vip,
+            ports,
+            collision,
+            backends,
+            packets: activity.packets,
+            bytes: activity.bytes,
+            idle_seconds: (activity.last_seen_ns != 0)
+                .then(|| now.saturating_sub(activity.last_seen_ns) as f64 / 1e9),
+        });
+    }
+    let mut flows = Vec::new();
+    let mut flows_total = 0;
+    for (key, value) in maps.flows() {
+        flows_total += 1;
+        if flows.len() >= flow_limit {
+            continue;
+        }
+        flows.push(FlowReport {
+            client: endpoint(&key.src, key.sport),
+            vip: endpoint(&key.dst, key.dport),
+            protocol: Protocol::from_ip_proto(key.proto).map(|p| p.to_string()).unwrap_or_default(),
+            to: endpoint(&value.backend, value.backend_port),
+            kind: if value.kind == FLOW_TO_ACTIVATOR { "activator" } else { "backend" },
+        });
+    }
+    let config = maps.config().unwrap_or_default();
+    let config = ConfigReport {
+        activator4: (config.flags & serviceless_common::CONFIG_F_ACTIVATOR4 != 0)
+            .then(|| endpoint(&config.activator4, config.activator4_port)),
+        activator6: (config.flags & serviceless_common::CONFIG_F_ACTIVATOR6 != 0)
+            .then(|| endpoint(&config.activator6, config.activator6_port)),
+    };
+    Report {
+        apps,
+        flows,
+        flows_total,
+        counters: maps.verdicts().into_iter().map(|(v, n)| (v.name(), n)).collect(),
+        capacity: maps.capacity(),
+        config,
+        map_ids: maps.ids().into_iter().collect(),
+    }
+}
+
+pub fn render_table(r: &Report) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "APPS ({})", r.apps.len());
+    let _ = writeln!(out, "{:<4} {:<32} {:<16} {:<22} {:>9} {:>11} {:>8}  BACKENDS", "ID", "HOSTNAME", "VIP", "PORTS", "PACKETS", "BYTES", "IDLE");
+    for a in &r.apps {
+        let vip = a.vip.map(|v| v.to_string()).unwrap_or_else(|| "-".into());
+        let idle = a.idle_seconds.map(|s| format!("{s:.0}s")).unwrap_or_else(|| "never".into());
+        let backends = if a.collision {
+            "VIP COLLISION -> activator".to_string()
+        } else if a.backends.is_empty() {
+            "none -> activator".to_string()
+        } else {
+            a.backends.iter().map(|b| format!("{}({})", b.ip, b.state)).collect::<Vec<_>>().join(" ")
+        };
+        let _ = writeln!(
+            out,
+            "{:<4} {:<32} {:<16} {:<22} {:>9} {:>11} {:>8}  {}",
+            a.id, a.hostname, vip, a.ports.join(","), a.packets, a.bytes, idle, backends
+        );
+    }
+    let _ = writeln!(out, "\nFLOWS ({} shown of {})", r.flows.len(), r.flows_total);
+    let _ = writeln!(out, "{:<4} {:<44} {:<44} {:<44} KIND", "PROTO", "CLIENT", "VIP", "TO");
+    for f in &r.flows {
+        let _ = writeln!(out, "{:<4} {:<44} {:<44} {:<44} {}", f.protocol, f.client, f.vip, f.to, f.kind);
+    }
+    let _ = writeln!(out, "\nCOUNTERS (packets)");
+    for (name, n) in &r.counters {
+        if *n > 0 {
+            let _ = writeln!(out, "  {name:<28} {n}");
+        }
+    }
+    let _ = writeln!(
+        out,
+        "\nCONFIG  activator4={} activator6={}  capacity: apps={} services={} backends={} flows={}",
+        r.config.activator4.as_deref().unwrap_or("-"),
+        r.config.activator6.as_deref().unwrap_or("-"),
+        r.capacity.apps,
+        r.capacity.services,
+        r.capacity.backends,
+        r.capacity.flows
+    );
+    let ids: Vec<String> = r.map_ids.iter().map(|(n, id)| format!("{n}={id}")).collect();
+    let _ = writeln!(out, "MAP IDS {}  (bpftool map dump id <id>)", ids.join(" "));
+    out
+}
+
+pub fn run(args: &InspectArgs) -> anyhow::Result<()> {
+    let maps = DataplaneMaps::open_pinned(&args.pin_dir)
+        .with_context(|| format!("opening the maps pinned under {}", args.pin_dir.display()))?;
+    let report = report(&maps, args.flows, args.app.as_deref());
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", render_table(&report));
+    }
+    Ok(())
+}

@@ -1,0 +1,15 @@
+//! Serviceless node agent: loads the XDP/TC dataplane, keeps its BPF maps in
+//! step with desired state (a local file or Kubernetes Pod watches), and
+//! reports through `inspect`, metrics and health endpoints.
+
+pub mod cli;
+pub mod dataplane;
+pub mod health;
+pub mod http;
+pub mod inspect;
+pub mod maps;
+pub mod metrics;
+pub mod model;
+pub mod reconcile;
+pub mod run;
+pub mod source;

@@ -1,0 +1,178 @@
+//! All metrics, registered in one place (OpenMetrics, prefix `serviceless`).
+//! No per-app labels: 100k apps would explode cardinality.
+
+use std::{
+    path::PathBuf,
+    sync::{Arc, Mutex},
+};
+
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric as _},
+    metrics::{
+        counter::{ConstCounter, Counter},
+        family::Family,
+        gauge::{ConstGauge, Gauge},
+        histogram::Histogram,
+    },
+    registry::Registry,
+};
+use serviceless_common::map_names;
+
+use crate::maps::DataplaneMaps;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MapLabel {
+    pub map: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabel {
+    pub kind: String,
+}
+
+/// Buckets from 50 us to about 30 s: sub-millisecond resolution where the
+/// dataplane lives, seconds where kube-proxy lives.
+fn latency_buckets() -> impl Iterator<Item = f64> {
+    [
+        50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3, 50e-3, 100e-3, 250e-3, 500e-3,
+        1.0, 2.5, 5.0, 10.0, 30.0,
+    ]
+    .into_iter()
+}
+
+#[derive(Clone)]
+pub struct Metrics {
+    pub registry: Arc<Mutex<Registry>>,
+    /// Change observed by the agent -> map written.
+    pub programming_latency: Histogram,
+    /// Change at its origin (Pod Ready transition) -> map written.
+    pub origin_latency: Histogram,
+    pub reconciles: Counter,
+    pub reconcile_errors: Family<KindLabel, Counter>,
+    pub map_write_errors: Family<MapLabel, Counter>,
+    pub map_entries: Family<MapLabel, Gauge>,
+    pub apps_programmed: Gauge,
+    pub invalid_apps: Gauge,
+    pub vip_collisions: Gauge,
+    pub source_errors: Counter,
+    pub watch_restarts: Counter,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let m = Self {
+            registry: Arc::new(Mutex::new(Registry::with_prefix("serviceless"))),
+            programming_latency: Histogram::new(latency_buckets()),
+            origin_latency: Histogram::new(latency_buckets()),
+            reconciles: Counter::default(),
+            reconcile_errors: Family::default(),
+            map_write_errors: Family::default(),
+            map_entries: Family::default(),
+            apps_programmed: Gauge::default(),
+            invalid_apps: Gauge::default(),
+            vip_collisions: Gauge::default(),
+            source_errors: Counter::default(),
+            watch_restarts: Counter::default(),
+        };
+        {
+            let mut r = m.registry.lock().unwrap_or_else(|p| p.into_inner());
+            r.register(
+                "programming_latency_seconds",
+                "Time from a desired-state change being observed to the maps being written",
+                m.programming_latency.clone(),
+            );
+            r.register(
+                "origin_to_programmed_seconds",
+                "Time from a change at its origin (Pod Ready condition lastTransitionTime) to the maps being written",
+                m.origin_latency.clone(),
+            );
+            r.register("reconciles", "Reconcile passes", m.reconciles.clone());
+            r.register("reconcile_errors", "Apps a reconcile could not program, by kind", m.reconcile_errors.clone());
+            r.register("map_write_errors", "Failed map writes, by map", m.map_write_errors.clone());
+            r.register("map_entries", "Entries the agent keeps in each map it writes", m.map_entries.clone());
+            r.register("apps_programmed", "Apps present in the maps", m.apps_programmed.clone());
+            r.register("invalid_apps", "Apps rejected by validation in the current desired state", m.invalid_apps.clone());
+            r.register("vip_collisions", "VIPs claimed by more than one app (sent to the activator)", m.vip_collisions.clone());
+            r.register("source_errors", "Desired-state source errors (unparsable file, API errors)", m.source_errors.clone());
+            r.register("watch_restarts", "Kubernetes watch restarts", m.watch_restarts.clone());
+        }
+        m
+    }
+
+    /// Adds the collector that reads verdict counters and map capacities
+    /// from the pinned maps at scrape time.
+    pub fn register_dataplane(&self, pin_dir: PathBuf) {
+        let mut r = self.registry.lock().unwrap_or_else(|p| p.into_inner());
+        r.register_collector(Box::new(DataplaneCollector { pin_dir }));
+    }
+
+    pub fn encode(&self) -> Result<String, std::fmt::Error> {
+        let mut out = String::new();
+        let r = self.registry.lock().unwrap_or_else(|p| p.into_inner());
+        prometheus_client::encoding::text::encode(&mut out, &r)?;
+        Ok(out)
+    }
+}
+
+#[derive(Debug)]
+struct DataplaneCollector {
+    pin_dir: PathBuf,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct VerdictLabel {
+    verdict: &'static str,
+}
+
+impl Collector for DataplaneCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        // The maps are pinned, so this works whatever state the loader is in.
+        let Ok(maps) = DataplaneMaps::open_pinned(&self.pin_dir) else { return Ok(()) };
+        let verdicts = maps.verdicts();
+        let mut family = encoder.encode_descriptor(
+            "packets",
+            "Packets handled by the dataplane programs, by verdict",
+            None,
+            prometheus_client::metrics::MetricType::Counter,
+        )?;
+        for (verdict, count) in verdicts {
+            let label = VerdictLabel { verdict: verdict.name() };
+            ConstCounter::new(count).encode(family.encode_family(&label)?)?;
+        }
+        let cap = maps.capacity();
+        let mut family = encoder.encode_descriptor(
+            "map_capacity",
+            "Maximum entries of each sized map",
+            None,
+            prometheus_client::metrics::MetricType::Gauge,
+        )?;
+        for (map, n) in [
+            (map_names::SERVICES, cap.services),
+            (map_names::APPS, cap.apps),
+            (map_names::BACKENDS, cap.backends),
+            (map_names::ACTIVITY, cap.apps),
+            (map_names::FLOWS, cap.flows),
+            (map_names::REVNAT, cap.flows),
+        ] {
+            ConstGauge::new(i64::from(n)).encode(family.encode_family(&MapLabel { map: map.into() })?)?;
+        }
+        // Flow tables are written by the kernel; count them here.
+        let mut family = encoder.encode_descriptor(
+            "flow_entries",
+            "Entries in the kernel-written flow tables",
+            None,
+            prometheus_client::metrics::MetricType::Gauge,
+        )?;
+        for (map, n) in [(map_names::FLOWS, maps.flows().count()), (map_names::REVNAT, maps.revnat().count())] {
+            ConstGauge::new(n as i64).encode(family.encode_family(&MapLabel { map: map.into() })?)?;
+        }
+        Ok(())
+    }
+}

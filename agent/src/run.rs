@@ -1,0 +1,155 @@
+//! `serviceless run`: load, attach, adopt, then reconcile until stopped.
+
+use std::{net::IpAddr, time::Duration};
+
+use anyhow::Context as _;
+use serviceless_common::{
+    CONFIG_F_ACTIVATOR4, CONFIG_F_ACTIVATOR6, CONFIG_F_VIP4, CONFIG_F_VIP6, Config,
+};
+use tokio::{io::unix::AsyncFd, signal::unix::SignalKind};
+use tracing::{info, warn};
+
+use crate::{
+    cli::{RunArgs, SourceSpec},
+    dataplane::{self, Pins, Sizes},
+    health::Health,
+    http,
+    metrics::Metrics,
+    model::{VipRanges, to_addr},
+    reconcile::Reconciler,
+    source::{Store, file},
+};
+
+/// How long a failed app waits before it is tried again.
+const RETRY_AFTER: Duration = Duration::from_secs(5);
+
+pub async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let ranges = VipRanges::from_list(&args.vip_ranges).map_err(anyhow::Error::msg).context("--vip-range")?;
+    let config = kernel_config(&args, &ranges)?;
+    let pins = Pins::new(&args.pin_dir);
+    let metrics = Metrics::new();
+    let health = Health::default();
+
+    let sizes = Sizes {
+        services: args.max_services,
+        apps: args.max_apps,
+        backends: args.max_backends,
+        flows: args.max_flows,
+    };
+    let mut loaded = dataplane::load(&pins, sizes)?;
+    let logger = aya_log::EbpfLogger::init(&mut loaded.ebpf).context("starting the eBPF log reader")?;
+    tokio::spawn(forward_ebpf_logs(logger));
+    dataplane::attach(&mut loaded, &pins, &args.iface, args.xdp_mode)?;
+    health.set_attached();
+    metrics.register_dataplane(pins.dir.clone());
+
+    let dataplane::Loaded { ebpf, maps } = loaded;
+    let mut reconciler = Reconciler::adopt(maps, metrics.clone());
+    info!(apps = reconciler.app_count(), "adopted map state; reconciling against the source");
+    reconciler.set_config(&config).context("writing the dataplane config map")?;
+
+    let store = Store::default();
+    let source = match args.source.clone() {
+        SourceSpec::File(path) => {
+            tokio::spawn(file::watch(path, ranges, store.clone(), health.clone(), metrics.clone()))
+        }
+    };
+    let server = tokio::spawn(http::serve(args.listen, metrics.clone(), health.clone()));
+    let reconcile = tokio::spawn(reconcile_loop(reconciler, store, health.clone()));
+
+    let mut term = tokio::signal::unix::signal(SignalKind::terminate())?;
+    let outcome: anyhow::Result<()> = tokio::select! {
+        _ = tokio::signal::ctrl_c() => { info!("interrupted"); Ok(()) }
+        _ = term.recv() => { info!("terminated"); Ok(()) }
+        r = source => r.context("source task").and_then(|r| r.context("desired-state source failed")),
+        r = server => r.context("http task").and_then(|r| r),
+        r = reconcile => r.context("reconcile task"),
+    };
+    if args.detach_on_exit {
+        drop(ebpf);
+        dataplane::detach(&pins, &args.iface)?;
+        info!("detached and unpinned (--detach-on-exit)");
+    } else {
+        info!("exiting; programs stay attached and maps pinned, traffic keeps flowing");
+    }
+    outcome
+}
+
+/// The single `svl_config_v1` entry.
+fn kernel_config(args: &RunArgs, ranges: &VipRanges) -> anyhow::Result<Config> {
+    let mut c = Config::default();
+    if let Some(a) = args.activator {
+        anyhow::ensure!(a.is_ipv4(), "--activator {a} must be IPv4 (use --activator6 for IPv6)");
+        c.activator4 = to_addr(a.ip());
+        c.activator4_port = a.port().to_be();
+        c.flags |= CONFIG_F_ACTIVATOR4;
+    }
+    if let Some(a) = args.activator6 {
+        anyhow::ensure!(a.is_ipv6(), "--activator6 {a} must be IPv6");
+        c.activator6 = to_addr(a.ip());
+        c.activator6_port = a.port().to_be();
+        c.flags |= CONFIG_F_ACTIVATOR6;
+    }
+    if c.flags & (CONFIG_F_ACTIVATOR4 | CONFIG_F_ACTIVATOR6) == 0 {
+        warn!("no --activator: traffic for apps without ready pods will be dropped");
+    }
+    if let Some(r) = ranges.v4 {
+        (c.vip4_net, c.vip4_mask) = r.to_net_mask();
+        c.flags |= CONFIG_F_VIP4;
+    }
+    if let Some(r) = ranges.v6 {
+        (c.vip6_net, c.vip6_mask) = r.to_net_mask();
+        c.flags |= CONFIG_F_VIP6;
+    }
+    for activator in [args.activator, args.activator6].into_iter().flatten() {
+        let ip: IpAddr = activator.ip();
+        if ranges.for_ip(ip).is_some_and(|r| r.contains(ip)) {
+            anyhow::bail!("activator {ip} lies inside the VIP range; its traffic would loop");
+        }
+    }
+    Ok(c)
+}
+
+async fn reconcile_loop(mut reconciler: Reconciler, store: Store, health: Health) {
+    loop {
+        store.changed().await;
+        let batch = store.take();
+        if batch.is_empty() {
+            continue;
+        }
+        let full = batch.full.is_some();
+        let changed = batch.changed.len();
+        let started = std::time::Instant::now();
+        let outcome = reconciler.apply(batch);
+        info!(
+            full, changed, programmed = outcome.programmed, failed = outcome.failed.len(),
+            apps = reconciler.app_count(), took_ms = started.elapsed().as_secs_f64() * 1e3,
+            "reconciled"
+        );
+        if full {
+            health.set_reconciled();
+        }
+        if !outcome.failed.is_empty() {
+            let store = store.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(RETRY_AFTER).await;
+                store.retry(outcome.failed);
+            });
+        }
+    }
+}
+
+/// Forwards aya-log records (through the `log` bridge into tracing).
+async fn forward_ebpf_logs(logger: aya_log::EbpfLogger<&'static dyn log::Log>) {
+    // The logger owns its ring buffer fd for as long as the AsyncFd lives.
+    #[expect(deprecated, reason = "the replacement API is not in this tokio release yet")]
+    let Ok(mut fd) = AsyncFd::new(logger) else {
+        warn!("eBPF log forwarding unavailable");
+        return;
+    };
+    loop {
+        let Ok(mut guard) = fd.readable_mut().await else { return };
+        guard.get_inner_mut().flush();
+        guard.clear_ready();
+    }
+}

@@ -1,0 +1,279 @@
+//! Desired state from a YAML or JSON file, reloaded when it changes.
+//!
+//! A file that does not parse is reported with its line and column and the
+//! last good state stays in force. An app with a bad value (hostname, IP,
+//! port, ...) is rejected with its position in the file; the others apply.
+
+use std::{
+    net::IpAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use notify::{RecursiveMode, Watcher as _};
+use serde::Deserialize;
+use tokio::sync::mpsc;
+use tracing::{error, info, warn};
+
+use super::{Observed, Store};
+use crate::{
+    health::Health,
+    metrics::Metrics,
+    model::{AppSpec, BackendSpec, PortSpec, Protocol, VipRanges},
+};
+
+/// The file format. Example:
+///
+/// ```yaml
+/// apps:
+///   - hostname: hello.apps.example.com
+///     vip: 10.96.0.10
+///     ports: [{ port: 80, targetPort: 8080 }]
+///     pods:
+///       - { name: hello-1, ip: 10.244.1.2, ready: true }
+/// ```
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileDoc {
+    #[serde(default)]
+    pub apps: Vec<FileApp>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileApp {
+    pub hostname: String,
+    pub vip: String,
+    pub ports: Vec<FilePort>,
+    #[serde(default)]
+    pub pods: Vec<FilePod>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct FilePort {
+    pub port: u32,
+    /// Defaults to `port`.
+    pub target_port: Option<u32>,
+    #[serde(default)]
+    pub protocol: Protocol,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FilePod {
+    pub name: Option<String>,
+    pub ip: String,
+    #[serde(default = "yes")]
+    pub ready: bool,
+    /// A terminating pod keeps its flows but takes no new ones.
+    #[serde(default)]
+    pub terminating: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// Why the file as a whole was not applied.
+#[derive(Debug, thiserror::Error)]
+pub enum FileError {
+    #[error("cannot read {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{path}{location}: {message}")]
+    Parse { path: PathBuf, location: String, message: String },
+}
+
+/// One rejected app.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejected {
+    /// `apps[3] (hostname)`.
+    pub at: String,
+    pub reason: String,
+}
+
+/// Parses a document; returns the valid apps and the rejected ones.
+pub fn parse(path: &Path, text: &str, ranges: &VipRanges) -> Result<(Vec<AppSpec>, Vec<Rejected>), FileError> {
+    // YAML is a superset of JSON, so one parser serves both.
+    let doc: FileDoc = serde_yaml::from_str(text).map_err(|e| FileError::Parse {
+        path: path.to_path_buf(),
+        location: e.location().map(|l| format!(":{}:{}", l.line(), l.column())).unwrap_or_default(),
+        message: e.to_string(),
+    })?;
+    let mut apps: Vec<AppSpec> = Vec::new();
+    let mut rejected = Vec::new();
+    for (i, raw) in doc.apps.into_iter().enumerate() {
+        let at = format!("apps[{i}] ({})", raw.hostname);
+        let result = convert(raw).and_then(|app| {
+            app.validate(ranges).map_err(|e| e.to_string())?;
+            if apps.iter().any(|a| a.hostname == app.hostname) {
+                return Err(format!("hostname '{}' is already used by an earlier app", app.hostname));
+            }
+            Ok(app)
+        });
+        match result {
+            Ok(app) => apps.push(app),
+            Err(reason) => rejected.push(Rejected { at, reason }),
+        }
+    }
+    Ok((apps, rejected))
+}
+
+fn convert(raw: FileApp) -> Result<AppSpec, String> {
+    let vip: IpAddr = raw.vip.parse().map_err(|_| format!("vip '{}' is not an IP address", raw.vip))?;
+    let mut ports = Vec::with_capacity(raw.ports.len());
+    for p in raw.ports {
+        let target = p.target_port.unwrap_or(p.port);
+        for n in [p.port, target] {
+            if !(1..=65535).contains(&n) {
+                return Err(format!("port {n} is not in 1..=65535"));
+            }
+        }
+        ports.push(PortSpec { port: p.port as u16, target_port: target as u16, protocol: p.protocol });
+    }
+    let mut backends = Vec::with_capacity(raw.pods.len());
+    for pod in raw.pods {
+        let ip: IpAddr = pod.ip.parse().map_err(|_| {
+            format!("pod {} ip '{}' is not an IP address", pod.name.as_deref().unwrap_or("?"), pod.ip)
+        })?;
+        backends.push(BackendSpec { ip, ready: pod.ready && !pod.terminating, source: pod.name });
+    }
+    Ok(AppSpec { hostname: raw.hostname, vip, ports, backends })
+}
+
+/// Loads the file into the store: on a parse error the store keeps what it had.
+pub fn load(path: &Path, ranges: &VipRanges, store: &Store, metrics: &Metrics) -> Result<usize, FileError> {
+    let observed = Observed::now();
+    let text = std::fs::read_to_string(path)
+        .map_err(|source| FileError::Read { path: path.to_path_buf(), source })?;
+    let (apps, rejected) = parse(path, &text, ranges)?;
+    for r in &rejected {
+        warn!(at = %r.at, reason = %r.reason, file = %path.display(), "app rejected; the others are applied");
+    }
+    metrics.invalid_apps.set(rejected.len() as i64);
+    let count = apps.len();
+    store.replace_all(apps, observed);
+    Ok(count)
+}
+
+/// Loads the file, then reloads it whenever it changes, until cancelled.
+pub async fn watch(path: PathBuf, ranges: VipRanges, store: Store, health: Health, metrics: Metrics) -> anyhow::Result<()> {
+    let reload = |why: &str| match load(&path, &ranges, &store, &metrics) {
+        Ok(n) => {
+            info!(file = %path.display(), apps = n, why, "desired state loaded");
+            health.set_source_ok();
+        }
+        Err(e) => {
+            metrics.source_errors.inc();
+            error!(error = %e, "desired-state file not applied; keeping the last good state");
+            health.set_source_error(e.to_string());
+        }
+    };
+    reload("start");
+
+    // Watch the directory: editors and ConfigMap mounts replace the file
+    // (rename), which a watch on the file itself would miss. A small bounded
+    // channel is enough: one pending event already means "reload".
+    let (tx, mut rx) = mpsc::channel::<()>(1);
+    let dir = path.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        if event.is_ok() {
+            let _ = tx.try_send(());
+        }
+    })?;
+    watcher.watch(&dir, RecursiveMode::NonRecursive)?;
+    let mut last = file_stamp(&path);
+    while rx.recv().await.is_some() {
+        // Let a burst of writes settle into one reload.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        while rx.try_recv().is_ok() {}
+        let stamp = file_stamp(&path);
+        if stamp != last {
+            last = stamp;
+            reload("file changed");
+        }
+    }
+    Ok(())
+}
+
+/// What identifies a version of the file (size, mtime, inode).
+fn file_stamp(path: &Path) -> Option<(u64, std::time::SystemTime, u64)> {
+    use std::os::unix::fs::MetadataExt as _;
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.len(), m.modified().ok()?, m.ino()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ranges() -> VipRanges {
+        VipRanges::from_list(&["10.96.0.0/16".parse().unwrap()]).unwrap()
+    }
+
+    #[test]
+    fn valid_apps_apply_and_bad_ones_are_named() {
+        let text = r#"
+apps:
+  - hostname: good.example.com
+    vip: 10.96.0.10
+    ports: [{ port: 80, targetPort: 8080 }]
+    pods:
+      - { name: p1, ip: 10.244.1.2 }
+      - { name: p2, ip: 10.244.1.3, ready: false }
+  - hostname: Bad_Host
+    vip: 10.96.0.11
+    ports: [{ port: 80 }]
+  - hostname: badip.example.com
+    vip: 10.96.0.300
+    ports: [{ port: 80 }]
+  - hostname: badport.example.com
+    vip: 10.96.0.12
+    ports: [{ port: 70000 }]
+  - hostname: outside.example.com
+    vip: 192.168.0.1
+    ports: [{ port: 80 }]
+  - hostname: good.example.com
+    vip: 10.96.0.13
+    ports: [{ port: 80 }]
+"#;
+        let (apps, rejected) = parse(Path::new("apps.yaml"), text, &ranges()).unwrap();
+        assert_eq!(apps.len(), 1);
+        assert_eq!(apps[0].backends.len(), 2);
+        assert!(!apps[0].backends[1].ready);
+        let at: Vec<_> = rejected.iter().map(|r| r.at.as_str()).collect();
+        assert_eq!(
+            at,
+            [
+                "apps[1] (Bad_Host)",
+                "apps[2] (badip.example.com)",
+                "apps[3] (badport.example.com)",
+                "apps[4] (outside.example.com)",
+                "apps[5] (good.example.com)"
+            ]
+        );
+        assert!(rejected[2].reason.contains("70000"), "{:?}", rejected[2]);
+        assert!(rejected[3].reason.contains("outside the configured VIP range"), "{:?}", rejected[3]);
+    }
+
+    #[test]
+    fn malformed_file_reports_line_and_column() {
+        let err = parse(Path::new("apps.yaml"), "apps:\n  - hostname: [unclosed\n", &ranges()).unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.starts_with("apps.yaml:"), "{msg}");
+        assert!(msg.contains(":2:") || msg.contains(":3:"), "location missing: {msg}");
+        let err = parse(Path::new("a.json"), r#"{"apps": [{"hostname": "a", "vip": 1, "ports": "x"}]}"#, &ranges());
+        assert!(err.is_err());
+        let err = parse(Path::new("a.yaml"), "apps: []\nunknown: 1\n", &ranges()).unwrap_err();
+        assert!(err.to_string().contains("unknown"), "{err}");
+    }
+
+    #[test]
+    fn json_is_accepted() {
+        let text = r#"{"apps": [{"hostname": "j.example.com", "vip": "10.96.0.20", "ports": [{"port": 53, "protocol": "UDP"}]}]}"#;
+        let (apps, rejected) = parse(Path::new("a.json"), text, &ranges()).unwrap();
+        assert!(rejected.is_empty());
+        assert_eq!(apps[0].ports[0].protocol, Protocol::Udp);
+        assert_eq!(apps[0].ports[0].target_port, 53);
+    }
+}

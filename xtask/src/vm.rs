@@ -1,0 +1,752 @@
+//! `cargo xtask vm`: boots Debian kernels in QEMU and runs kernel-level
+//! checks inside, reporting pass/fail per kernel.
+//!
+//! The building block is [`run_in_vm`]: it fetches the kernel (cached under
+//! [`CACHE_DIR`]), builds a newc initramfs with busybox, the host's `ip`,
+//! `tc` and `bpftool`, the kernel modules the dataplane needs and the
+//! caller's files (ELF executables get their shared libraries), boots it
+//! (KVM where it works, else TCG) and runs the caller's shell script.
+//!
+//! Guest side: the script runs under busybox `sh` as root, with /proc, /sys,
+//! /sys/fs/bpf (bpffs), /dev, /tmp and /run mounted, `lo` up, the modules
+//! loaded, and these helpers defined (see `vm/initramfs.rs`):
+//! - `svl_step NAME COMMAND [ARG...]` runs a program or shell function with
+//!   its output on the console and reports it to the host as a
+//!   [`StepResult`]; it returns the command's status and counts failures in
+//!   `$svl_failures`;
+//! - `svl_skip NAME REASON...` reports a step that could not run.
+//!
+//! The script's exit status is [`VmOutcome::script_status`]. Paths: the
+//! host's `ip`, `tc`, `bpftool` are /sbin/{ip,tc,bpftool} (ahead of busybox
+//! on PATH); busybox applets are in /bin.
+//!
+//! ```ignore
+//! let outcome = vm::run_in_vm(
+//!     "6.1",
+//!     &[(PathBuf::from("target/release/deps/fixtures-1234"), "/svl/bin/fixtures")],
+//!     "svl_step fixtures /svl/bin/fixtures --test-threads=1",
+//! )?;
+//! ensure!(outcome.passed(), "{}", outcome.failure_report());
+//! ```
+
+mod cpio;
+mod initramfs;
+mod kernel;
+mod qemu;
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::Command,
+    sync::atomic::{AtomicBool, AtomicU32, Ordering},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail, ensure};
+
+pub use kernel::Kernel;
+
+/// Kernel lines booted when none is given: Debian bookworm's own (6.1, the
+/// oldest verifier we support) and its security/backports line (6.12).
+pub const DEFAULT_KERNELS: &[&str] = &["6.1", "6.12"];
+
+/// Downloaded and unpacked kernel packages live here, outside the repository.
+pub const CACHE_DIR: &str = "/var/cache/serviceless/vm";
+
+/// Modules loaded in every VM (with their dependencies): veth and virtio_net
+/// for native XDP, sch_ingress (clsact) and cls_bpf for TC.
+pub const DEFAULT_MODULES: &[&str] =
+    &["virtio_pci", "virtio_net", "veth", "sch_ingress", "cls_bpf"];
+
+/// Host packages the VMs need.
+const HOST_PACKAGES: &[&str] = &[
+    "qemu-system-x86",
+    "busybox-static",
+    "bpftool",
+    "iproute2",
+    "xz-utils",
+];
+
+/// Where the eBPF object is copied in the guest for [`EBPF_CHECKS`].
+pub const GUEST_OBJECT: &str = "/svl/serviceless.o";
+
+/// The eBPF checks: load every program of the object (the kernel's verifier
+/// judges them), attach the XDP program natively to a veth and the TC
+/// program to its clsact egress, then ping across the veth (the peer end in
+/// a netns) and check that both programs ran.
+pub const EBPF_CHECKS: &str = r#"
+OBJ=/svl/serviceless.o
+PINS=/sys/fs/bpf/svl
+MAPS=/sys/fs/bpf/svl_maps
+XDP=
+TC=
+
+svl_programs() {
+	for p in "$PINS"/*; do
+		info=$(bpftool prog show pinned "$p") || return 1
+		echo "$info"
+		case "$info" in
+		*": xdp "*) XDP=$p ;;
+		*": sched_cls "*) TC=$p ;;
+		esac
+	done
+	[ -n "$XDP" ] || { echo "no XDP program in $OBJ"; return 1; }
+	[ -n "$TC" ] || { echo "no TC (sched_cls) program in $OBJ"; return 1; }
+}
+
+svl_attached() {
+	ip -d link show dev svl0 && tc filter show dev svl0 egress && bpftool net show dev svl0 || return 1
+	ip link show dev svl0 | grep -q 'prog/xdp' || { echo "no XDP program on svl0"; return 1; }
+	tc filter show dev svl0 egress | grep -q 'direct-action' || { echo "no TC program on svl0 egress"; return 1; }
+}
+
+svl_ran() {
+	for p in "$XDP" "$TC"; do
+		info=$(bpftool prog show pinned "$p") || return 1
+		echo "$info" | head -n 1
+		runs=$(echo "$info" | sed -n 's/.*run_cnt \([0-9]*\).*/\1/p')
+		[ "${runs:-0}" -gt 0 ] || { echo "$p never ran"; return 1; }
+	done
+}
+
+svl_traffic() {
+	echo 1 >/proc/sys/kernel/bpf_stats_enabled &&
+		ip netns add peer &&
+		ip link set svl1 netns peer &&
+		ip addr add 10.99.0.1/24 dev svl0 &&
+		ip link set svl0 up &&
+		ip -n peer addr add 10.99.0.2/24 dev svl1 &&
+		ip -n peer link set lo up &&
+		ip -n peer link set svl1 up &&
+		ping -c 3 -W 5 10.99.0.2
+}
+
+svl_step verifier bpftool prog loadall "$OBJ" "$PINS" pinmaps "$MAPS" || exit 1
+svl_step programs svl_programs || exit 1
+svl_step veth ip link add svl0 type veth peer name svl1 || exit 1
+svl_step xdp-attach ip link set dev svl0 xdpdrv pinned "$XDP"
+if svl_step tc-clsact tc qdisc add dev svl0 clsact; then
+	svl_step tc-attach tc filter add dev svl0 egress bpf da pinned "$TC"
+else
+	svl_skip tc-attach no clsact qdisc
+fi
+svl_step attached svl_attached
+svl_step traffic svl_traffic
+svl_step ran svl_ran
+svl_step counters bpftool -j map dump pinned "$MAPS/svl_verdicts_v1"
+exit "$svl_failures"
+"#;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Kernel line to boot (repeatable): "6.1", "6.12", or a full
+    /// `linux-image-*` package name. Default: 6.1 and 6.12.
+    #[arg(long = "kernel", value_name = "VERSION")]
+    pub kernels: Vec<String>,
+    /// eBPF object to check. Default: the dataplane's release build, built
+    /// first if missing or older than its sources.
+    #[arg(long, value_name = "PATH")]
+    pub object: Option<PathBuf>,
+    /// Also run this executable in the VM (repeatable; a static or dynamic
+    /// ELF, e.g. a Rust test binary); its exit status is a step.
+    #[arg(long = "exec", value_name = "PATH")]
+    pub execs: Vec<PathBuf>,
+    /// Seconds each VM may run before it is killed.
+    #[arg(long, default_value_t = 600, value_name = "SECONDS")]
+    pub timeout: u64,
+    /// Accelerator: auto uses KVM where it boots and falls back to TCG.
+    #[arg(long, value_enum, default_value_t = AccelChoice::Auto)]
+    pub accel: AccelChoice,
+    /// Echo each VM's serial console as it runs.
+    #[arg(long, short)]
+    pub verbose: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum AccelChoice {
+    Auto,
+    Kvm,
+    Tcg,
+}
+
+/// The accelerator a VM ran with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Accel {
+    Kvm,
+    Tcg,
+}
+
+/// How to run a VM; [`VmConfig::default`] is what [`run_in_vm`] uses.
+#[derive(Clone, Debug)]
+pub struct VmConfig {
+    /// Whole-run limit (boot included); the VM is killed after it.
+    pub timeout: Duration,
+    pub accel: AccelChoice,
+    /// Echo the serial console as it runs.
+    pub verbose: bool,
+    pub memory_mib: u32,
+    pub cpus: u32,
+    /// Kernel modules to load (dependencies are added).
+    pub modules: Vec<String>,
+    /// Names the console log: `target/vm/<kernel>-<label>.console.log`.
+    pub label: String,
+    /// Extra QEMU arguments (a `-nic`/`-netdev` here replaces the default
+    /// isolated virtio NIC).
+    pub qemu_args: Vec<String>,
+}
+
+impl Default for VmConfig {
+    fn default() -> Self {
+        Self {
+            timeout: Duration::from_secs(600),
+            accel: AccelChoice::Auto,
+            verbose: false,
+            memory_mib: 1024,
+            cpus: 2,
+            modules: DEFAULT_MODULES.iter().map(|m| (*m).to_owned()).collect(),
+            label: "run".to_owned(),
+            qemu_args: Vec::new(),
+        }
+    }
+}
+
+/// One `svl_step` (or `svl_skip`) reported by the guest.
+#[derive(Clone, Debug)]
+pub struct StepResult {
+    pub name: String,
+    /// `Some(0)` passed, `Some(n)` failed with status n, `None` skipped or
+    /// never finished (VM died or timed out).
+    pub status: Option<i32>,
+    /// Console lines between the step's start and its verdict.
+    pub output: Vec<String>,
+    /// Host-measured; only ratios between steps of the same run mean much.
+    pub duration: Duration,
+    /// Reported by `svl_skip` (`output` holds the reason).
+    pub skipped: bool,
+}
+
+impl StepResult {
+    pub fn passed(&self) -> bool {
+        self.status == Some(0)
+    }
+}
+
+/// What happened in one VM.
+#[derive(Clone, Debug)]
+pub struct VmOutcome {
+    /// The kernel booted (package, version, release).
+    pub kernel: Kernel,
+    pub accel: Accel,
+    pub steps: Vec<StepResult>,
+    /// Exit status of the script; `None` if it never finished.
+    pub script_status: Option<i32>,
+    pub timed_out: bool,
+    /// QEMU start to /init running.
+    pub boot_time: Option<Duration>,
+    pub total_time: Duration,
+    /// The whole serial console (and QEMU's stderr, prefixed "qemu: ").
+    pub console: Vec<String>,
+    pub console_log: PathBuf,
+    /// Kernel log tail the guest prints when the script fails.
+    pub dmesg: Vec<String>,
+}
+
+impl VmOutcome {
+    /// Script exited 0 and no step failed or was left unfinished.
+    pub fn passed(&self) -> bool {
+        self.script_status == Some(0)
+            && !self.timed_out
+            && self.steps.iter().all(|s| s.passed() || s.skipped)
+    }
+
+    #[allow(dead_code, reason = "API for the test tasks")]
+    pub fn step(&self, name: &str) -> Option<&StepResult> {
+        self.steps.iter().find(|s| s.name == name)
+    }
+
+    /// Failed steps with the tail of their output, or the console tail when
+    /// the VM itself failed: what to print when [`passed`](Self::passed) is false.
+    pub fn failure_report(&self) -> String {
+        let mut out = String::new();
+        let tail = |lines: &[String], n: usize| -> String {
+            let start = lines.len().saturating_sub(n);
+            lines[start..]
+                .iter()
+                .map(|l| format!("    {l}\n"))
+                .collect()
+        };
+        for s in self.steps.iter().filter(|s| !s.passed() && !s.skipped) {
+            let status = s.status.map_or_else(
+                || "did not finish".to_owned(),
+                |c| format!("exit status {c}"),
+            );
+            out.push_str(&format!(
+                "  step {} failed ({status}); last output:\n",
+                s.name
+            ));
+            out.push_str(&tail(&s.output, 60));
+        }
+        if self.timed_out {
+            out.push_str(&format!("  timed out after {:.0?}\n", self.total_time));
+        }
+        if self.script_status.is_none() || self.steps.is_empty() {
+            out.push_str("  console tail:\n");
+            out.push_str(&tail(&self.console, 40));
+        } else if !self.dmesg.is_empty() {
+            out.push_str("  kernel log tail:\n");
+            out.push_str(&tail(&self.dmesg, 20));
+        }
+        out.push_str(&format!("  full console: {}\n", self.console_log.display()));
+        out
+    }
+}
+
+/// Boots `kernel` (a line like "6.1", or a package name) with `files`
+/// (host path, absolute guest path) in its initramfs and runs `script`
+/// (busybox sh, with [`GUEST_LIB`] sourced) inside, with the default
+/// [`VmConfig`]. Errors only when the VM could not be set up; what happened
+/// inside, boot failures included, is in the outcome.
+#[allow(dead_code, reason = "API for the test tasks")]
+pub fn run_in_vm(
+    kernel: &str,
+    files: &[(PathBuf, &str)],
+    script: &str,
+) -> anyhow::Result<VmOutcome> {
+    run_in_vm_with(kernel, files, script, &VmConfig::default())
+}
+
+static KVM_BROKEN: AtomicBool = AtomicBool::new(false);
+static RUNS: AtomicU32 = AtomicU32::new(0);
+
+/// [`run_in_vm`] with an explicit configuration.
+pub fn run_in_vm_with(
+    kernel: &str,
+    files: &[(PathBuf, &str)],
+    script: &str,
+    config: &VmConfig,
+) -> anyhow::Result<VmOutcome> {
+    ensure_host_packages()?;
+    let kernel = kernel::ensure(kernel)?;
+    let modules = kernel.modules(&config.modules)?;
+    let archive = initramfs::build(&modules, files, script)?;
+
+    let out_dir = workspace_root().join("target/vm");
+    fs::create_dir_all(&out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
+    let seq = RUNS.fetch_add(1, Ordering::Relaxed);
+    let initrd = out_dir.join(format!(".initramfs-{}-{seq}.cpio", std::process::id()));
+    fs::write(&initrd, archive.to_newc())
+        .with_context(|| format!("writing {}", initrd.display()))?;
+    let log = out_dir.join(format!(
+        "{}-{}.console.log",
+        sanitize(&kernel.line),
+        sanitize(&config.label)
+    ));
+
+    let result = boot(&kernel, &initrd, &log, config);
+    let _ = fs::remove_file(&initrd);
+    let (accel, run) = result?;
+    Ok(outcome(kernel, accel, run, log))
+}
+
+/// Boots with KVM where it works (tried once per process), else TCG.
+fn boot(
+    kernel: &Kernel,
+    initrd: &Path,
+    log: &Path,
+    config: &VmConfig,
+) -> anyhow::Result<(Accel, qemu::Run)> {
+    let spec = |accel, boot_timeout| qemu::Spec {
+        vmlinuz: &kernel.vmlinuz,
+        initramfs: initrd,
+        accel,
+        memory_mib: config.memory_mib,
+        cpus: config.cpus,
+        extra_args: &config.qemu_args,
+        boot_timeout,
+        timeout: config.timeout,
+        verbose: config.verbose,
+        log,
+    };
+    let try_kvm = match config.accel {
+        AccelChoice::Tcg => false,
+        AccelChoice::Kvm => true,
+        AccelChoice::Auto => !KVM_BROKEN.load(Ordering::Relaxed) && kvm_available(),
+    };
+    if try_kvm {
+        // A KVM boot reaches /init in a second or two; a broken KVM
+        // (e.g. a software implementation) aborts or hangs in the decompressor.
+        let boot_timeout = if config.accel == AccelChoice::Kvm {
+            config.timeout
+        } else {
+            Duration::from_secs(20)
+        };
+        let run = qemu::run(&spec(Accel::Kvm, boot_timeout))?;
+        if !run.boot_failed || config.accel == AccelChoice::Kvm {
+            return Ok((Accel::Kvm, run));
+        }
+        KVM_BROKEN.store(true, Ordering::Relaxed);
+        let why = run
+            .lines
+            .iter()
+            .rev()
+            .find(|(_, l)| l.starts_with("qemu: "))
+            .map_or("", |(_, l)| l.as_str());
+        eprintln!("vm: KVM does not boot this kernel ({why}); using TCG");
+    }
+    // TCG boots take seconds to tens of seconds on a loaded machine.
+    let run = qemu::run(&spec(Accel::Tcg, config.timeout))?;
+    Ok((Accel::Tcg, run))
+}
+
+fn kvm_available() -> bool {
+    fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok()
+}
+
+/// Turns the console into steps, the script status and the dmesg tail.
+fn outcome(kernel: Kernel, accel: Accel, run: qemu::Run, console_log: PathBuf) -> VmOutcome {
+    let mut steps: Vec<StepResult> = Vec::new();
+    let mut open: Option<(usize, Duration)> = None;
+    let mut script_status = None;
+    let mut dmesg = Vec::new();
+    let mut in_dmesg = false;
+    for (at, line) in &run.lines {
+        // Markers may follow kernel output on the same console line.
+        let marker = [
+            "SVL-STEP-BEGIN ",
+            "SVL-STEP ",
+            "SVL-SCRIPT-EXIT ",
+            "SVL-DMESG-",
+        ]
+        .iter()
+        .filter_map(|m| line.find(m))
+        .min()
+        .map(|i| &line[i..]);
+        match marker {
+            Some(m) if m.starts_with("SVL-STEP-BEGIN ") => {
+                let name = m["SVL-STEP-BEGIN ".len()..].trim().to_owned();
+                steps.push(StepResult {
+                    name,
+                    status: None,
+                    output: Vec::new(),
+                    duration: Duration::ZERO,
+                    skipped: false,
+                });
+                open = Some((steps.len() - 1, *at));
+            }
+            Some(m) if m.starts_with("SVL-STEP ") => {
+                let mut words = m.split_whitespace().skip(1);
+                let verdict = words.next().unwrap_or_default();
+                let name = words.next().unwrap_or_default().to_owned();
+                let rest: Vec<&str> = words.collect();
+                let status = match verdict {
+                    "PASS" => Some(0),
+                    "FAIL" => Some(
+                        rest.iter()
+                            .find_map(|w| w.strip_prefix("rc="))
+                            .and_then(|c| c.parse().ok())
+                            .unwrap_or(1),
+                    ),
+                    _ => None,
+                };
+                match open.take() {
+                    Some((i, started)) if steps[i].name == name => {
+                        steps[i].status = status;
+                        steps[i].duration = *at - started;
+                    }
+                    other => {
+                        open = other;
+                        steps.push(StepResult {
+                            name,
+                            status,
+                            output: vec![rest.join(" ")],
+                            duration: Duration::ZERO,
+                            skipped: verdict == "SKIP",
+                        });
+                    }
+                }
+            }
+            Some(m) if m.starts_with("SVL-SCRIPT-EXIT ") => {
+                script_status = m["SVL-SCRIPT-EXIT ".len()..].trim().parse().ok();
+            }
+            Some(m) if m.starts_with("SVL-DMESG-") => in_dmesg = m.starts_with("SVL-DMESG-BEGIN"),
+            _ if in_dmesg => dmesg.push(line.clone()),
+            _ => {
+                if let Some((i, _)) = open {
+                    steps[i].output.push(line.clone());
+                }
+            }
+        }
+    }
+    if let Some((i, started)) = open {
+        steps[i].duration = run.total.saturating_sub(started);
+    }
+    VmOutcome {
+        kernel,
+        accel,
+        steps,
+        script_status,
+        timed_out: run.timed_out,
+        boot_time: run.booted_at,
+        total_time: run.total,
+        console: run.lines.into_iter().map(|(_, l)| l).collect(),
+        console_log,
+        dmesg,
+    }
+}
+
+/// Installs the host packages the VMs need, if missing.
+pub fn ensure_host_packages() -> anyhow::Result<()> {
+    let missing: Vec<&str> = HOST_PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| {
+            Command::new("dpkg-query")
+                .args(["-W", "-f=${db:Status-Status}", p])
+                .output()
+                .map_or(true, |o| {
+                    String::from_utf8_lossy(&o.stdout).trim() != "installed"
+                })
+        })
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    eprintln!("vm: installing {}", missing.join(" "));
+    let install = || {
+        Command::new("apt-get")
+            .args(["-q", "-y", "--no-install-recommends", "install"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .status()
+    };
+    if !install().context("running apt-get install")?.success() {
+        let _ = Command::new("apt-get").args(["-q", "update"]).status();
+        ensure!(
+            install()?.success(),
+            "apt-get install {} failed",
+            missing.join(" ")
+        );
+    }
+    Ok(())
+}
+
+/// `cargo xtask vm`: the eBPF checks (and `--exec` binaries) on each kernel.
+pub fn run(args: &Args) -> anyhow::Result<()> {
+    ensure_host_packages()?;
+    let object = match &args.object {
+        Some(path) => {
+            ensure!(path.is_file(), "eBPF object {} not found", path.display());
+            path.clone()
+        }
+        None => default_object()?,
+    };
+    let mut files: Vec<(PathBuf, &str)> = vec![(object.clone(), GUEST_OBJECT)];
+    let exec_guest: Vec<String> = args
+        .execs
+        .iter()
+        .map(|p| {
+            let name = p
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            format!("/svl/bin/{}", sanitize(&name))
+        })
+        .collect();
+    let mut script = String::new();
+    for (host, guest) in args.execs.iter().zip(&exec_guest) {
+        ensure!(host.is_file(), "{} not found", host.display());
+        files.push((host.clone(), guest));
+        let name = guest.rsplit('/').next().unwrap_or_default();
+        script.push_str(&format!("svl_step exec-{name} {guest}\n"));
+    }
+    // The checks end with `exit`: the executables run first.
+    script.push_str(EBPF_CHECKS);
+
+    let kernels: Vec<String> = if args.kernels.is_empty() {
+        DEFAULT_KERNELS.iter().map(|k| (*k).to_owned()).collect()
+    } else {
+        args.kernels.clone()
+    };
+    let config = VmConfig {
+        timeout: Duration::from_secs(args.timeout),
+        accel: args.accel,
+        verbose: args.verbose,
+        label: "checks".to_owned(),
+        ..VmConfig::default()
+    };
+    println!("eBPF object: {}", object.display());
+
+    let mut summary = Vec::new();
+    for line in &kernels {
+        let started = Instant::now();
+        let outcome = match run_in_vm_with(line, &files, &script, &config) {
+            Ok(o) => o,
+            Err(e) => {
+                println!("== kernel {line}: could not run: {e:#}");
+                summary.push((line.clone(), false, format!("setup error: {e:#}")));
+                continue;
+            }
+        };
+        let k = &outcome.kernel;
+        println!(
+            "== kernel {line}: {} {} ({}), {:?}",
+            k.package, k.version, k.release, outcome.accel
+        );
+        for s in &outcome.steps {
+            let verdict = match s.status {
+                Some(0) => "PASS",
+                Some(_) => "FAIL",
+                None if s.skipped => "SKIP",
+                None => "DNF ",
+            };
+            println!("  {verdict} {:<16} {:>7.1?}", s.name, s.duration);
+        }
+        let passed = outcome.passed();
+        if !passed {
+            print!("{}", outcome.failure_report());
+        }
+        let boot = outcome
+            .boot_time
+            .map_or_else(|| "never".to_owned(), |b| format!("{b:.1?}"));
+        let detail = format!(
+            "boot {boot}, VM {:.1?}, with setup {:.1?}",
+            outcome.total_time,
+            started.elapsed()
+        );
+        println!(
+            "  {} kernel {line}: {detail}; console: {}",
+            if passed { "PASS" } else { "FAIL" },
+            outcome.console_log.display()
+        );
+        summary.push((line.clone(), passed, detail));
+    }
+
+    println!("== summary");
+    for (line, passed, detail) in &summary {
+        println!(
+            "  {} {line:<6} {detail}",
+            if *passed { "PASS" } else { "FAIL" }
+        );
+    }
+    let failed: Vec<&str> = summary
+        .iter()
+        .filter(|s| !s.1)
+        .map(|s| s.0.as_str())
+        .collect();
+    if !failed.is_empty() {
+        bail!("VM checks failed on kernel(s): {}", failed.join(", "));
+    }
+    Ok(())
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map_or_else(|| PathBuf::from("."), Path::to_path_buf)
+}
+
+pub(crate) fn cache_dir() -> PathBuf {
+    PathBuf::from(CACHE_DIR)
+}
+
+/// The dataplane's release object, built if missing or older than its sources.
+fn default_object() -> anyhow::Result<PathBuf> {
+    let root = workspace_root();
+    let object = root.join("target/bpfel-unknown-none/release/serviceless");
+    let crate_dir = root.join("dataplane-ebpf");
+    let built = fs::metadata(&object).and_then(|m| m.modified()).ok();
+    let stale = match built {
+        None => true,
+        Some(t) => newest_source(&crate_dir).is_some_and(|s| s > t),
+    };
+    if stale {
+        eprintln!("vm: building the eBPF object {}", object.display());
+        let flags = [
+            "--cfg=bpf_target_arch=\"x86_64\"",
+            "-Cdebuginfo=2",
+            "-Clink-arg=--btf",
+        ]
+        .join("\x1f");
+        let status = Command::new("rustup")
+            .args([
+                "run",
+                "serviceless-bpf",
+                "cargo",
+                "build",
+                "--release",
+                "--target",
+                "bpfel-unknown-none",
+                "--bins",
+            ])
+            .current_dir(&crate_dir)
+            .env("RUSTC_BOOTSTRAP", "1")
+            .env("CARGO_ENCODED_RUSTFLAGS", flags)
+            .env_remove("RUSTFLAGS")
+            .env_remove("RUSTC")
+            .env_remove("CARGO")
+            .env_remove("RUSTUP_TOOLCHAIN")
+            .status()
+            .context("running rustup run serviceless-bpf cargo build (see `cargo xtask setup`)")?;
+        ensure!(
+            status.success(),
+            "building the eBPF object failed (toolchain missing? try `cargo xtask setup`)"
+        );
+        ensure!(
+            object.is_file(),
+            "the eBPF build produced no {}",
+            object.display()
+        );
+    }
+    Ok(object)
+}
+
+/// Latest modification time of the eBPF crate's sources (its `src`, its
+/// `common` crate and manifests).
+fn newest_source(crate_dir: &Path) -> Option<std::time::SystemTime> {
+    fn walk(path: &Path, newest: &mut Option<std::time::SystemTime>) {
+        let Ok(meta) = fs::metadata(path) else { return };
+        if meta.is_dir() {
+            if path.file_name().is_some_and(|n| n == "target") {
+                return;
+            }
+            for entry in fs::read_dir(path).into_iter().flatten().flatten() {
+                walk(&entry.path(), newest);
+            }
+        } else if let Ok(t) = meta.modified()
+            && newest.is_none_or(|n| t > n)
+        {
+            *newest = Some(t);
+        }
+    }
+    let mut newest = None;
+    walk(crate_dir, &mut newest);
+    newest
+}
+
+fn sanitize(s: &str) -> String {
+    s.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "._-+".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+/// Runs `cmd`, returning its stdout; fails with its stderr.
+pub(crate) fn command_output(cmd: &mut Command) -> anyhow::Result<String> {
+    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
