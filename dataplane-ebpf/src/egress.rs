@@ -160,6 +160,12 @@ fn icmp4_error(ctx: &TcContext, off: usize, ip: &Ipv4Hdr, l4: usize) -> Result<V
         .map_err(drop)?;
     ctx.l4_csum_replace(icmp_check, ports.dst as u64, rev.vport as u64, CSUM_SIZE_2)
         .map_err(drop)?;
+    let l4_acc = csum::diff16(
+        csum::diff_addr4(0, inner.dst, vip),
+        u16::from_be(ports.dst),
+        u16::from_be(rev.vport),
+    );
+    quoted_l4_check(ctx, icmp_check, ports_off, inner.proto, l4_acc)?;
     ctx.store(inner_off + IPV4_DST, &vip, 0).map_err(drop)?;
     ctx.store(inner_off + IPV4_CHECK, &new_inner_check, 0).map_err(drop)?;
     ctx.store(ports_off + 2, &rev.vport, 0).map_err(drop)?;
@@ -176,6 +182,21 @@ fn icmp4_error(ctx: &TcContext, off: usize, ip: &Ipv4Hdr, l4: usize) -> Result<V
         ctx.store(off + IPV4_SRC, &vip, 0).map_err(drop)?;
     }
     Ok(Verdict::IcmpErrorTranslated)
+}
+
+/// Keeps the quoted packet's own L4 checksum valid (when the error quotes
+/// it) after its destination changed by `acc`, and folds that change into
+/// the ICMP checksum.
+#[inline(always)]
+fn quoted_l4_check(ctx: &TcContext, icmp_check: usize, ports_off: usize, proto: u8, acc: u32) -> Result<(), ()> {
+    let off = l4_check_offset(ports_off, proto);
+    let Ok(old) = ctx.load::<u16>(off) else { return Ok(()) };
+    if proto == IPPROTO_UDP && old == 0 {
+        return Ok(());
+    }
+    let new = csum::apply(u16::from_be(old), acc).to_be();
+    ctx.l4_csum_replace(icmp_check, old as u64, new as u64, CSUM_SIZE_2).map_err(drop)?;
+    ctx.store(off, &new, 0).map_err(drop)
 }
 
 /// Checksum difference between two 16-byte addresses, for the csum helpers.
@@ -252,6 +273,12 @@ fn icmp6_error(ctx: &TcContext, off: usize, ip: &Ipv6Hdr, l4: usize) -> Result<V
     ctx.l4_csum_replace(icmp_check, 0, inner_diff, 0).map_err(drop)?;
     ctx.l4_csum_replace(icmp_check, ports.dst as u64, rev.vport as u64, CSUM_SIZE_2)
         .map_err(drop)?;
+    let l4_acc = csum::diff16(
+        csum::diff_addr16(0, &inner.dst, &rev.vip),
+        u16::from_be(ports.dst),
+        u16::from_be(rev.vport),
+    );
+    quoted_l4_check(ctx, icmp_check, ports_off, inner.next_hdr, l4_acc)?;
     ctx.store(inner_off + IPV6_DST, &rev.vip, 0).map_err(drop)?;
     ctx.store(ports_off + 2, &rev.vport, 0).map_err(drop)?;
     if addr_eq(&ip.src, &inner.dst) {

@@ -523,8 +523,20 @@ fn icmp4_error(ctx: &XdpContext, ip: &mut Ipv4Hdr, l4: usize) -> (Verdict, u32) 
     inner.check = new_inner_check.to_be_bytes();
     let old_port = ports.src;
     ports.src = known.backend_port;
+    let port_acc = csum::diff16(0, u16::from_be(old_port), u16::from_be(known.backend_port));
     let mut icmp_acc = csum::diff16(addr_acc, old_inner_check, new_inner_check);
     icmp_acc = csum::diff16(icmp_acc, u16::from_be(old_port), u16::from_be(known.backend_port));
+    // The quoted L4 checksum, when quoted, must stay valid for the backend too.
+    let l4_check_off = ports_off + if inner.proto == IPPROTO_UDP { UDP_CSUM_OFFSET } else { TCP_CSUM_OFFSET };
+    if let Ok(l4_check) = ptr_at::<[u8; 2]>(ctx, l4_check_off) {
+        let l4_check = unsafe { &mut *l4_check };
+        let old = be16(*l4_check);
+        if !(inner.proto == IPPROTO_UDP && old == 0) {
+            let new = csum::apply(old, addr_acc + port_acc);
+            *l4_check = new.to_be_bytes();
+            icmp_acc = csum::diff16(icmp_acc, old, new);
+        }
+    }
     let icmp_check = be16([icmp[ICMP_CSUM_OFFSET], icmp[ICMP_CSUM_OFFSET + 1]]);
     let new = csum::apply(icmp_check, icmp_acc).to_be_bytes();
     icmp[ICMP_CSUM_OFFSET] = new[0];

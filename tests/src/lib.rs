@@ -1,1 +1,222 @@
-pub fn placeholder() {}
+//! Test support: root checks, a dataplane loaded for BPF_PROG_TEST_RUN with
+//! maps filled by the agent's own reconciler, a packet builder, and network
+//! namespace topologies for real traffic.
+
+pub mod netns;
+pub mod packet;
+pub mod topology;
+
+use std::{
+    collections::HashMap,
+    net::IpAddr,
+    path::PathBuf,
+    sync::atomic::{AtomicU32, Ordering},
+};
+
+use anyhow::Context as _;
+use aya::programs::{SchedClassifier, TestRun as _, TestRunOptions, Xdp};
+use serviceless_agent::{
+    dataplane::{self, Loaded, Pins, Sizes},
+    maps::DataplaneMaps,
+    metrics::Metrics,
+    model::{AppSpec, BackendSpec, PortSpec, Protocol, VipRange, to_addr},
+    reconcile::{Outcome, Reconciler},
+    source::{Observed, Store},
+};
+use serviceless_common::{
+    CONFIG_F_ACTIVATOR4, CONFIG_F_ACTIVATOR6, CONFIG_F_VIP4, CONFIG_F_VIP6, Config, Verdict,
+    program_names,
+};
+
+/// Whether kernel tests can run here; prints why not. They need root
+/// (CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN for namespaces and bpffs).
+pub fn kernel_tests_enabled(test: &str) -> bool {
+    // SAFETY: no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("SKIP {test}: needs root (BPF_PROG_TEST_RUN, bpffs, network namespaces); CI runs it as root");
+        return false;
+    }
+    if let Err(e) = ensure_bpffs() {
+        eprintln!("SKIP {test}: {e:#}");
+        return false;
+    }
+    true
+}
+
+/// Mounts bpffs at /sys/fs/bpf if it is not mounted (it is not at boot here).
+pub fn ensure_bpffs() -> anyhow::Result<()> {
+    let mounted = std::fs::read_to_string("/proc/self/mounts")?
+        .lines()
+        .any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf") && l.starts_with("bpf "));
+    if !mounted {
+        let status = std::process::Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]).status()?;
+        anyhow::ensure!(status.success(), "mounting bpffs at /sys/fs/bpf failed");
+    }
+    Ok(())
+}
+
+static NEXT_PIN_DIR: AtomicU32 = AtomicU32::new(0);
+
+/// A unique pin directory under /sys/fs/bpf, removed on drop.
+pub struct PinDir {
+    pub path: PathBuf,
+}
+
+impl PinDir {
+    pub fn new(tag: &str) -> Self {
+        let n = NEXT_PIN_DIR.fetch_add(1, Ordering::Relaxed);
+        let path = PathBuf::from(format!("/sys/fs/bpf/svl-test-{tag}-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&path);
+        Self { path }
+    }
+}
+
+impl Drop for PinDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
+/// Small tables: fixtures need a handful of entries, not a million.
+pub const TEST_SIZES: Sizes = Sizes { services: 64, apps: 64, backends: 256, flows: 4096 };
+
+pub const VIP_RANGE4: &str = "10.96.0.0/16";
+pub const VIP_RANGE6: &str = "fd00:96::/64";
+
+/// The real object, loaded (not attached), with maps filled through the
+/// agent's reconciler, and its programs runnable with BPF_PROG_TEST_RUN.
+pub struct TestDataplane {
+    pub reconciler: Reconciler,
+    pub metrics: Metrics,
+    ebpf: aya::Ebpf,
+    store: Store,
+    pub pins: PinDir,
+}
+
+impl TestDataplane {
+    pub fn new(sizes: Sizes) -> anyhow::Result<Self> {
+        let pins = PinDir::new("dp");
+        let Loaded { ebpf, maps } = dataplane::load(&Pins::new(&pins.path), sizes)?;
+        let metrics = Metrics::new();
+        let mut dp = Self {
+            reconciler: Reconciler::adopt(maps, metrics.clone()),
+            metrics,
+            ebpf,
+            store: Store::default(),
+            pins,
+        };
+        dp.configure(Some("10.245.0.2:8080"), Some("[fd00:245::2]:8080"))?;
+        Ok(dp)
+    }
+
+    /// Writes the config entry: activators and the fixture VIP ranges.
+    pub fn configure(&mut self, activator4: Option<&str>, activator6: Option<&str>) -> anyhow::Result<()> {
+        let mut c = Config::default();
+        for (text, v4) in [(activator4, true), (activator6, false)] {
+            let Some(text) = text else { continue };
+            let sa: std::net::SocketAddr = text.parse()?;
+            if v4 {
+                c.activator4 = to_addr(sa.ip());
+                c.activator4_port = sa.port().to_be();
+                c.flags |= CONFIG_F_ACTIVATOR4;
+            } else {
+                c.activator6 = to_addr(sa.ip());
+                c.activator6_port = sa.port().to_be();
+                c.flags |= CONFIG_F_ACTIVATOR6;
+            }
+        }
+        let r4: VipRange = VIP_RANGE4.parse().map_err(anyhow::Error::msg)?;
+        let r6: VipRange = VIP_RANGE6.parse().map_err(anyhow::Error::msg)?;
+        (c.vip4_net, c.vip4_mask) = r4.to_net_mask();
+        (c.vip6_net, c.vip6_mask) = r6.to_net_mask();
+        c.flags |= CONFIG_F_VIP4 | CONFIG_F_VIP6;
+        self.reconciler.set_config(&c)?;
+        Ok(())
+    }
+
+    /// Replaces the desired state and reconciles, as the agent does.
+    pub fn apply(&mut self, apps: Vec<AppSpec>) -> Outcome {
+        self.store.replace_all(apps, Observed::now());
+        self.reconciler.apply(self.store.take())
+    }
+
+    pub fn maps(&self) -> &DataplaneMaps {
+        self.reconciler.maps()
+    }
+
+    /// Runs the XDP ingress program once; returns the action and the packet after it.
+    pub fn ingress(&self, frame: &[u8]) -> anyhow::Result<(u32, Vec<u8>)> {
+        let (action, out, _) = self.ingress_repeat(frame, 1)?;
+        Ok((action, out))
+    }
+
+    /// Runs the XDP ingress program `repeat` times; returns action, output and time per run.
+    pub fn ingress_repeat(&self, frame: &[u8], repeat: u32) -> anyhow::Result<(u32, Vec<u8>, std::time::Duration)> {
+        let prog: &Xdp = self
+            .ebpf
+            .program(program_names::INGRESS)
+            .context("ingress program")?
+            .try_into()?;
+        let mut out = vec![0u8; frame.len() + 256];
+        let opts = TestRunOptions { data_in: Some(frame), data_out: Some(&mut out), repeat, ..Default::default() };
+        let r = prog.test_run(opts).context("BPF_PROG_TEST_RUN (xdp)")?;
+        out.truncate(r.data_size_out as usize);
+        Ok((r.return_value, out, r.duration))
+    }
+
+    /// Runs the TC egress program once.
+    pub fn egress(&self, frame: &[u8]) -> anyhow::Result<(i32, Vec<u8>)> {
+        let prog: &SchedClassifier = self
+            .ebpf
+            .program(program_names::EGRESS)
+            .context("egress program")?
+            .try_into()?;
+        let mut out = vec![0u8; frame.len() + 256];
+        let opts = TestRunOptions { data_in: Some(frame), data_out: Some(&mut out), ..Default::default() };
+        let r = prog.test_run(opts).context("BPF_PROG_TEST_RUN (tc)")?;
+        out.truncate(r.data_size_out as usize);
+        Ok((r.return_value as i32, out))
+    }
+
+    /// Verdict counters, summed over CPUs.
+    pub fn verdicts(&self) -> HashMap<Verdict, u64> {
+        self.maps().verdicts().into_iter().collect()
+    }
+
+    /// Empties the flow tables (as if every flow had expired).
+    pub fn clear_flows(&self) -> anyhow::Result<()> {
+        clear::<serviceless_common::FlowValue>(&self.pins.path.join(serviceless_common::map_names::FLOWS))?;
+        clear::<serviceless_common::RevNatValue>(&self.pins.path.join(serviceless_common::map_names::REVNAT))
+    }
+}
+
+fn clear<V: aya::Pod>(path: &std::path::Path) -> anyhow::Result<()> {
+    let data = aya::maps::MapData::from_pin(path)?;
+    let mut map: aya::maps::HashMap<_, serviceless_common::FlowKey, V> =
+        aya::maps::HashMap::try_from(aya::maps::Map::LruHashMap(data))?;
+    let keys: Vec<_> = map.keys().filter_map(Result::ok).collect();
+    for k in keys {
+        let _ = map.remove(&k);
+    }
+    Ok(())
+}
+
+/// An app for fixtures: TCP 80 -> 8080 and UDP 53 -> 5353 on `vip`.
+pub fn app(hostname: &str, vip: &str, pods: &[(&str, bool)]) -> AppSpec {
+    AppSpec {
+        hostname: hostname.into(),
+        vip: vip.parse().expect("fixture VIP"),
+        ports: vec![
+            PortSpec { port: 80, target_port: 8080, protocol: Protocol::Tcp },
+            PortSpec { port: 53, target_port: 5353, protocol: Protocol::Udp },
+        ],
+        backends: pods
+            .iter()
+            .map(|(ip, ready)| BackendSpec {
+                ip: ip.parse::<IpAddr>().expect("fixture pod IP"),
+                ready: *ready,
+                source: Some(format!("pod-{ip}")),
+            })
+            .collect(),
+    }
+}

@@ -413,6 +413,17 @@ fn prepare_tree(dsc: &Path, tree: &Path) -> Result<()> {
     output(Command::new("dpkg-source").arg("-x").arg(dsc).arg(tree))
         .with_context(|| format!("dpkg-source -x {}", dsc.display()))?;
 
+    // dpkg-source leaves a copy of the upstream tarball beside the tree; download/ has one.
+    if let Some(parent) = tree.parent() {
+        for entry in fs::read_dir(parent).with_context(|| format!("reading {}", parent.display()))? {
+            let path = entry?.path();
+            let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+            if path.is_file() && name.starts_with(&format!("{SOURCE_PACKAGE}_")) {
+                fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
+            }
+        }
+    }
+
     let vendored = tree.join(REFLECT2_VENDORED);
     eprintln!("xtask: replacing vendored modern-go/reflect2 with Debian's ({REFLECT2_DEBIAN})");
     let is_code = |p: &Path| {

@@ -16,9 +16,12 @@
 //!   `$svl_failures`;
 //! - `svl_skip NAME REASON...` reports a step that could not run.
 //!
-//! The script's exit status is [`VmOutcome::script_status`]. Paths: the
-//! host's `ip`, `tc`, `bpftool` are /sbin/{ip,tc,bpftool} (ahead of busybox
-//! on PATH); busybox applets are in /bin.
+//! The script's exit status is [`VmOutcome::script_status`]. The host's
+//! `ip`, `tc` and `bpftool` are /sbin/{ip,tc,bpftool}; busybox applets are
+//! in /bin, and since busybox's sh runs its own applets before searching
+//! PATH, `ip` and `tc` are shell functions calling the /sbin ones (call them
+//! by full path from other programs). Console logs are kept in
+//! `target/vm/<kernel>-<label>.console.log`.
 //!
 //! ```ignore
 //! let outcome = vm::run_in_vm(
@@ -303,7 +306,7 @@ impl VmOutcome {
 
 /// Boots `kernel` (a line like "6.1", or a package name) with `files`
 /// (host path, absolute guest path) in its initramfs and runs `script`
-/// (busybox sh, with [`GUEST_LIB`] sourced) inside, with the default
+/// (busybox sh, with the `svl_step` helpers sourced) inside, with the default
 /// [`VmConfig`]. Errors only when the VM could not be set up; what happened
 /// inside, boot failures included, is in the outcome.
 #[allow(dead_code, reason = "API for the test tasks")]

@@ -1,0 +1,123 @@
+//! Network namespaces and processes in them, cleaned up on drop.
+
+use std::{
+    fs::File,
+    os::fd::AsRawFd as _,
+    process::{Child, Command, Stdio},
+    thread,
+};
+
+use anyhow::{Context as _, bail};
+
+/// Runs a command to completion; fails with its stderr.
+pub fn run(cmd: &str, args: &[&str]) -> anyhow::Result<String> {
+    let out = Command::new(cmd).args(args).output().with_context(|| format!("spawning {cmd}"))?;
+    if !out.status.success() {
+        bail!("{cmd} {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// `ip <args>`.
+pub fn ip(args: &str) -> anyhow::Result<String> {
+    run("ip", &args.split_whitespace().collect::<Vec<_>>())
+}
+
+/// A network namespace, deleted (with its interfaces) on drop.
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    pub fn new(name: &str) -> anyhow::Result<Self> {
+        let _ = ip(&format!("netns del {name}"));
+        ip(&format!("netns add {name}"))?;
+        let ns = Self { name: name.to_string() };
+        ns.ip("link set lo up")?;
+        Ok(ns)
+    }
+
+    /// `ip -n <ns> <args>`.
+    pub fn ip(&self, args: &str) -> anyhow::Result<String> {
+        ip(&format!("-n {} {args}", self.name))
+    }
+
+    /// Runs a command in the namespace to completion.
+    pub fn exec(&self, cmd: &str, args: &[&str]) -> anyhow::Result<String> {
+        let mut all = vec!["netns", "exec", &self.name, cmd];
+        all.extend_from_slice(args);
+        run("ip", &all)
+    }
+
+    /// Starts a process in the namespace; killed when the guard drops.
+    pub fn spawn(&self, cmd: &str, args: &[&str], log: Option<&std::path::Path>) -> anyhow::Result<Proc> {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.name, cmd]).args(args).stdin(Stdio::null());
+        if let Some(log) = log {
+            let f = File::create(log).with_context(|| format!("creating {}", log.display()))?;
+            c.stdout(f.try_clone()?).stderr(f);
+        } else {
+            c.stdout(Stdio::null()).stderr(Stdio::null());
+        }
+        let child = c.spawn().with_context(|| format!("starting {cmd} in {}", self.name))?;
+        Ok(Proc { child: Some(child) })
+    }
+
+    /// Runs `f` on a thread that has entered this namespace; sockets it
+    /// creates live in the namespace and may be used from any thread.
+    pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> anyhow::Result<T> {
+        let file = File::open(format!("/run/netns/{}", self.name)).context("opening the netns")?;
+        thread::spawn(move || {
+            // SAFETY: valid netns fd; only this thread changes namespace.
+            if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                return Err(anyhow::Error::from(std::io::Error::last_os_error()).context("setns"));
+            }
+            Ok(f())
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("thread in netns panicked"))?
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = ip(&format!("netns del {}", self.name));
+    }
+}
+
+/// A child process, SIGKILLed (with its `ip netns exec` wrapper's child) on drop.
+pub struct Proc {
+    child: Option<Child>,
+}
+
+impl Proc {
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
+    }
+
+    /// kill -9, as a crash would.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait.
+    pub fn terminate(&mut self) -> Option<std::process::ExitStatus> {
+        let mut c = self.child.take()?;
+        // SAFETY: plain kill(2) on our child.
+        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+        c.wait().ok()
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}

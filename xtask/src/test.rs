@@ -1,0 +1,31 @@
+//! `cargo xtask test`: everything CI runs. Kernel tests need root and skip
+//! with a message elsewhere.
+
+use crate::{build, setup};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Skip clippy.
+    #[arg(long)]
+    pub no_lint: bool,
+}
+
+pub fn run(args: &Args) -> anyhow::Result<()> {
+    setup::run()?;
+    if setup::is_root() {
+        setup::ensure_bpffs()?;
+    } else {
+        println!("xtask: not root: kernel tests (BPF_PROG_TEST_RUN, network namespaces) will skip");
+    }
+    if !args.no_lint {
+        println!("xtask: clippy");
+        build::cargo(&["clippy", "--workspace", "--all-targets", "--quiet", "--", "-D", "warnings"])?;
+    }
+    // The traffic tests start the agent binary from the same target directory.
+    build::cargo(&["build", "--quiet", "-p", "serviceless-agent", "-p", "serviceless-tests", "--bins"])?;
+    println!("xtask: unit tests, packet fixtures, network-namespace traffic tests");
+    // One test at a time: the traffic tests time real connections on 2 cores.
+    build::cargo(&["test", "--workspace", "--", "--test-threads=1"])?;
+    println!("xtask: all tests passed");
+    Ok(())
+}
