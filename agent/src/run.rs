@@ -37,8 +37,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         flows: args.max_flows,
     };
     let mut loaded = dataplane::load(&pins, sizes)?;
-    let logger = aya_log::EbpfLogger::init(&mut loaded.ebpf).context("starting the eBPF log reader")?;
-    tokio::spawn(forward_ebpf_logs(logger));
+    match aya_log::EbpfLogger::init(&mut loaded.ebpf) {
+        Ok(logger) => drop(tokio::spawn(forward_ebpf_logs(logger))),
+        Err(e) => warn!(error = %e, "eBPF log forwarding unavailable"),
+    }
     dataplane::attach(&mut loaded, &pins, &args.iface, args.xdp_mode)?;
     health.set_attached();
     metrics.register_dataplane(pins.dir.clone());

@@ -30,6 +30,10 @@ use crate::{
 pub fn handle(ctx: &XdpContext) -> Result<u32, ()> {
     let (verdict, action) = route(ctx);
     count(verdict);
+    if verdict == Verdict::DropNoActivator {
+        // A configuration problem, not a traffic pattern: say so in the agent's log.
+        aya_log_ebpf::warn!(ctx, "VIP traffic dropped: no activator configured for its address family");
+    }
     Ok(action)
 }
 

@@ -12,6 +12,7 @@ mod ingress;
 mod maps;
 mod packet;
 
+use aya_log_ebpf::error;
 use aya_ebpf::{
     bindings::{TC_ACT_OK, xdp_action},
     macros::{classifier, xdp},
@@ -25,6 +26,7 @@ pub fn svl_ingress(ctx: XdpContext) -> u32 {
     match ingress::handle(&ctx) {
         Ok(action) => action,
         Err(()) => {
+            error!(&ctx, "ingress: internal error; packet aborted");
             maps::count(serviceless_common::Verdict::Aborted);
             xdp_action::XDP_ABORTED
         }
@@ -38,6 +40,7 @@ pub fn svl_egress(ctx: TcContext) -> i32 {
     match egress::handle(&ctx) {
         Ok(action) => action,
         Err(()) => {
+            error!(&ctx, "egress: internal error; packet passed untranslated");
             maps::count(serviceless_common::Verdict::Aborted);
             TC_ACT_OK
         }

@@ -13,7 +13,10 @@
 //!
 //! This file depends on `std` and `anyhow` only, so another crate can reuse it with
 //! `#[path = "../../xtask/src/k8s.rs"] mod k8s;`.
-#![allow(dead_code, reason = "the cluster API is used by tests and the test harness, not by every task")]
+#![allow(
+    dead_code,
+    reason = "the cluster API is used by tests and the test harness, not by every task"
+)]
 
 use anyhow::{Context as _, Result, bail, ensure};
 use std::collections::HashSet;
@@ -22,7 +25,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{BufRead as _, BufReader, Read as _, Write as _};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -98,12 +101,17 @@ pub fn ensure_binaries() -> Result<Binaries> {
     }
     fs::create_dir_all(&root).with_context(|| format!("creating {}", root.display()))?;
     let lock_path = root.join(".lock");
-    let lock = File::create(&lock_path).with_context(|| format!("creating {}", lock_path.display()))?;
+    let lock =
+        File::create(&lock_path).with_context(|| format!("creating {}", lock_path.display()))?;
     match lock.try_lock() {
         Ok(()) => {}
         Err(fs::TryLockError::WouldBlock) => {
-            eprintln!("xtask: another process is building Kubernetes; waiting for {}", lock_path.display());
-            lock.lock().with_context(|| format!("locking {}", lock_path.display()))?;
+            eprintln!(
+                "xtask: another process is building Kubernetes; waiting for {}",
+                lock_path.display()
+            );
+            lock.lock()
+                .with_context(|| format!("locking {}", lock_path.display()))?;
         }
         Err(fs::TryLockError::Error(e)) => {
             return Err(e).with_context(|| format!("locking {}", lock_path.display()));
@@ -124,15 +132,22 @@ pub fn ensure_binaries() -> Result<Binaries> {
     Ok(bins)
 }
 
-/// The newest complete cache entry under `root`, if any; never builds.
+/// The newest complete entry under [`cache_root`], if any; never builds or installs.
 pub fn find_cached_binaries() -> Option<Binaries> {
     cached_binaries(&cache_root(), &which("etcd")?)
 }
 
 fn report(bins: &Binaries, how: &str) {
-    eprintln!("xtask: Kubernetes {} ({how}) in {}", bins.version, bins.dir.display());
+    eprintln!(
+        "xtask: Kubernetes {} ({how}) in {}",
+        bins.version,
+        bins.dir.display()
+    );
     eprintln!("xtask:   {APISERVER}: {}", bins.apiserver.display());
-    eprintln!("xtask:   {CONTROLLER_MANAGER}: {}", bins.controller_manager.display());
+    eprintln!(
+        "xtask:   {CONTROLLER_MANAGER}: {}",
+        bins.controller_manager.display()
+    );
     eprintln!("xtask:   {KUBECTL}: {}", bins.kubectl.display());
     eprintln!("xtask:   etcd: {}", bins.etcd.display());
 }
@@ -184,7 +199,11 @@ fn missing_packages<'a>(packages: &[&'a str]) -> Result<Vec<&'a str>> {
         .filter(|l| l.ends_with(" install ok installed"))
         .filter_map(|l| l.split_whitespace().next())
         .collect();
-    Ok(packages.iter().copied().filter(|p| !installed.contains(p)).collect())
+    Ok(packages
+        .iter()
+        .copied()
+        .filter(|p| !installed.contains(p))
+        .collect())
 }
 
 fn apt_get_install(packages: &[&str]) -> Result<()> {
@@ -207,7 +226,11 @@ fn ensure_packages(packages: &[&str]) -> Result<()> {
         apt_get_install(&missing).context("apt-get install after apt-get update")?;
     }
     let still = missing_packages(packages)?;
-    ensure!(still.is_empty(), "Debian packages still missing after install: {}", still.join(" "));
+    ensure!(
+        still.is_empty(),
+        "Debian packages still missing after install: {}",
+        still.join(" ")
+    );
     Ok(())
 }
 
@@ -226,12 +249,16 @@ impl PrivateApt {
             fs::create_dir_all(&d).with_context(|| format!("creating {}", d.display()))?;
         }
         let (mirror, keyring) = machine_mirror();
-        let signed_by = keyring.map(|k| format!("[signed-by={k}] ")).unwrap_or_default();
+        let signed_by = keyring
+            .map(|k| format!("[signed-by={k}] "))
+            .unwrap_or_default();
         let line = format!("deb-src {signed_by}{mirror} {SUITE} {COMPONENT}\n");
         let list = dir.join("sources.list");
         fs::write(&list, &line).with_context(|| format!("writing {}", list.display()))?;
         eprintln!("xtask: source entry: {}", line.trim_end());
-        Ok(Self { dir: dir.to_path_buf() })
+        Ok(Self {
+            dir: dir.to_path_buf(),
+        })
     }
 
     fn command(&self, program: &str) -> Command {
@@ -251,13 +278,18 @@ impl PrivateApt {
     }
 
     fn update(&self) -> Result<()> {
-        output(self.command("apt-get").arg("update")).context("apt-get update (private source list)")?;
+        output(self.command("apt-get").arg("update"))
+            .context("apt-get update (private source list)")?;
         Ok(())
     }
 
     /// The newest version of the source package the entry offers.
     fn source_version(&self) -> Result<String> {
-        let text = output(self.command("apt-cache").args(["showsrc", "--only-source", SOURCE_PACKAGE]))
+        let text =
+            output(
+                self.command("apt-cache")
+                    .args(["showsrc", "--only-source", SOURCE_PACKAGE]),
+            )
             .with_context(|| format!("apt-cache showsrc {SOURCE_PACKAGE}"))?;
         let mut best: Option<String> = None;
         for v in text.lines().filter_map(|l| l.strip_prefix("Version: ")) {
@@ -287,7 +319,11 @@ impl PrivateApt {
         .with_context(|| format!("apt-get source {SOURCE_PACKAGE}={version}"))?;
         let upstream = version.split_once(':').map_or(version, |(_, v)| v);
         let dsc = into.join(format!("{SOURCE_PACKAGE}_{upstream}.dsc"));
-        ensure!(dsc.is_file(), "apt-get source did not leave {}", dsc.display());
+        ensure!(
+            dsc.is_file(),
+            "apt-get source did not leave {}",
+            dsc.display()
+        );
         Ok(dsc)
     }
 }
@@ -301,7 +337,9 @@ fn machine_mirror() -> (String, Option<String>) {
         files.extend(more);
     }
     for file in files {
-        let Ok(text) = fs::read_to_string(&file) else { continue };
+        let Ok(text) = fs::read_to_string(&file) else {
+            continue;
+        };
         let found = match file.extension().and_then(|e| e.to_str()) {
             Some("sources") => mirror_from_deb822(&text),
             Some("list") => mirror_from_one_line(&text),
@@ -323,7 +361,9 @@ fn mirror_from_deb822(text: &str) -> Option<(String, Option<String>)> {
             }
         }
         let has = |key: &str, word: &str| {
-            fields.get(key).is_some_and(|v| v.split_whitespace().any(|w| w == word))
+            fields
+                .get(key)
+                .is_some_and(|v| v.split_whitespace().any(|w| w == word))
         };
         if fields.get("enabled").is_some_and(|v| v == "no")
             || !has("suites", SUITE)
@@ -333,7 +373,10 @@ fn mirror_from_deb822(text: &str) -> Option<(String, Option<String>)> {
             continue;
         }
         let uri = fields.get("uris")?.split_whitespace().next()?.to_owned();
-        let keyring = fields.get("signed-by").filter(|k| k.starts_with('/')).cloned();
+        let keyring = fields
+            .get("signed-by")
+            .filter(|k| k.starts_with('/'))
+            .cloned();
         return Some((uri, keyring));
     }
     None
@@ -341,7 +384,10 @@ fn mirror_from_deb822(text: &str) -> Option<(String, Option<String>)> {
 
 fn mirror_from_one_line(text: &str) -> Option<(String, Option<String>)> {
     for line in text.lines().map(str::trim) {
-        let Some(rest) = line.strip_prefix("deb ").or_else(|| line.strip_prefix("deb-src ")) else {
+        let Some(rest) = line
+            .strip_prefix("deb ")
+            .or_else(|| line.strip_prefix("deb-src "))
+        else {
             continue;
         };
         let (options, rest) = match rest.trim_start().strip_prefix('[') {
@@ -361,7 +407,10 @@ fn mirror_from_one_line(text: &str) -> Option<(String, Option<String>)> {
 }
 
 fn build(root: &Path, etcd: PathBuf) -> Result<Binaries> {
-    eprintln!("xtask: no cached Kubernetes binaries in {}; building them (about 6 min on 2 cores)", root.display());
+    eprintln!(
+        "xtask: no cached Kubernetes binaries in {}; building them (about 6 min on 2 cores)",
+        root.display()
+    );
     ensure_packages(BUILD_PACKAGES)?;
     let apt = PrivateApt::prepare(&root.join("apt"))?;
     eprintln!("xtask: reading the source index");
@@ -379,13 +428,23 @@ fn build(root: &Path, etcd: PathBuf) -> Result<Binaries> {
     run_make(&tree, &log)?;
 
     for name in COMMANDS {
-        let built = [tree.join("_output/bin").join(name), tree.join("_output/local/bin/linux/amd64").join(name)]
-            .into_iter()
-            .find(|p| p.is_file())
-            .with_context(|| format!("make finished but {name} is not under {}/_output", tree.display()))?;
+        let built = [
+            tree.join("_output/bin").join(name),
+            tree.join("_output/local/bin/linux/amd64").join(name),
+        ]
+        .into_iter()
+        .find(|p| p.is_file())
+        .with_context(|| {
+            format!(
+                "make finished but {name} is not under {}/_output",
+                tree.display()
+            )
+        })?;
         let tmp = out_dir.join(format!("{name}.tmp"));
-        fs::copy(&built, &tmp).with_context(|| format!("copying {} to {}", built.display(), tmp.display()))?;
-        fs::rename(&tmp, out_dir.join(name)).with_context(|| format!("renaming {}", tmp.display()))?;
+        fs::copy(&built, &tmp)
+            .with_context(|| format!("copying {} to {}", built.display(), tmp.display()))?;
+        fs::rename(&tmp, out_dir.join(name))
+            .with_context(|| format!("renaming {}", tmp.display()))?;
     }
     eprintln!("xtask: removing the build tree {}", tree.display());
     fs::remove_dir_all(&tree).with_context(|| format!("removing {}", tree.display()))?;
@@ -415,9 +474,14 @@ fn prepare_tree(dsc: &Path, tree: &Path) -> Result<()> {
 
     // dpkg-source leaves a copy of the upstream tarball beside the tree; download/ has one.
     if let Some(parent) = tree.parent() {
-        for entry in fs::read_dir(parent).with_context(|| format!("reading {}", parent.display()))? {
+        for entry in
+            fs::read_dir(parent).with_context(|| format!("reading {}", parent.display()))?
+        {
             let path = entry?.path();
-            let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+            let name = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or_default();
             if path.is_file() && name.starts_with(&format!("{SOURCE_PACKAGE}_")) {
                 fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
             }
@@ -430,18 +494,23 @@ fn prepare_tree(dsc: &Path, tree: &Path) -> Result<()> {
         let name = p.file_name().and_then(|n| n.to_str()).unwrap_or_default();
         (name.ends_with(".go") && !name.ends_with("_test.go")) || name.ends_with(".s")
     };
-    for entry in fs::read_dir(&vendored).with_context(|| format!("reading {}", vendored.display()))? {
+    for entry in
+        fs::read_dir(&vendored).with_context(|| format!("reading {}", vendored.display()))?
+    {
         let path = entry?.path();
         if is_code(&path) {
             fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
         }
     }
     let mut copied = 0;
-    for entry in fs::read_dir(REFLECT2_DEBIAN).with_context(|| format!("reading {REFLECT2_DEBIAN}"))? {
+    for entry in
+        fs::read_dir(REFLECT2_DEBIAN).with_context(|| format!("reading {REFLECT2_DEBIAN}"))?
+    {
         let path = entry?.path();
         if is_code(&path) {
             let to = vendored.join(path.file_name().context("file without a name")?);
-            fs::copy(&path, &to).with_context(|| format!("copying {} to {}", path.display(), to.display()))?;
+            fs::copy(&path, &to)
+                .with_context(|| format!("copying {} to {}", path.display(), to.display()))?;
             copied += 1;
         }
     }
@@ -479,8 +548,14 @@ fn run_make(tree: &Path, log_path: &Path) -> Result<()> {
         .context("starting make (is the make package installed?)")?;
     let started = Instant::now();
     let mut readers = Vec::new();
-    let stdout = child.stdout.take().map(|s| Box::new(s) as Box<dyn std::io::Read + Send>);
-    let stderr = child.stderr.take().map(|s| Box::new(s) as Box<dyn std::io::Read + Send>);
+    let stdout = child
+        .stdout
+        .take()
+        .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>);
+    let stderr = child
+        .stderr
+        .take()
+        .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>);
     for stream in [stdout, stderr].into_iter().flatten() {
         let log = Arc::clone(&log);
         readers.push(std::thread::spawn(move || {
@@ -493,9 +568,13 @@ fn run_make(tree: &Path, log_path: &Path) -> Result<()> {
                 let progress = line.starts_with("+++") || (in_list && line.starts_with("    "));
                 if progress {
                     let secs = started.elapsed().as_secs();
-                    eprintln!("xtask: [{secs:>3} s] {}", line.trim_start_matches("+++ ").trim_end());
+                    eprintln!(
+                        "xtask: [{secs:>3} s] {}",
+                        line.trim_start_matches("+++ ").trim_end()
+                    );
                 }
-                in_list = (progress && line.ends_with(':')) || (in_list && line.starts_with("    "));
+                in_list =
+                    (progress && line.ends_with(':')) || (in_list && line.starts_with("    "));
             }
         }));
     }
@@ -520,7 +599,11 @@ fn run_make(tree: &Path, log_path: &Path) -> Result<()> {
     if !status.success() {
         eprintln!("xtask: make failed; last lines of {}:", log_path.display());
         eprintln!("{}", tail(log_path, LOG_TAIL_LINES));
-        bail!("make WHAT=\"{what}\" in {} failed ({status}); full log: {}", tree.display(), log_path.display());
+        bail!(
+            "make WHAT=\"{what}\" in {} failed ({status}); full log: {}",
+            tree.display(),
+            log_path.display()
+        );
     }
     eprintln!("xtask: make finished in {} s", started.elapsed().as_secs());
     Ok(())
@@ -546,9 +629,9 @@ pub struct Cluster {
     etcd_port: u16,
     etcd_peer_port: u16,
     apiserver_port: u16,
-    etcd: Option<Child>,
-    apiserver: Option<Child>,
-    controller_manager: Option<Child>,
+    etcd: Option<Proc>,
+    apiserver: Option<Proc>,
+    controller_manager: Option<Proc>,
 }
 
 /// Ensures the binaries (building them if needed) and starts a fresh cluster whose files live
@@ -562,10 +645,13 @@ impl Cluster {
     /// Starts a fresh cluster with the given binaries; see [`start_cluster`].
     pub fn start(bins: &Binaries, dir: &Path) -> Result<Self> {
         fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        let dir = dir.canonicalize().with_context(|| format!("resolving {}", dir.display()))?;
+        let dir = dir
+            .canonicalize()
+            .with_context(|| format!("resolving {}", dir.display()))?;
         let etcd_data = dir.join("etcd");
         if etcd_data.exists() {
-            fs::remove_dir_all(&etcd_data).with_context(|| format!("removing {}", etcd_data.display()))?;
+            fs::remove_dir_all(&etcd_data)
+                .with_context(|| format!("removing {}", etcd_data.display()))?;
         }
         let [etcd_port, etcd_peer_port, apiserver_port] = free_ports()?;
         let token = random_hex(16)?;
@@ -656,6 +742,7 @@ impl Cluster {
         &self.dir
     }
 
+    /// The programs this cluster runs (and its kubectl).
     pub fn binaries(&self) -> &Binaries {
         &self.bins
     }
@@ -667,14 +754,17 @@ impl Cluster {
         cmd
     }
 
+    /// Whether kube-apiserver is running (started and not exited).
     pub fn apiserver_running(&mut self) -> bool {
-        self.apiserver.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+        self.apiserver
+            .as_mut()
+            .is_some_and(|p| matches!(p.exited(), Ok(None)))
     }
 
     /// Kills kube-apiserver (SIGKILL) and waits for it; etcd and the controller manager stay.
     pub fn stop_apiserver(&mut self) -> Result<()> {
-        if let Some(child) = self.apiserver.take() {
-            kill(child, APISERVER)?;
+        if let Some(apiserver) = self.apiserver.take() {
+            apiserver.kill()?;
         }
         Ok(())
     }
@@ -691,16 +781,35 @@ impl Cluster {
             .arg("--bind-address=127.0.0.1")
             .arg("--advertise-address=127.0.0.1")
             .arg(format!("--secure-port={}", self.apiserver_port))
-            .arg("--insecure-port=0")
-            .arg(format!("--cert-dir={}", d.join("pki/apiserver-generated").display()))
-            .arg(format!("--tls-cert-file={}", d.join("pki/apiserver.crt").display()))
-            .arg(format!("--tls-private-key-file={}", d.join("pki/apiserver.key").display()))
-            .arg(format!("--token-auth-file={}", d.join("tokens.csv").display()))
+            .arg(format!(
+                "--cert-dir={}",
+                d.join("pki/apiserver-generated").display()
+            ))
+            .arg(format!(
+                "--tls-cert-file={}",
+                d.join("pki/apiserver.crt").display()
+            ))
+            .arg(format!(
+                "--tls-private-key-file={}",
+                d.join("pki/apiserver.key").display()
+            ))
+            .arg(format!(
+                "--token-auth-file={}",
+                d.join("tokens.csv").display()
+            ))
             .arg("--authorization-mode=RBAC")
             .arg("--service-account-issuer=https://kubernetes.default.svc.cluster.local")
-            .arg(format!("--service-account-key-file={}", d.join("pki/sa.key").display()))
-            .arg(format!("--service-account-signing-key-file={}", d.join("pki/sa.key").display()))
-            .arg(format!("--service-cluster-ip-range={SERVICE_CLUSTER_IP_RANGE}"))
+            .arg(format!(
+                "--service-account-key-file={}",
+                d.join("pki/sa.key").display()
+            ))
+            .arg(format!(
+                "--service-account-signing-key-file={}",
+                d.join("pki/sa.key").display()
+            ))
+            .arg(format!(
+                "--service-cluster-ip-range={SERVICE_CLUSTER_IP_RANGE}"
+            ))
             .arg("--disable-admission-plugins=ServiceAccount")
             .arg("--allow-privileged=true")
             .arg("--logtostderr=true")
@@ -721,22 +830,28 @@ impl Cluster {
             .arg(format!("--initial-advertise-peer-urls={peer}"))
             .arg(format!("--initial-cluster={CLUSTER_NAME}={peer}"))
             .arg("--initial-cluster-state=new");
-        let mut child = spawn_logged(cmd, &self.dir.join("etcd.log"), "etcd")?;
+        let mut etcd = spawn_logged(cmd, &self.dir.join("etcd.log"), "etcd")?;
         let deadline = Instant::now() + READY_TIMEOUT;
         loop {
             if etcd_healthy(self.etcd_port) {
                 break;
             }
-            if let Some(status) = child.try_wait().context("waiting for etcd")? {
-                bail!("etcd exited ({status}):\n{}", tail(&self.dir.join("etcd.log"), LOG_TAIL_LINES));
+            if let Some(status) = etcd.exited()? {
+                bail!(
+                    "etcd exited ({status}):\n{}",
+                    tail(&self.dir.join("etcd.log"), LOG_TAIL_LINES)
+                );
             }
             if Instant::now() > deadline {
-                let _ = kill(child, "etcd");
-                bail!("etcd not healthy after {READY_TIMEOUT:?}:\n{}", tail(&self.dir.join("etcd.log"), LOG_TAIL_LINES));
+                let _ = etcd.kill();
+                bail!(
+                    "etcd not healthy after {READY_TIMEOUT:?}:\n{}",
+                    tail(&self.dir.join("etcd.log"), LOG_TAIL_LINES)
+                );
             }
             std::thread::sleep(Duration::from_millis(100));
         }
-        self.etcd = Some(child);
+        self.etcd = Some(etcd);
         Ok(())
     }
 
@@ -750,7 +865,11 @@ impl Cluster {
             .arg("--secure-port=0")
             .arg("--logtostderr=true")
             .arg("--v=1");
-        self.controller_manager = Some(spawn_logged(cmd, &self.dir.join("kube-controller-manager.log"), CONTROLLER_MANAGER)?);
+        self.controller_manager = Some(spawn_logged(
+            cmd,
+            &self.dir.join("kube-controller-manager.log"),
+            CONTROLLER_MANAGER,
+        )?);
         Ok(())
     }
 
@@ -758,18 +877,24 @@ impl Cluster {
         let log = self.dir.join("kube-apiserver.log");
         let started = Instant::now();
         loop {
-            let out = self.kubectl().args(["get", "--raw=/readyz", "--request-timeout=5s"]).output();
+            let out = self
+                .kubectl()
+                .args(["get", "--raw=/readyz", "--request-timeout=5s"])
+                .output();
             if let Ok(out) = out
                 && out.status.success()
                 && out.stdout.starts_with(b"ok")
             {
                 return Ok(());
             }
-            if let Some(child) = self.apiserver.as_mut()
-                && let Some(status) = child.try_wait().context("waiting for kube-apiserver")?
+            if let Some(apiserver) = self.apiserver.as_mut()
+                && let Some(status) = apiserver.exited()?
             {
                 self.apiserver = None;
-                bail!("kube-apiserver exited ({status}):\n{}", tail(&log, LOG_TAIL_LINES));
+                bail!(
+                    "kube-apiserver exited ({status}):\n{}",
+                    tail(&log, LOG_TAIL_LINES)
+                );
             }
             if started.elapsed() > READY_TIMEOUT {
                 bail!(
@@ -785,13 +910,13 @@ impl Cluster {
 
 impl Drop for Cluster {
     fn drop(&mut self) {
-        for (child, name) in [
-            (self.controller_manager.take(), CONTROLLER_MANAGER),
-            (self.apiserver.take(), APISERVER),
-            (self.etcd.take(), "etcd"),
+        for proc in [
+            self.controller_manager.take(),
+            self.apiserver.take(),
+            self.etcd.take(),
         ] {
-            if let Some(child) = child
-                && let Err(e) = kill(child, name)
+            if let Some(proc) = proc
+                && let Err(e) = proc.kill()
             {
                 eprintln!("xtask: {e:#}");
             }
@@ -799,31 +924,84 @@ impl Drop for Cluster {
     }
 }
 
-fn spawn_logged(mut cmd: Command, log: &Path, name: &str) -> Result<Child> {
+/// A control-plane process, and a watchdog shell that SIGKILLs it when this process dies
+/// without dropping the [`Cluster`] (a test run killed on a timeout, say): the watchdog waits
+/// for end-of-file on a pipe whose only writer is this process.
+#[derive(Debug)]
+struct Proc {
+    name: &'static str,
+    child: Child,
+    watchdog: Child,
+}
+
+impl Proc {
+    fn exited(&mut self) -> Result<Option<ExitStatus>> {
+        self.child
+            .try_wait()
+            .with_context(|| format!("waiting for {}", self.name))
+    }
+
+    /// SIGKILL and wait.
+    fn kill(mut self) -> Result<()> {
+        let _ = self.watchdog.kill();
+        let _ = self.watchdog.wait();
+        // kill() fails only if the process already exited, which wait() then reports.
+        let _ = self.child.kill();
+        self.child.wait().with_context(|| {
+            format!(
+                "waiting for {} (pid {}) to exit",
+                self.name,
+                self.child.id()
+            )
+        })?;
+        Ok(())
+    }
+}
+
+fn spawn_logged(mut cmd: Command, log: &Path, name: &'static str) -> Result<Proc> {
     let file = OpenOptions::new()
         .create(true)
         .append(true)
         .open(log)
         .with_context(|| format!("opening {}", log.display()))?;
-    let err = file.try_clone().with_context(|| format!("duplicating {}", log.display()))?;
-    cmd.stdin(Stdio::null())
+    let err = file
+        .try_clone()
+        .with_context(|| format!("duplicating {}", log.display()))?;
+    let mut child = cmd
+        .stdin(Stdio::null())
         .stdout(file)
         .stderr(err)
         .spawn()
-        .with_context(|| format!("starting {name} ({:?})", cmd.get_program()))
-}
-
-fn kill(mut child: Child, name: &str) -> Result<()> {
-    // Fails only if it already exited, which wait() then reports.
-    let _ = child.kill();
-    child.wait().with_context(|| format!("waiting for {name} (pid {}) to exit", child.id()))?;
-    Ok(())
+        .with_context(|| format!("starting {name} ({:?})", cmd.get_program()))?;
+    let watchdog = Command::new("sh")
+        .args(["-c", "read -r _; kill -9 \"$1\" 2>/dev/null", "watchdog"])
+        .arg(child.id().to_string())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn();
+    match watchdog {
+        Ok(watchdog) => Ok(Proc {
+            name,
+            child,
+            watchdog,
+        }),
+        Err(e) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            Err(e).with_context(|| format!("starting the watchdog shell for {name}"))
+        }
+    }
 }
 
 fn etcd_healthy(port: u16) -> bool {
-    let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else { return false };
+    let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
     let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-    if s.write_all(b"GET /health HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").is_err() {
+    if s.write_all(b"GET /health HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+        .is_err()
+    {
         return false;
     }
     let mut body = String::new();
@@ -854,13 +1032,32 @@ fn write_pki(dir: &Path) -> Result<()> {
         output(Command::new("openssl").args(args).current_dir(&pki)).map(drop)
     };
     openssl(&[
-        "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt",
-        "-days", "3650", "-subj", "/CN=serviceless-test-ca",
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+        "-days",
+        "3650",
+        "-subj",
+        "/CN=serviceless-test-ca",
     ])
     .context("creating the test CA")?;
     openssl(&[
-        "req", "-newkey", "rsa:2048", "-nodes", "-keyout", "apiserver.key", "-out", "apiserver.csr",
-        "-subj", "/CN=kube-apiserver",
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "apiserver.key",
+        "-out",
+        "apiserver.csr",
+        "-subj",
+        "/CN=kube-apiserver",
     ])
     .context("creating the API server key")?;
     fs::write(
@@ -873,8 +1070,21 @@ fn write_pki(dir: &Path) -> Result<()> {
     )
     .context("writing pki/apiserver.ext")?;
     openssl(&[
-        "x509", "-req", "-in", "apiserver.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
-        "-out", "apiserver.crt", "-days", "3650", "-extfile", "apiserver.ext",
+        "x509",
+        "-req",
+        "-in",
+        "apiserver.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "apiserver.crt",
+        "-days",
+        "3650",
+        "-extfile",
+        "apiserver.ext",
     ])
     .context("signing the API server certificate")?;
     openssl(&["genrsa", "-out", "sa.key", "2048"]).context("creating the service-account key")?;
@@ -978,13 +1188,23 @@ mod tests {
         let list = "# x\ndeb [arch=amd64 signed-by=/k.gpg] http://m.example/debian bookworm main contrib\n";
         assert_eq!(
             mirror_from_one_line(list),
-            Some(("http://m.example/debian".to_owned(), Some("/k.gpg".to_owned())))
+            Some((
+                "http://m.example/debian".to_owned(),
+                Some("/k.gpg".to_owned())
+            ))
         );
-        assert_eq!(mirror_from_one_line("deb http://m.example/debian trixie main\n"), None);
+        assert_eq!(
+            mirror_from_one_line("deb http://m.example/debian trixie main\n"),
+            None
+        );
     }
 
     fn kubectl_ok(cluster: &Cluster, args: &[&str]) -> String {
-        let out = cluster.kubectl().args(args).output().expect("running kubectl");
+        let out = cluster
+            .kubectl()
+            .args(args)
+            .output()
+            .expect("running kubectl");
         assert!(
             out.status.success(),
             "kubectl {args:?} failed: {}",
@@ -1008,26 +1228,54 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("serviceless-k8s-test-{}", std::process::id()));
         let started = Instant::now();
         let mut cluster = start_cluster(&dir).expect("starting the cluster");
-        eprintln!("cluster ready in {:?} at {}", started.elapsed(), cluster.server_url());
+        eprintln!(
+            "cluster ready in {:?} at {}",
+            started.elapsed(),
+            cluster.server_url()
+        );
         let kubeconfig = fs::read_to_string(cluster.kubeconfig_path()).expect("reading kubeconfig");
         assert!(kubeconfig.contains(&cluster.server_url()));
 
         let namespaces = kubectl_ok(&cluster, &["get", "ns", "-o", "name"]);
         assert!(namespaces.contains("namespace/default"), "{namespaces}");
 
-        kubectl_ok(&cluster, &["create", "deployment", "web", "--image=registry.invalid/web", "--replicas=2"]);
+        kubectl_ok(
+            &cluster,
+            &[
+                "create",
+                "deployment",
+                "web",
+                "--image=registry.invalid/web",
+                "--replicas=2",
+            ],
+        );
         let pods = |c: &Cluster| {
-            kubectl_ok(c, &["get", "pods", "-l", "app=web", "-o", "name"]).lines().count()
+            kubectl_ok(c, &["get", "pods", "-l", "app=web", "-o", "name"])
+                .lines()
+                .count()
         };
-        wait_for("a ReplicaSet", || !kubectl_ok(&cluster, &["get", "rs", "-l", "app=web", "-o", "name"]).trim().is_empty());
+        wait_for("a ReplicaSet", || {
+            !kubectl_ok(&cluster, &["get", "rs", "-l", "app=web", "-o", "name"])
+                .trim()
+                .is_empty()
+        });
         wait_for("2 pods", || pods(&cluster) == 2);
 
         // The API server goes away and comes back on the same port with the same etcd.
         let port = cluster.apiserver_port();
         cluster.stop_apiserver().expect("stopping kube-apiserver");
-        let down = cluster.kubectl().args(["get", "ns", "--request-timeout=2s"]).output().expect("kubectl");
-        assert!(!down.status.success(), "kubectl worked with the API server stopped");
-        cluster.start_apiserver().expect("restarting kube-apiserver");
+        let down = cluster
+            .kubectl()
+            .args(["get", "ns", "--request-timeout=2s"])
+            .output()
+            .expect("kubectl");
+        assert!(
+            !down.status.success(),
+            "kubectl worked with the API server stopped"
+        );
+        cluster
+            .start_apiserver()
+            .expect("restarting kube-apiserver");
         assert_eq!(cluster.apiserver_port(), port);
         kubectl_ok(&cluster, &["get", "deployment", "web"]);
 
@@ -1036,7 +1284,10 @@ mod tests {
         wait_for("3 pods after the restart", || pods(&cluster) == 3);
 
         drop(cluster);
-        assert!(TcpStream::connect(("127.0.0.1", port)).is_err(), "kube-apiserver still listening");
+        assert!(
+            TcpStream::connect(("127.0.0.1", port)).is_err(),
+            "kube-apiserver still listening"
+        );
         let _ = fs::remove_dir_all(&dir);
     }
 }
