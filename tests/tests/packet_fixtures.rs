@@ -213,7 +213,7 @@ fn ingress_fixtures() {
     let full = Packet::tcp(CLIENT, 40020, VIP, 80).frame();
     for (name, len) in [
         ("truncated: ipv4 header cut before dst", 14 + 12),
-        ("truncated: ipv4 header cut after dst", 14 + 20 - 0),
+        ("truncated: ipv4 header only, no tcp header", 14 + 20),
         ("truncated: tcp ports cut", 14 + 20 + 3),
         ("truncated: tcp header cut before checksum", 14 + 20 + 12),
     ] {
