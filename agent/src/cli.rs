@@ -50,7 +50,8 @@ pub struct RunArgs {
     /// IPv6 activator, [ip]:port.
     #[arg(long, env = "SERVICELESS_ACTIVATOR6")]
     pub activator6: Option<SocketAddr>,
-    /// Desired state: `file:<path>` (YAML or JSON, reloaded on change).
+    /// Desired state: `kubernetes` (Pod watch; in-cluster config or KUBECONFIG) or
+    /// `file:<path>` (YAML or JSON, reloaded on change).
     #[arg(long, env = "SERVICELESS_SOURCE")]
     pub source: SourceSpec,
     /// VIP range (CIDR); repeat for IPv4 and IPv6. Only addresses in a range are treated as VIPs.
@@ -80,21 +81,37 @@ pub struct RunArgs {
     /// On exit, detach the programs and unpin the maps (default: leave traffic flowing).
     #[arg(long)]
     pub detach_on_exit: bool,
+    /// Kubernetes source: API requests per second this agent may send.
+    #[arg(long, env = "SERVICELESS_API_QPS", default_value_t = 20)]
+    pub api_qps: u32,
+    /// Kubernetes source: this node's name (identifies the agent in Events).
+    #[arg(long, env = "NODE_NAME", default_value = "unknown-node")]
+    pub node_name: String,
+    /// Where the agent records which pods back each app, for `inspect`.
+    #[arg(long, env = "SERVICELESS_STATE_FILE", default_value = DEFAULT_STATE_FILE)]
+    pub state_file: PathBuf,
 }
+
+/// Pod names per app, written by `run`, read by `inspect`.
+pub const DEFAULT_STATE_FILE: &str = "/run/serviceless/sources.json";
 
 /// Where desired state comes from.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum SourceSpec {
     File(PathBuf),
+    Kubernetes,
 }
 
 impl FromStr for SourceSpec {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s == "kubernetes" {
+            return Ok(SourceSpec::Kubernetes);
+        }
         match s.split_once(':') {
             Some(("file", path)) if !path.is_empty() => Ok(SourceSpec::File(path.into())),
-            _ => Err(format!("unknown source '{s}'; expected file:<path>")),
+            _ => Err(format!("unknown source '{s}'; expected `kubernetes` or file:<path>")),
         }
     }
 }
@@ -113,6 +130,9 @@ pub struct InspectArgs {
     /// Only this app (hostname).
     #[arg(long)]
     pub app: Option<String>,
+    /// The agent's record of which pods back each app (see `run --state-file`).
+    #[arg(long, env = "SERVICELESS_STATE_FILE", default_value = DEFAULT_STATE_FILE)]
+    pub state_file: PathBuf,
 }
 
 #[derive(Args, Debug, Clone)]

@@ -38,6 +38,8 @@ pub struct AppReport {
     pub bytes: u64,
     /// Seconds since the last packet, if any was seen.
     pub idle_seconds: Option<f64>,
+    /// Pods behind the backends (namespace/name or file name), per the agent's record.
+    pub pods: Vec<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -116,6 +118,7 @@ pub fn report(maps: &DataplaneMaps, flow_limit: usize, only: Option<&str>) -> Re
             bytes: activity.bytes,
             idle_seconds: (activity.last_seen_ns != 0)
                 .then(|| now.saturating_sub(activity.last_seen_ns) as f64 / 1e9),
+            pods: Vec::new(),
         });
     }
     let mut flows = Vec::new();
@@ -165,6 +168,7 @@ pub fn render_table(r: &Report) -> String {
         } else {
             a.backends.iter().map(|b| format!("{}({})", b.ip, b.state)).collect::<Vec<_>>().join(" ")
         };
+        let backends = if a.pods.is_empty() { backends } else { format!("{backends}  pods: {}", a.pods.join(",")) };
         let _ = writeln!(
             out,
             "{:<4} {:<32} {:<16} {:<22} {:>9} {:>11} {:>8}  {}",
@@ -200,7 +204,15 @@ pub fn render_table(r: &Report) -> String {
 pub fn run(args: &InspectArgs) -> anyhow::Result<()> {
     let maps = DataplaneMaps::open_pinned(&args.pin_dir)
         .with_context(|| format!("opening the maps pinned under {}", args.pin_dir.display()))?;
-    let report = report(&maps, args.flows, args.app.as_deref());
+    let mut report = report(&maps, args.flows, args.app.as_deref());
+    // Pod names come from the agent's record, if it wrote one.
+    if let Ok(text) = std::fs::read(&args.state_file)
+        && let Ok(sources) = serde_json::from_slice::<BTreeMap<String, Vec<String>>>(&text)
+    {
+        for app in &mut report.apps {
+            app.pods = sources.get(&app.hostname).cloned().unwrap_or_default();
+        }
+    }
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {

@@ -452,6 +452,21 @@ impl Reconciler {
         self.metrics.vip_collisions.set(self.collisions.len() as i64);
     }
 
+    /// Pod names behind every app, as last programmed.
+    pub fn all_sources(&self) -> BTreeMap<String, Vec<String>> {
+        self.apps
+            .iter()
+            .map(|(h, p)| {
+                let names = p.sources[..(p.value.backend_count as usize).min(p.sources.len())]
+                    .iter()
+                    .flatten()
+                    .cloned()
+                    .collect();
+                (h.clone(), names)
+            })
+            .collect()
+    }
+
     /// Pod names behind an app's slots, as last programmed.
     pub fn sources(&self, host: &str) -> Option<Vec<Option<String>>> {
         self.apps.get(host).map(|p| p.sources[..p.value.backend_count as usize].to_vec())

@@ -1,6 +1,10 @@
 //! `serviceless run`: load, attach, adopt, then reconcile until stopped.
 
-use std::{net::IpAddr, time::Duration};
+use std::{
+    net::IpAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use anyhow::Context as _;
 use serviceless_common::{
@@ -17,7 +21,10 @@ use crate::{
     metrics::Metrics,
     model::{VipRanges, to_addr},
     reconcile::Reconciler,
-    source::{Store, file},
+    source::{
+        Store, file,
+        kubernetes::{self, KubeOptions},
+    },
 };
 
 /// How long a failed app waits before it is tried again.
@@ -55,9 +62,14 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         SourceSpec::File(path) => {
             tokio::spawn(file::watch(path, ranges, store.clone(), health.clone(), metrics.clone()))
         }
+        SourceSpec::Kubernetes => {
+            let client = kubernetes::client(args.api_qps).await?;
+            let opts = KubeOptions { ranges, api_qps: args.api_qps, instance: args.node_name.clone() };
+            tokio::spawn(kubernetes::watch(client, opts, store.clone(), health.clone(), metrics.clone()))
+        }
     };
     let server = tokio::spawn(http::serve(args.listen, metrics.clone(), health.clone()));
-    let reconcile = tokio::spawn(reconcile_loop(reconciler, store, health.clone()));
+    let reconcile = tokio::spawn(reconcile_loop(reconciler, store, health.clone(), args.state_file.clone()));
 
     let mut term = tokio::signal::unix::signal(SignalKind::terminate())?;
     let outcome: anyhow::Result<()> = tokio::select! {
@@ -112,9 +124,21 @@ fn kernel_config(args: &RunArgs, ranges: &VipRanges) -> anyhow::Result<Config> {
     Ok(c)
 }
 
-async fn reconcile_loop(mut reconciler: Reconciler, store: Store, health: Health) {
+async fn reconcile_loop(mut reconciler: Reconciler, store: Store, health: Health, state_file: PathBuf) {
+    // Pod names per app go to a file for `inspect`, at most every 2 s.
+    let mut tick = tokio::time::interval(Duration::from_secs(2));
+    let mut sources_dirty = false;
     loop {
-        store.changed().await;
+        tokio::select! {
+            () = store.changed() => {}
+            _ = tick.tick() => {
+                if sources_dirty {
+                    write_sources(&state_file, &reconciler);
+                    sources_dirty = false;
+                }
+                continue;
+            }
+        }
         let batch = store.take();
         if batch.is_empty() {
             continue;
@@ -123,13 +147,21 @@ async fn reconcile_loop(mut reconciler: Reconciler, store: Store, health: Health
         let changed = batch.changed.len();
         let started = std::time::Instant::now();
         let outcome = reconciler.apply(batch);
-        info!(
-            full, changed, programmed = outcome.programmed, failed = outcome.failed.len(),
-            apps = reconciler.app_count(), took_ms = started.elapsed().as_secs_f64() * 1e3,
-            "reconciled"
-        );
+        let log = if full || !outcome.failed.is_empty() { tracing::Level::INFO } else { tracing::Level::DEBUG };
+        if log == tracing::Level::INFO {
+            info!(
+                full, changed, programmed = outcome.programmed, failed = outcome.failed.len(),
+                apps = reconciler.app_count(), took_ms = started.elapsed().as_secs_f64() * 1e3,
+                "reconciled"
+            );
+        } else {
+            tracing::debug!(changed, programmed = outcome.programmed, took_us = started.elapsed().as_micros() as u64, "reconciled");
+        }
         if full {
             health.set_reconciled();
+            write_sources(&state_file, &reconciler);
+        } else {
+            sources_dirty = true;
         }
         if !outcome.failed.is_empty() {
             let store = store.clone();
@@ -138,6 +170,22 @@ async fn reconcile_loop(mut reconciler: Reconciler, store: Store, health: Health
                 store.retry(outcome.failed);
             });
         }
+    }
+}
+
+/// Best effort: `inspect` works without it, just without pod names.
+fn write_sources(path: &Path, reconciler: &Reconciler) {
+    let write = || -> anyhow::Result<()> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, serde_json::to_vec(&reconciler.all_sources())?)?;
+        std::fs::rename(&tmp, path)?;
+        Ok(())
+    };
+    if let Err(e) = write() {
+        tracing::debug!(error = %e, path = %path.display(), "pod names for inspect not written");
     }
 }
 

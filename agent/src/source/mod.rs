@@ -6,6 +6,7 @@
 //! wakes cost one diff, and memory is bounded by the number of apps.
 
 pub mod file;
+pub mod kubernetes;
 
 use std::{
     collections::HashMap,

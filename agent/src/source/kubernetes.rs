@@ -1,0 +1,601 @@
+//! Desired state from one Kubernetes Pod watch (no Services read or created).
+//!
+//! Pods opt in with the label `serviceless.io/enabled=true`; their pod
+//! template carries the app in annotations (see `annotations`). Ready pods
+//! with an IP are backends; terminating or not-ready pods with an IP drain;
+//! pods on every node count, since any node can receive any app's traffic.
+//!
+//! A good API-server citizen: one list-then-watch for the whole cluster,
+//! bookmarks and resourceVersion resume (kube-runtime's watcher), a relist
+//! only when the server says 410 Gone, exponential backoff with jitter on
+//! errors, a client-side request rate limit, no periodic relists. Only the
+//! few fields the dataplane needs are kept per pod, never whole objects.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    net::IpAddr,
+    time::{Duration, SystemTime},
+};
+
+use futures::{StreamExt as _, TryStreamExt as _};
+use k8s_openapi::api::core::v1::Pod;
+use kube::{
+    Api, Client, Resource as _,
+    runtime::{
+        WatchStreamExt as _,
+        events::{Event as K8sEvent, EventType, Recorder, Reporter},
+        watcher::{self, Event},
+    },
+};
+use tokio::sync::mpsc;
+use tracing::{debug, info, warn};
+
+use super::{Observed, Store};
+use crate::{
+    health::Health,
+    metrics::Metrics,
+    model::{AppSpec, BackendSpec, PortSpec, Protocol, VipRanges, validate_hostname},
+};
+
+/// Label that opts a pod in (the watch's label selector).
+pub const LABEL: &str = "serviceless.io/enabled";
+/// Annotation names, set on the pod template.
+pub mod annotations {
+    /// The app's hostname (required), e.g. `hello.apps.example.com`.
+    pub const HOSTNAME: &str = "serviceless.io/hostname";
+    /// The app's VIP (optional; derived from the hostname inside --vip-range otherwise).
+    pub const VIP: &str = "serviceless.io/vip";
+    /// Port on the VIP (default 80).
+    pub const PORT: &str = "serviceless.io/port";
+    /// Port the pods listen on (default: the VIP port).
+    pub const TARGET_PORT: &str = "serviceless.io/target-port";
+    /// TCP (default) or UDP.
+    pub const PROTOCOL: &str = "serviceless.io/protocol";
+}
+
+/// Settings of the Kubernetes source.
+#[derive(Clone, Debug)]
+pub struct KubeOptions {
+    pub ranges: VipRanges,
+    /// Requests per second the agent may send to the API server.
+    pub api_qps: u32,
+    /// Identifies this agent in Events (the node name).
+    pub instance: String,
+}
+
+type PodKey = (String, String);
+
+/// The fields of one pod that matter, and nothing else.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PodInfo {
+    pub namespace: String,
+    pub name: String,
+    pub uid: String,
+    pub hostname: String,
+    pub vip: Option<IpAddr>,
+    pub port: PortSpec,
+    pub ip: Option<IpAddr>,
+    pub ready: bool,
+    pub terminating: bool,
+    pub created: i64,
+    pub ready_since: Option<SystemTime>,
+}
+
+/// Reads a pod's app description; `Err` explains a bad annotation.
+pub fn parse_pod(pod: &Pod, ranges: &VipRanges) -> Result<PodInfo, String> {
+    let meta = &pod.metadata;
+    let ann = meta.annotations.clone().unwrap_or_default();
+    let get = |k: &str| ann.get(k).map(|v| v.trim().to_string());
+    let hostname = get(annotations::HOSTNAME).ok_or_else(|| format!("annotation {} is missing", annotations::HOSTNAME))?;
+    validate_hostname(&hostname).map_err(|e| format!("annotation {}: {e}", annotations::HOSTNAME))?;
+    let vip = match get(annotations::VIP) {
+        None => None,
+        Some(v) => {
+            let ip: IpAddr = v.parse().map_err(|_| format!("annotation {}: '{v}' is not an IP address", annotations::VIP))?;
+            let range = ranges.for_ip(ip);
+            if !range.is_some_and(|r| r.contains(ip)) {
+                return Err(format!(
+                    "annotation {}: {ip} is outside the VIP range{}",
+                    annotations::VIP,
+                    range.map(|r| format!(" {r}")).unwrap_or_else(|| " (none configured for its address family)".into())
+                ));
+            }
+            Some(ip)
+        }
+    };
+    let port_of = |key: &str, default: Option<u16>| -> Result<u16, String> {
+        match get(key) {
+            None => default.ok_or_else(|| format!("annotation {key} is missing")),
+            Some(v) => match v.parse::<u16>() {
+                Ok(p) if p > 0 => Ok(p),
+                _ => Err(format!("annotation {key}: '{v}' is not a port in 1..=65535")),
+            },
+        }
+    };
+    let port = port_of(annotations::PORT, Some(80))?;
+    let target_port = port_of(annotations::TARGET_PORT, Some(port))?;
+    let protocol = match get(annotations::PROTOCOL).as_deref().map(str::to_ascii_uppercase).as_deref() {
+        None | Some("TCP") => Protocol::Tcp,
+        Some("UDP") => Protocol::Udp,
+        Some(other) => return Err(format!("annotation {}: '{other}' is not TCP or UDP", annotations::PROTOCOL)),
+    };
+    let status = pod.status.as_ref();
+    let finished = status.and_then(|s| s.phase.as_deref()).is_some_and(|p| p == "Succeeded" || p == "Failed");
+    let ip = if finished { None } else { status.and_then(|s| s.pod_ip.as_deref()).and_then(|ip| ip.parse().ok()) };
+    let ready_condition = status
+        .and_then(|s| s.conditions.as_ref())
+        .and_then(|c| c.iter().find(|c| c.type_ == "Ready"));
+    let ready = ready_condition.is_some_and(|c| c.status == "True");
+    let ready_since = ready_condition
+        .and_then(|c| c.last_transition_time.as_ref())
+        .map(|t| SystemTime::UNIX_EPOCH + Duration::from_secs(t.0.as_second().max(0) as u64));
+    Ok(PodInfo {
+        namespace: meta.namespace.clone().unwrap_or_default(),
+        name: meta.name.clone().unwrap_or_default(),
+        uid: meta.uid.clone().unwrap_or_default(),
+        hostname,
+        vip,
+        port: PortSpec { port, target_port, protocol },
+        ip,
+        ready,
+        terminating: meta.deletion_timestamp.is_some(),
+        created: meta.creation_timestamp.as_ref().map_or(0, |t| t.0.as_second()),
+        ready_since,
+    })
+}
+
+/// The VIP for a hostname without an explicit one: a stable hash of the
+/// name inside the configured range (IPv4 preferred).
+pub fn derive_vip(hostname: &str, ranges: &VipRanges) -> Option<IpAddr> {
+    let range = ranges.v4.or(ranges.v6)?;
+    let h = serviceless_common::hash::mix64(
+        hostname.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)),
+    );
+    // Skip the network address itself.
+    let size = range.size().max(2);
+    Some(range.nth(1 + u128::from(h) % (size - 1)))
+}
+
+/// Pods grouped into apps.
+#[derive(Default)]
+pub struct PodIndex {
+    pods: HashMap<PodKey, PodInfo>,
+    by_host: HashMap<String, BTreeSet<PodKey>>,
+    /// The VIP each published app holds, and who holds each VIP.
+    app_vip: HashMap<String, IpAddr>,
+    vip_hosts: HashMap<IpAddr, BTreeSet<String>>,
+}
+
+/// A hostname or VIP claimed by more than one app.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Conflict {
+    pub what: String,
+    pub pods: Vec<PodKey>,
+}
+
+impl PodIndex {
+    pub fn len(&self) -> usize {
+        self.pods.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.pods.is_empty()
+    }
+
+    /// Inserts or replaces a pod; returns the hostnames whose app changed.
+    pub fn upsert(&mut self, info: PodInfo) -> Vec<String> {
+        let key = (info.namespace.clone(), info.name.clone());
+        let mut touched = vec![info.hostname.clone()];
+        if let Some(old) = self.pods.get(&key) {
+            if old.hostname != info.hostname {
+                touched.push(old.hostname.clone());
+                self.unindex(&key, &old.hostname.clone());
+            }
+        }
+        self.by_host.entry(info.hostname.clone()).or_default().insert(key.clone());
+        self.pods.insert(key, info);
+        touched
+    }
+
+    pub fn remove(&mut self, namespace: &str, name: &str) -> Option<String> {
+        let key = (namespace.to_string(), name.to_string());
+        let old = self.pods.remove(&key)?;
+        self.unindex(&key, &old.hostname);
+        Some(old.hostname)
+    }
+
+    fn unindex(&mut self, key: &PodKey, host: &str) {
+        if let Some(set) = self.by_host.get_mut(host) {
+            set.remove(key);
+            if set.is_empty() {
+                self.by_host.remove(host);
+            }
+        }
+    }
+
+    /// Records that `host` now holds `vip` (or nothing); returns the other
+    /// hostnames holding the same VIP.
+    pub fn claim_vip(&mut self, host: &str, vip: Option<IpAddr>) -> Vec<String> {
+        if let Some(old) = self.app_vip.remove(host) {
+            if let Some(set) = self.vip_hosts.get_mut(&old) {
+                set.remove(host);
+                if set.is_empty() {
+                    self.vip_hosts.remove(&old);
+                }
+            }
+        }
+        let Some(vip) = vip else { return Vec::new() };
+        self.app_vip.insert(host.to_string(), vip);
+        let set = self.vip_hosts.entry(vip).or_default();
+        set.insert(host.to_string());
+        set.iter().filter(|h| *h != host).cloned().collect()
+    }
+
+    pub fn hostnames(&self) -> Vec<String> {
+        self.by_host.keys().cloned().collect()
+    }
+
+    pub fn pod(&self, key: &PodKey) -> Option<&PodInfo> {
+        self.pods.get(key)
+    }
+
+    /// The app for `host`, or None if no pod claims it. A hostname claimed
+    /// from several namespaces is contested: it gets no backends (its VIP
+    /// goes to the activator) and is returned as a conflict.
+    pub fn app(&self, host: &str, ranges: &VipRanges) -> (Option<AppSpec>, Option<Conflict>) {
+        let Some(keys) = self.by_host.get(host) else { return (None, None) };
+        let pods: Vec<&PodInfo> = keys.iter().filter_map(|k| self.pods.get(k)).collect();
+        let namespaces: BTreeSet<&str> = pods.iter().map(|p| p.namespace.as_str()).collect();
+        // The newest pod's settings win (a rollout changes them pod by pod).
+        let Some(newest) = pods.iter().max_by_key(|p| (p.created, p.name.as_str())) else { return (None, None) };
+        let Some(vip) = newest.vip.or_else(|| derive_vip(host, ranges)) else { return (None, None) };
+        let conflict = (namespaces.len() > 1).then(|| Conflict {
+            what: format!("hostname {host} is claimed from namespaces {}", namespaces.iter().copied().collect::<Vec<_>>().join(", ")),
+            pods: keys.iter().cloned().collect(),
+        });
+        let mut backends: Vec<BackendSpec> = if conflict.is_some() {
+            Vec::new()
+        } else {
+            pods.iter()
+                .filter_map(|p| {
+                    Some(BackendSpec {
+                        ip: p.ip.filter(|ip| ip.is_ipv4() == vip.is_ipv4())?,
+                        ready: p.ready && !p.terminating,
+                        source: Some(format!("{}/{}", p.namespace, p.name)),
+                    })
+                })
+                .collect()
+        };
+        // Ready first, then the per-app limit.
+        backends.sort_by_key(|b| !b.ready);
+        backends.truncate(serviceless_common::MAX_BACKENDS_PER_APP as usize);
+        let spec = AppSpec { hostname: host.to_string(), vip, ports: vec![newest.port], backends };
+        (Some(spec), conflict)
+    }
+
+    /// Apps whose VIPs collide (different hostnames, same VIP).
+    pub fn vip_conflicts(&self, apps: &[AppSpec]) -> Vec<Conflict> {
+        let mut by_vip: BTreeMap<IpAddr, Vec<&str>> = BTreeMap::new();
+        for a in apps {
+            by_vip.entry(a.vip).or_default().push(&a.hostname);
+        }
+        by_vip
+            .into_iter()
+            .filter(|(_, hosts)| hosts.len() > 1)
+            .map(|(vip, hosts)| Conflict {
+                what: format!("VIP {vip} is claimed by {}", hosts.join(", ")),
+                pods: hosts.iter().flat_map(|h| self.by_host.get(*h).into_iter().flatten().cloned()).collect(),
+            })
+            .collect()
+    }
+}
+
+/// An Event to post about a pod.
+struct PodEvent {
+    pod: PodInfo,
+    reason: &'static str,
+    note: String,
+}
+
+/// Events go through a bounded queue to one poster that paces itself: a
+/// burst of bad pods cannot turn into a burst of API requests.
+const EVENT_QUEUE: usize = 256;
+const EVENT_INTERVAL: Duration = Duration::from_millis(50);
+
+pub async fn client(api_qps: u32) -> anyhow::Result<Client> {
+    let config = kube::Config::infer().await.map_err(|e| {
+        anyhow::anyhow!("no Kubernetes configuration (in-cluster service account or KUBECONFIG/~/.kube/config): {e}")
+    })?;
+    let client = kube::client::ClientBuilder::try_from(config)?
+        .with_layer(&tower::limit::RateLimitLayer::new(u64::from(api_qps.max(1)), Duration::from_secs(1)))
+        .build();
+    Ok(client)
+}
+
+/// Runs the watch until the process stops; errors are retried with backoff.
+pub async fn watch(client: Client, opts: KubeOptions, store: Store, health: Health, metrics: Metrics) -> anyhow::Result<()> {
+    let (events_tx, events_rx) = mpsc::channel::<PodEvent>(EVENT_QUEUE);
+    tokio::spawn(post_events(client.clone(), opts.instance.clone(), events_rx));
+
+    let pods: Api<Pod> = Api::all(client);
+    let config = watcher::Config::default().labels(&format!("{LABEL}=true"));
+    let mut stream = watcher::watcher(pods, config).default_backoff().boxed();
+    let mut index = PodIndex::default();
+    let mut listing: Option<PodIndex> = None;
+    let mut invalid: HashMap<PodKey, String> = HashMap::new();
+    let mut reported: HashMap<PodKey, String> = HashMap::new();
+    let mut synced = false;
+    let emit = |pod: &PodInfo, reason: &'static str, note: String, reported: &mut HashMap<PodKey, String>| {
+        let key = (pod.namespace.clone(), pod.name.clone());
+        if reported.get(&key) == Some(&note) {
+            return;
+        }
+        reported.insert(key, note.clone());
+        if events_tx.try_send(PodEvent { pod: pod.clone(), reason, note }).is_err() {
+            debug!("event queue full; event dropped");
+        }
+    };
+
+    loop {
+        let event = match stream.try_next().await {
+            Ok(Some(event)) => event,
+            Ok(None) => anyhow::bail!("Pod watch ended"),
+            Err(e) => {
+                // The maps keep their last state; the watcher retries with backoff.
+                metrics.watch_restarts.inc();
+                metrics.source_errors.inc();
+                warn!(error = %e, "Pod watch failed; retrying with backoff (the dataplane keeps its last state)");
+                health.set_source_error(format!("Kubernetes API: {e}"));
+                continue;
+            }
+        };
+        if synced {
+            health.set_source_ok();
+        }
+        match event {
+            Event::Init => {
+                listing = Some(PodIndex::default());
+                invalid.clear();
+            }
+            Event::InitApply(pod) => {
+                if let Some(next) = listing.as_mut() {
+                    match parse_pod(&pod, &opts.ranges) {
+                        Ok(info) => {
+                            next.upsert(info);
+                        }
+                        Err(reason) => {
+                            invalid.insert(key_of(&pod), reason);
+                        }
+                    }
+                }
+            }
+            Event::InitDone => {
+                // Level-triggered: the listing replaces everything; pods not
+                // listed are gone, whatever delete events were missed.
+                if let Some(next) = listing.take() {
+                    index = next;
+                }
+                let mut apps = Vec::new();
+                let mut conflicts = Vec::new();
+                for host in index.hostnames() {
+                    let (app, conflict) = index.app(&host, &opts.ranges);
+                    index.claim_vip(&host, app.as_ref().map(|a| a.vip));
+                    apps.extend(app);
+                    conflicts.extend(conflict);
+                }
+                conflicts.extend(index.vip_conflicts(&apps));
+                info!(pods = index.len(), apps = apps.len(), invalid = invalid.len(), "Pod list synced");
+                store.replace_all(apps, Observed::now());
+                report_conflicts(&index, &conflicts, &emit, &mut reported);
+                metrics.invalid_apps.set(invalid.len() as i64);
+                synced = true;
+                health.set_source_ok();
+            }
+            Event::Apply(pod) => {
+                let key = key_of(&pod);
+                let observed_at = Observed::now();
+                let touched = match parse_pod(&pod, &opts.ranges) {
+                    Ok(info) => {
+                        invalid.remove(&key);
+                        let origin = info.ready_since;
+                        let touched = index.upsert(info);
+                        let observed = Observed { origin, ..observed_at };
+                        publish(&mut index, &touched, &opts.ranges, &store, observed, &emit, &mut reported);
+                        touched
+                    }
+                    Err(reason) => {
+                        warn!(pod = %format!("{}/{}", key.0, key.1), %reason, "pod skipped: bad serviceless annotation");
+                        if invalid.insert(key.clone(), reason.clone()).as_ref() != Some(&reason) {
+                            let stub = stub_info(&pod);
+                            emit(&stub, "InvalidServicelessAnnotation", reason, &mut reported);
+                        }
+                        // A pod that turned invalid no longer backs its old app.
+                        let touched: Vec<String> = index.remove(&key.0, &key.1).into_iter().collect();
+                        publish(&mut index, &touched, &opts.ranges, &store, observed_at, &emit, &mut reported);
+                        touched
+                    }
+                };
+                debug!(pod = %format!("{}/{}", key.0, key.1), apps = ?touched, "pod applied");
+                metrics.invalid_apps.set(invalid.len() as i64);
+            }
+            Event::Delete(pod) => {
+                // A hint only: the next relist is the truth.
+                let key = key_of(&pod);
+                invalid.remove(&key);
+                reported.remove(&key);
+                let touched: Vec<String> = index.remove(&key.0, &key.1).into_iter().collect();
+                publish(&mut index, &touched, &opts.ranges, &store, Observed::now(), &emit, &mut reported);
+                metrics.invalid_apps.set(invalid.len() as i64);
+            }
+        }
+    }
+}
+
+fn key_of(pod: &Pod) -> PodKey {
+    (pod.metadata.namespace.clone().unwrap_or_default(), pod.metadata.name.clone().unwrap_or_default())
+}
+
+/// Enough of a pod to post an Event about it.
+fn stub_info(pod: &Pod) -> PodInfo {
+    PodInfo {
+        namespace: pod.metadata.namespace.clone().unwrap_or_default(),
+        name: pod.metadata.name.clone().unwrap_or_default(),
+        uid: pod.metadata.uid.clone().unwrap_or_default(),
+        hostname: String::new(),
+        vip: None,
+        port: PortSpec { port: 0, target_port: 0, protocol: Protocol::Tcp },
+        ip: None,
+        ready: false,
+        terminating: false,
+        created: 0,
+        ready_since: None,
+    }
+}
+
+fn publish(
+    index: &mut PodIndex,
+    hosts: &[String],
+    ranges: &VipRanges,
+    store: &Store,
+    observed: Observed,
+    emit: &impl Fn(&PodInfo, &'static str, String, &mut HashMap<PodKey, String>),
+    reported: &mut HashMap<PodKey, String>,
+) {
+    let mut conflicts = Vec::new();
+    for host in hosts {
+        match index.app(host, ranges) {
+            (Some(app), conflict) => {
+                // The reconciler sends a shared VIP to the activator; this only reports it.
+                let others = index.claim_vip(host, Some(app.vip));
+                if !others.is_empty() {
+                    let mut hosts = others.clone();
+                    hosts.push(host.clone());
+                    conflicts.push(Conflict {
+                        what: format!("VIP {} is claimed by {}", app.vip, hosts.join(", ")),
+                        pods: hosts.iter().flat_map(|h| index.by_host.get(h).into_iter().flatten().cloned()).collect(),
+                    });
+                }
+                conflicts.extend(conflict);
+                store.upsert(app, observed);
+            }
+            (None, _) => {
+                index.claim_vip(host, None);
+                store.remove(host, observed);
+            }
+        }
+    }
+    report_conflicts(index, &conflicts, emit, reported);
+}
+
+fn report_conflicts(
+    index: &PodIndex,
+    conflicts: &[Conflict],
+    emit: &impl Fn(&PodInfo, &'static str, String, &mut HashMap<PodKey, String>),
+    reported: &mut HashMap<PodKey, String>,
+) {
+    for c in conflicts {
+        warn!(conflict = %c.what, "collision: the contested traffic goes to the activator");
+        for key in &c.pods {
+            if let Some(pod) = index.pod(key) {
+                emit(pod, "ServicelessCollision", format!("{}; its traffic goes to the activator", c.what), reported);
+            }
+        }
+    }
+}
+
+async fn post_events(client: Client, instance: String, mut rx: mpsc::Receiver<PodEvent>) {
+    let reporter = Reporter { controller: "serviceless-agent".into(), instance: Some(instance) };
+    let recorder = Recorder::new(client, reporter);
+    while let Some(ev) = rx.recv().await {
+        let mut reference = k8s_openapi::api::core::v1::ObjectReference::default();
+        reference.api_version = Some(Pod::api_version(&()).into_owned());
+        reference.kind = Some(Pod::kind(&()).into_owned());
+        reference.namespace = Some(ev.pod.namespace.clone());
+        reference.name = Some(ev.pod.name.clone());
+        reference.uid = Some(ev.pod.uid.clone());
+        let event = K8sEvent {
+            type_: EventType::Warning,
+            reason: ev.reason.into(),
+            note: Some(ev.note.chars().take(1000).collect()),
+            action: "Programming".into(),
+            secondary: None,
+        };
+        if let Err(e) = recorder.publish(&event, &reference).await {
+            debug!(error = %e, "posting an Event failed");
+        }
+        tokio::time::sleep(EVENT_INTERVAL).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
+    fn ranges() -> VipRanges {
+        VipRanges::from_list(&["10.96.0.0/16".parse().unwrap()]).unwrap()
+    }
+
+    fn pod(ns: &str, name: &str, ann: &[(&str, &str)], ip: Option<&str>, ready: bool) -> Pod {
+        let mut p = Pod {
+            metadata: ObjectMeta {
+                namespace: Some(ns.into()),
+                name: Some(name.into()),
+                annotations: Some(ann.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let conditions = vec![k8s_openapi::api::core::v1::PodCondition {
+            type_: "Ready".into(),
+            status: if ready { "True" } else { "False" }.into(),
+            ..Default::default()
+        }];
+        p.status = Some(k8s_openapi::api::core::v1::PodStatus {
+            pod_ip: ip.map(Into::into),
+            conditions: Some(conditions),
+            ..Default::default()
+        });
+        p
+    }
+
+    #[test]
+    fn annotations_are_parsed_and_bad_ones_explained() {
+        let good = pod("a", "p1", &[(annotations::HOSTNAME, "x.example.com"), (annotations::TARGET_PORT, "8080")], Some("10.244.0.5"), true);
+        let info = parse_pod(&good, &ranges()).unwrap();
+        assert_eq!((info.port.port, info.port.target_port), (80, 8080));
+        assert!(info.ready);
+        for (ann, needle) in [
+            (vec![], "missing"),
+            (vec![(annotations::HOSTNAME, "Bad_Name")], "not a valid DNS name"),
+            (vec![(annotations::HOSTNAME, "x.y"), (annotations::PORT, "70000")], "not a port"),
+            (vec![(annotations::HOSTNAME, "x.y"), (annotations::VIP, "192.168.1.1")], "outside the VIP range"),
+            (vec![(annotations::HOSTNAME, "x.y"), (annotations::VIP, "fd00::1")], "none configured"),
+            (vec![(annotations::HOSTNAME, "x.y"), (annotations::PROTOCOL, "SCTP")], "not TCP or UDP"),
+        ] {
+            let err = parse_pod(&pod("a", "p", &ann, None, true), &ranges()).unwrap_err();
+            assert!(err.contains(needle), "{err}");
+        }
+    }
+
+    #[test]
+    fn apps_group_pods_and_contested_hostnames_get_no_backends() {
+        let mut idx = PodIndex::default();
+        let host = [(annotations::HOSTNAME, "x.example.com")];
+        idx.upsert(parse_pod(&pod("a", "p1", &host, Some("10.244.0.5"), true), &ranges()).unwrap());
+        idx.upsert(parse_pod(&pod("a", "p2", &host, Some("10.244.0.6"), false), &ranges()).unwrap());
+        idx.upsert(parse_pod(&pod("a", "p3", &host, None, false), &ranges()).unwrap());
+        let (app, conflict) = idx.app("x.example.com", &ranges());
+        let app = app.unwrap();
+        assert!(conflict.is_none());
+        assert_eq!(app.backends.len(), 2, "pods without an IP are ignored");
+        assert!(app.backends[0].ready && !app.backends[1].ready);
+        assert!(ranges().v4.unwrap().contains(app.vip), "derived VIP inside the range");
+        assert_eq!(derive_vip("x.example.com", &ranges()), Some(app.vip), "derivation is stable");
+
+        idx.upsert(parse_pod(&pod("b", "q1", &host, Some("10.244.1.5"), true), &ranges()).unwrap());
+        let (app, conflict) = idx.app("x.example.com", &ranges());
+        assert!(app.unwrap().backends.is_empty(), "contested hostname goes to the activator");
+        assert_eq!(conflict.unwrap().pods.len(), 4);
+    }
+}
