@@ -2,6 +2,10 @@
 //! maps filled by the agent's own reconciler, a packet builder, and network
 //! namespace topologies for real traffic.
 
+/// The real control plane for tests (shared with `cargo xtask k8s-apiserver`).
+#[path = "../../xtask/src/k8s.rs"]
+pub mod k8s;
+pub mod kube_env;
 pub mod netns;
 pub mod packet;
 pub mod topology;
@@ -111,6 +115,18 @@ impl TestDataplane {
 
     /// Writes the config entry: activators and the fixture VIP ranges.
     pub fn configure(&mut self, activator4: Option<&str>, activator6: Option<&str>) -> anyhow::Result<()> {
+        self.configure_ranges(activator4, activator6, VIP_RANGE4, VIP_RANGE6)
+    }
+
+    /// Writes the config entry with explicit VIP ranges (the benchmark needs
+    /// a /12 to hold a million apps).
+    pub fn configure_ranges(
+        &mut self,
+        activator4: Option<&str>,
+        activator6: Option<&str>,
+        vip4: &str,
+        vip6: &str,
+    ) -> anyhow::Result<()> {
         let mut c = Config::default();
         for (text, v4) in [(activator4, true), (activator6, false)] {
             let Some(text) = text else { continue };
@@ -125,8 +141,8 @@ impl TestDataplane {
                 c.flags |= CONFIG_F_ACTIVATOR6;
             }
         }
-        let r4: VipRange = VIP_RANGE4.parse().map_err(anyhow::Error::msg)?;
-        let r6: VipRange = VIP_RANGE6.parse().map_err(anyhow::Error::msg)?;
+        let r4: VipRange = vip4.parse().map_err(anyhow::Error::msg)?;
+        let r6: VipRange = vip6.parse().map_err(anyhow::Error::msg)?;
         (c.vip4_net, c.vip4_mask) = r4.to_net_mask();
         (c.vip6_net, c.vip6_mask) = r6.to_net_mask();
         c.flags |= CONFIG_F_VIP4 | CONFIG_F_VIP6;
@@ -137,6 +153,13 @@ impl TestDataplane {
     /// Replaces the desired state and reconciles, as the agent does.
     pub fn apply(&mut self, apps: Vec<AppSpec>) -> Outcome {
         self.store.replace_all(apps, Observed::now());
+        self.reconciler.apply(self.store.take())
+    }
+
+    /// Changes (or adds) one app and reconciles only that change: the
+    /// agent's incremental path for a single watch event.
+    pub fn upsert(&mut self, app: AppSpec) -> Outcome {
+        self.store.upsert(app, Observed::now());
         self.reconciler.apply(self.store.take())
     }
 

@@ -51,7 +51,19 @@ impl Netns {
 
     /// Starts a process in the namespace; killed when the guard drops.
     pub fn spawn(&self, cmd: &str, args: &[&str], log: Option<&std::path::Path>) -> anyhow::Result<Proc> {
+        self.spawn_env(cmd, args, log, &[])
+    }
+
+    /// `spawn` with extra environment variables.
+    pub fn spawn_env(
+        &self,
+        cmd: &str,
+        args: &[&str],
+        log: Option<&std::path::Path>,
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<Proc> {
         let mut c = Command::new("ip");
+        c.envs(env.iter().copied());
         c.args(["netns", "exec", &self.name, cmd]).args(args).stdin(Stdio::null());
         if let Some(log) = log {
             let f = File::create(log).with_context(|| format!("creating {}", log.display()))?;

@@ -57,6 +57,8 @@ pub struct Topology {
     /// bpffs for the agent's pins (outside /sys: `ip netns exec` remounts /sys).
     pub bpf_dir: PathBuf,
     pub work_dir: PathBuf,
+    /// Map capacity (apps) the agent is started with.
+    pub max_apps: u32,
     server_bin: PathBuf,
 }
 
@@ -107,6 +109,7 @@ impl Topology {
             pods: Vec::new(),
             bpf_dir,
             work_dir,
+            max_apps: 1024,
             server_bin: server_bin.into(),
         };
         wait_http(&topo.node, ACTIVATOR)?;
@@ -137,16 +140,24 @@ impl Topology {
 
     /// Starts the agent in the node namespace on the file source.
     pub fn start_agent(&self, desired_file: &Path, log_name: &str, extra: &[&str]) -> anyhow::Result<Proc> {
+        self.start_agent_with(&format!("file:{}", desired_file.display()), log_name, extra, &[])
+    }
+
+    /// Starts the agent with any source and extra environment.
+    pub fn start_agent_with(&self, source: &str, log_name: &str, extra: &[&str], env: &[(&str, &str)]) -> anyhow::Result<Proc> {
         let bin = agent_binary()?;
         let pin_dir = self.bpf_dir.join("serviceless");
+        let state_file = self.work_dir.join("sources.json");
         let mut args = vec![
             "run".to_string(),
             "--iface".into(),
             UPLINK.into(),
             "--activator".into(),
             ACTIVATOR.into(),
+            "--state-file".into(),
+            state_file.display().to_string(),
             "--source".into(),
-            format!("file:{}", desired_file.display()),
+            source.into(),
             "--vip-range".into(),
             VIP_RANGE.into(),
             "--pin-dir".into(),
@@ -154,17 +165,17 @@ impl Topology {
             "--listen".into(),
             "127.0.0.1:9095".into(),
             "--max-apps".into(),
-            "1024".into(),
+            self.max_apps.to_string(),
             "--max-services".into(),
-            "4096".into(),
+            (self.max_apps * 4).to_string(),
             "--max-backends".into(),
-            "8192".into(),
+            (self.max_apps * 8).to_string(),
             "--max-flows".into(),
             "65536".into(),
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let proc = self.node.spawn(bin.to_str().context("path")?, &args, Some(&self.work_dir.join(log_name)))?;
+        let proc = self.node.spawn_env(bin.to_str().context("path")?, &args, Some(&self.work_dir.join(log_name)), env)?;
         Ok(proc)
     }
 

@@ -2,6 +2,7 @@
 //! Each task sets up what it needs first (see `setup`), so a fresh machine
 //! needs nothing but this repository and cargo.
 
+mod bench;
 mod build;
 mod demo;
 mod k8s;
@@ -30,6 +31,8 @@ enum Task {
     Test(test::Args),
     /// Boot Debian kernels in QEMU and run the kernel-level tests inside.
     Vm(vm::Args),
+    /// Benchmarks against kube-proxy-style iptables and nftables; prints the results folder.
+    Bench(bench::Args),
     /// Build (or reuse the cached) kube-apiserver for the Kubernetes tests.
     K8sApiserver,
 }
@@ -42,6 +45,7 @@ fn main() {
         Task::Demo(args) => demo::run(&args),
         Task::Test(args) => test::run(&args),
         Task::Vm(args) => vm::run(&args),
+        Task::Bench(args) => bench::run(&args),
         Task::K8sApiserver => k8s::ensure_binaries().map(|bins| {
             println!("kube-apiserver: {}", bins.apiserver.display());
         }),

@@ -1,7 +1,7 @@
 //! `cargo xtask test`: everything CI runs. Kernel tests need root and skip
 //! with a message elsewhere.
 
-use crate::{build, setup};
+use crate::{build, setup, vm};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -26,6 +26,14 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     println!("xtask: unit tests, packet fixtures, network-namespace traffic tests");
     // One test at a time: the traffic tests time real connections on 2 cores.
     build::cargo(&["test", "--workspace", "--exclude", "dataplane-ebpf", "--", "--test-threads=1"])?;
+    if setup::is_root() {
+        // The packet fixtures and the eBPF load/attach checks on the oldest
+        // kernel we support and a current one (TCG: about 20 s each).
+        println!("xtask: kernel tests in QEMU ({})", vm::DEFAULT_KERNELS.join(", "));
+        vm::run(&vm::Args { timeout: 300, ..vm::Args::default() })?;
+    } else {
+        println!("xtask: not root: kernel tests in QEMU skipped");
+    }
     println!("xtask: all tests passed");
     Ok(())
 }

@@ -47,6 +47,8 @@ use std::{
 
 use anyhow::{Context, bail, ensure};
 
+use crate::build;
+
 pub use kernel::Kernel;
 
 /// Kernel lines booted when none is given: Debian bookworm's own (6.1, the
@@ -70,73 +72,105 @@ const HOST_PACKAGES: &[&str] = &[
     "xz-utils",
 ];
 
-/// Where the eBPF object is copied in the guest for [`EBPF_CHECKS`].
-pub const GUEST_OBJECT: &str = "/svl/serviceless.o";
+/// Where the packet-fixture test binary is copied in the guest for [`FIXTURE_CHECKS`].
+pub const GUEST_FIXTURES: &str = "/svl/bin/packet_fixtures";
 
-/// The eBPF checks: load every program of the object (the kernel's verifier
-/// judges them), attach the XDP program natively to a veth and the TC
-/// program to its clsact egress, then ping across the veth (the peer end in
-/// a netns) and check that both programs ran.
+/// The kernel-level packet tests: check that bpffs is mounted at /sys/fs/bpf
+/// exactly as the tests look for it, then run the `packet_fixtures` test
+/// binary (BPF_PROG_TEST_RUN on every program, loaded by aya through this
+/// kernel's verifier). A run in which any test printed "SKIP" (not root, no
+/// bpffs) fails: the step cannot pass vacuously. Runs before [`EBPF_CHECKS`],
+/// which ends the script.
+pub const FIXTURE_CHECKS: &str = r#"
+svl_bpffs() {
+	grep '^bpf /sys/fs/bpf ' /proc/self/mounts && return 0
+	echo "bpffs is not mounted at /sys/fs/bpf; /proc/self/mounts:"
+	cat /proc/self/mounts
+	return 1
+}
+
+svl_fixtures() {
+	{
+		/svl/bin/packet_fixtures --test-threads=1 2>&1
+		echo "$?" >/tmp/fixtures.rc
+	} | tee /tmp/fixtures.log
+	_rc=$(cat /tmp/fixtures.rc)
+	if grep -q '^SKIP' /tmp/fixtures.log; then
+		echo "FIXTURES SKIPPED: the kernel tests did not run (see SKIP above); failing"
+		return 1
+	fi
+	if ! grep -q '^test result: ' /tmp/fixtures.log; then
+		echo "no test result from packet_fixtures (exit status $_rc)"
+		[ "$_rc" -ne 0 ] || _rc=1
+	fi
+	return "$_rc"
+}
+
+svl_step bpffs svl_bpffs
+svl_step fixtures svl_fixtures
+"#;
+
+/// Where the agent binary (which embeds the eBPF object) goes in the guest.
+pub const GUEST_AGENT: &str = "/svl/bin/serviceless";
+
+/// The agent checks: the real agent loads the programs (the kernel's
+/// verifier judges them), attaches XDP natively to a veth and TC to its
+/// clsact egress, and programs an app from a file; traffic crosses the veth;
+/// `inspect` reads the maps; after `kill -9` the programs stay attached and
+/// a restarted agent adopts the pinned maps.
 pub const EBPF_CHECKS: &str = r#"
-OBJ=/svl/serviceless.o
-PINS=/sys/fs/bpf/svl
-MAPS=/sys/fs/bpf/svl_maps
-XDP=
-TC=
+AGENT=/svl/bin/serviceless
+ARGS="run --iface svl0 --activator 10.99.0.9:8080 --source file:/tmp/apps.yaml --vip-range 10.96.0.0/16 --listen 127.0.0.1:9095 --max-apps 1024 --max-services 4096 --max-backends 8192 --max-flows 65536 --state-file /tmp/sources.json"
+printf 'apps:\n  - hostname: vm.example.com\n    vip: 10.96.0.10\n    ports: [{ port: 80, targetPort: 8080 }]\n    pods: [{ name: vm-pod, ip: 10.99.0.2 }]\n' >/tmp/apps.yaml
 
-svl_programs() {
-	for p in "$PINS"/*; do
-		info=$(bpftool prog show pinned "$p") || return 1
-		echo "$info"
-		case "$info" in
-		*": xdp "*) XDP=$p ;;
-		*": sched_cls "*) TC=$p ;;
-		esac
-	done
-	[ -n "$XDP" ] || { echo "no XDP program in $OBJ"; return 1; }
-	[ -n "$TC" ] || { echo "no TC (sched_cls) program in $OBJ"; return 1; }
-}
-
-svl_attached() {
-	ip -d link show dev svl0 && tc filter show dev svl0 egress && bpftool net show dev svl0 || return 1
-	ip link show dev svl0 | grep -q 'prog/xdp' || { echo "no XDP program on svl0"; return 1; }
-	tc filter show dev svl0 egress | grep -q 'direct-action' || { echo "no TC program on svl0 egress"; return 1; }
-}
-
-svl_ran() {
-	for p in "$XDP" "$TC"; do
-		info=$(bpftool prog show pinned "$p") || return 1
-		echo "$info" | head -n 1
-		runs=$(echo "$info" | sed -n 's/.*run_cnt \([0-9]*\).*/\1/p')
-		[ "${runs:-0}" -gt 0 ] || { echo "$p never ran"; return 1; }
-	done
-}
-
-svl_traffic() {
-	echo 1 >/proc/sys/kernel/bpf_stats_enabled &&
+svl_peer() {
+	ip link add svl0 type veth peer name svl1 &&
 		ip netns add peer &&
 		ip link set svl1 netns peer &&
 		ip addr add 10.99.0.1/24 dev svl0 &&
 		ip link set svl0 up &&
 		ip -n peer addr add 10.99.0.2/24 dev svl1 &&
 		ip -n peer link set lo up &&
-		ip -n peer link set svl1 up &&
-		ping -c 3 -W 5 10.99.0.2
+		ip -n peer link set svl1 up
 }
 
-svl_step verifier bpftool prog loadall "$OBJ" "$PINS" pinmaps "$MAPS" || exit 1
-svl_step programs svl_programs || exit 1
-svl_step veth ip link add svl0 type veth peer name svl1 || exit 1
-svl_step xdp-attach ip link set dev svl0 xdpdrv pinned "$XDP"
-if svl_step tc-clsact tc qdisc add dev svl0 clsact; then
-	svl_step tc-attach tc filter add dev svl0 egress bpf da pinned "$TC"
-else
-	svl_skip tc-attach no clsact qdisc
-fi
+# Waits for a line in the agent log.
+svl_wait_log() {
+	for _ in $(seq 1 150); do
+		grep -q "$1" "$2" && return 0
+		sleep 0.2
+	done
+	echo "agent log has no '$1':"
+	cat "$2"
+	return 1
+}
+
+svl_attached() {
+	ip link show dev svl0 | grep -q 'prog/xdp' || { echo "no XDP program on svl0"; ip -d link show dev svl0; return 1; }
+	tc filter show dev svl0 egress | grep -q 'svl_egress' || { echo "no TC program on svl0 egress"; tc filter show dev svl0 egress; return 1; }
+	echo "XDP and TC attached"
+}
+
+svl_inspect() {
+	$AGENT inspect --state-file /tmp/sources.json >/tmp/inspect.txt 2>&1
+	_rc=$?
+	cat /tmp/inspect.txt
+	[ "$_rc" -eq 0 ] && grep -q 'vm.example.com' /tmp/inspect.txt && grep -q 'pass_not_vip' /tmp/inspect.txt
+}
+
+svl_step peer svl_peer || exit 1
+$AGENT $ARGS >/tmp/agent.log 2>&1 &
+PID=$!
+svl_step agent-start svl_wait_log reconciled /tmp/agent.log || exit 1
 svl_step attached svl_attached
-svl_step traffic svl_traffic
-svl_step ran svl_ran
-svl_step counters bpftool -j map dump pinned "$MAPS/svl_verdicts_v1"
+svl_step traffic ping -c 3 -W 5 10.99.0.2
+svl_step inspect svl_inspect
+kill -9 "$PID"
+wait "$PID" 2>/dev/null
+svl_step survives-kill-9 svl_attached
+svl_step traffic-after-kill ping -c 2 -W 5 10.99.0.2
+$AGENT $ARGS >/tmp/agent2.log 2>&1 &
+svl_step restart-adopts svl_wait_log 'adopted pinned maps' /tmp/agent2.log
 exit "$svl_failures"
 "#;
 
@@ -146,14 +180,20 @@ pub struct Args {
     /// `linux-image-*` package name. Default: 6.1 and 6.12.
     #[arg(long = "kernel", value_name = "VERSION")]
     pub kernels: Vec<String>,
-    /// eBPF object to check. Default: the dataplane's release build, built
-    /// first if missing or older than its sources.
+    /// Agent binary to run (it embeds the eBPF object). Default: the
+    /// release build, built first.
     #[arg(long, value_name = "PATH")]
-    pub object: Option<PathBuf>,
+    pub agent: Option<PathBuf>,
     /// Also run this executable in the VM (repeatable; a static or dynamic
     /// ELF, e.g. a Rust test binary); its exit status is a step.
     #[arg(long = "exec", value_name = "PATH")]
     pub execs: Vec<PathBuf>,
+    /// Do not build and run the packet-fixture tests (tests/tests/packet_fixtures.rs).
+    #[arg(long, conflicts_with = "fixtures")]
+    pub no_fixtures: bool,
+    /// Packet-fixture test binary to run instead of building it.
+    #[arg(long, value_name = "PATH")]
+    pub fixtures: Option<PathBuf>,
     /// Seconds each VM may run before it is killed.
     #[arg(long, default_value_t = 600, value_name = "SECONDS")]
     pub timeout: u64,
@@ -163,6 +203,22 @@ pub struct Args {
     /// Echo each VM's serial console as it runs.
     #[arg(long, short)]
     pub verbose: bool,
+}
+
+impl Default for Args {
+    /// What `cargo xtask vm` does without options.
+    fn default() -> Self {
+        Self {
+            kernels: Vec::new(),
+            agent: None,
+            execs: Vec::new(),
+            no_fixtures: false,
+            fixtures: None,
+            timeout: 600,
+            accel: AccelChoice::Auto,
+            verbose: false,
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -262,7 +318,6 @@ impl VmOutcome {
             && self.steps.iter().all(|s| s.passed() || s.skipped)
     }
 
-    #[allow(dead_code, reason = "API for the test tasks")]
     pub fn step(&self, name: &str) -> Option<&StepResult> {
         self.steps.iter().find(|s| s.name == name)
     }
@@ -537,17 +592,18 @@ pub fn ensure_host_packages() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `cargo xtask vm`: the eBPF checks (and `--exec` binaries) on each kernel.
+/// `cargo xtask vm`: the packet fixtures, the eBPF checks (and `--exec`
+/// binaries) on each kernel, then a summary table.
 pub fn run(args: &Args) -> anyhow::Result<()> {
     ensure_host_packages()?;
-    let object = match &args.object {
+    let agent = match &args.agent {
         Some(path) => {
-            ensure!(path.is_file(), "eBPF object {} not found", path.display());
+            ensure!(path.is_file(), "agent binary {} not found", path.display());
             path.clone()
         }
-        None => default_object()?,
+        None => build::agent()?,
     };
-    let mut files: Vec<(PathBuf, &str)> = vec![(object.clone(), GUEST_OBJECT)];
+    let mut files: Vec<(PathBuf, &str)> = vec![(agent.clone(), GUEST_AGENT)];
     let exec_guest: Vec<String> = args
         .execs
         .iter()
@@ -566,7 +622,22 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         let name = guest.rsplit('/').next().unwrap_or_default();
         script.push_str(&format!("svl_step exec-{name} {guest}\n"));
     }
-    // The checks end with `exit`: the executables run first.
+    if !args.no_fixtures {
+        let fixtures = match &args.fixtures {
+            Some(path) => {
+                ensure!(path.is_file(), "fixture binary {} not found", path.display());
+                path.clone()
+            }
+            None => {
+                eprintln!("vm: building the packet-fixture tests (release)");
+                build::test_binary("serviceless-tests", "packet_fixtures")?
+            }
+        };
+        println!("packet fixtures: {}", fixtures.display());
+        files.push((fixtures, GUEST_FIXTURES));
+        script.push_str(FIXTURE_CHECKS);
+    }
+    // The checks end with `exit`: everything else runs first.
     script.push_str(EBPF_CHECKS);
 
     let kernels: Vec<String> = if args.kernels.is_empty() {
@@ -581,7 +652,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         label: "checks".to_owned(),
         ..VmConfig::default()
     };
-    println!("eBPF object: {}", object.display());
+    println!("agent: {}", agent.display());
 
     let mut summary = Vec::new();
     for line in &kernels {
@@ -590,7 +661,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
             Ok(o) => o,
             Err(e) => {
                 println!("== kernel {line}: could not run: {e:#}");
-                summary.push((line.clone(), false, format!("setup error: {e:#}")));
+                summary.push(KernelSummary::setup_error(line, &e, started.elapsed()));
                 continue;
             }
         };
@@ -612,38 +683,138 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         if !passed {
             print!("{}", outcome.failure_report());
         }
-        let boot = outcome
-            .boot_time
-            .map_or_else(|| "never".to_owned(), |b| format!("{b:.1?}"));
-        let detail = format!(
-            "boot {boot}, VM {:.1?}, with setup {:.1?}",
-            outcome.total_time,
-            started.elapsed()
-        );
+        let row = KernelSummary::new(line, &outcome, args.no_fixtures, started.elapsed());
         println!(
-            "  {} kernel {line}: {detail}; console: {}",
+            "  {} kernel {line}: boot {}, VM {:.1?}, with setup {:.1?}; console: {}",
             if passed { "PASS" } else { "FAIL" },
+            row.boot,
+            outcome.total_time,
+            row.total,
             outcome.console_log.display()
         );
-        summary.push((line.clone(), passed, detail));
+        summary.push(row);
     }
 
-    println!("== summary");
-    for (line, passed, detail) in &summary {
-        println!(
-            "  {} {line:<6} {detail}",
-            if *passed { "PASS" } else { "FAIL" }
-        );
-    }
+    print_summary(&summary);
     let failed: Vec<&str> = summary
         .iter()
-        .filter(|s| !s.1)
-        .map(|s| s.0.as_str())
+        .filter(|s| !s.passed)
+        .map(|s| s.line.as_str())
         .collect();
     if !failed.is_empty() {
         bail!("VM checks failed on kernel(s): {}", failed.join(", "));
     }
     Ok(())
+}
+
+/// One row of the summary table.
+struct KernelSummary {
+    line: String,
+    passed: bool,
+    accel: String,
+    boot: String,
+    vm: String,
+    /// Setup (kernel, initramfs) and VM.
+    total: Duration,
+    steps_passed: usize,
+    steps_failed: usize,
+    fixtures: String,
+}
+
+impl KernelSummary {
+    fn new(line: &str, outcome: &VmOutcome, no_fixtures: bool, total: Duration) -> Self {
+        let fixtures = if no_fixtures {
+            "not run".to_owned()
+        } else {
+            fixture_result(outcome.step("fixtures"))
+        };
+        Self {
+            line: line.to_owned(),
+            passed: outcome.passed(),
+            accel: format!("{:?}", outcome.accel).to_uppercase(),
+            boot: outcome
+                .boot_time
+                .map_or_else(|| "never".to_owned(), |b| format!("{b:.1?}")),
+            vm: format!("{:.1?}", outcome.total_time),
+            total,
+            steps_passed: outcome.steps.iter().filter(|s| s.passed()).count(),
+            steps_failed: outcome
+                .steps
+                .iter()
+                .filter(|s| !s.passed() && !s.skipped)
+                .count(),
+            fixtures,
+        }
+    }
+
+    fn setup_error(line: &str, e: &anyhow::Error, total: Duration) -> Self {
+        Self {
+            line: line.to_owned(),
+            passed: false,
+            accel: "-".to_owned(),
+            boot: "-".to_owned(),
+            vm: "-".to_owned(),
+            total,
+            steps_passed: 0,
+            steps_failed: 0,
+            fixtures: format!("setup error: {e:#}"),
+        }
+    }
+}
+
+/// "N passed / M failed" from libtest's "test result:" line in the
+/// fixtures step, or why there is none.
+fn fixture_result(step: Option<&StepResult>) -> String {
+    let Some(step) = step else {
+        return "did not run".to_owned();
+    };
+    let count = |line: &str, what: &str| -> Option<u32> {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        words
+            .windows(2)
+            .find(|w| w[1].trim_end_matches([';', ',']) == what)
+            .and_then(|w| w[0].parse().ok())
+    };
+    let skipped = step.output.iter().any(|l| l.starts_with("SKIP"));
+    let result = step
+        .output
+        .iter()
+        .rev()
+        .find(|l| l.starts_with("test result: "));
+    let mut text = match result {
+        Some(l) => format!(
+            "{} passed / {} failed",
+            count(l, "passed").unwrap_or(0),
+            count(l, "failed").unwrap_or(0)
+        ),
+        None if step.status.is_none() => "did not finish".to_owned(),
+        None => "no test result".to_owned(),
+    };
+    if skipped {
+        text.push_str(" (SKIPPED: counted as failure)");
+    }
+    text
+}
+
+fn print_summary(rows: &[KernelSummary]) {
+    println!("== summary");
+    println!(
+        "  {:<6} {:<6} {:<5} {:>7} {:>7} {:>9} {:>12}  fixtures",
+        "result", "kernel", "accel", "boot", "VM", "total", "steps ok/bad"
+    );
+    for r in rows {
+        println!(
+            "  {:<6} {:<6} {:<5} {:>7} {:>7} {:>9} {:>12}  {}",
+            if r.passed { "PASS" } else { "FAIL" },
+            r.line,
+            r.accel,
+            r.boot,
+            r.vm,
+            format!("{:.1?}", r.total),
+            format!("{}/{}", r.steps_passed, r.steps_failed),
+            r.fixtures
+        );
+    }
 }
 
 fn workspace_root() -> PathBuf {
@@ -656,79 +827,6 @@ pub(crate) fn cache_dir() -> PathBuf {
     PathBuf::from(CACHE_DIR)
 }
 
-/// The dataplane's release object, built if missing or older than its sources.
-fn default_object() -> anyhow::Result<PathBuf> {
-    let root = workspace_root();
-    let object = root.join("target/bpfel-unknown-none/release/serviceless");
-    let crate_dir = root.join("dataplane-ebpf");
-    let built = fs::metadata(&object).and_then(|m| m.modified()).ok();
-    let stale = match built {
-        None => true,
-        Some(t) => newest_source(&crate_dir).is_some_and(|s| s > t),
-    };
-    if stale {
-        eprintln!("vm: building the eBPF object {}", object.display());
-        let flags = [
-            "--cfg=bpf_target_arch=\"x86_64\"",
-            "-Cdebuginfo=2",
-            "-Clink-arg=--btf",
-        ]
-        .join("\x1f");
-        let status = Command::new("rustup")
-            .args([
-                "run",
-                "serviceless-bpf",
-                "cargo",
-                "build",
-                "--release",
-                "--target",
-                "bpfel-unknown-none",
-                "--bins",
-            ])
-            .current_dir(&crate_dir)
-            .env("RUSTC_BOOTSTRAP", "1")
-            .env("CARGO_ENCODED_RUSTFLAGS", flags)
-            .env_remove("RUSTFLAGS")
-            .env_remove("RUSTC")
-            .env_remove("CARGO")
-            .env_remove("RUSTUP_TOOLCHAIN")
-            .status()
-            .context("running rustup run serviceless-bpf cargo build (see `cargo xtask setup`)")?;
-        ensure!(
-            status.success(),
-            "building the eBPF object failed (toolchain missing? try `cargo xtask setup`)"
-        );
-        ensure!(
-            object.is_file(),
-            "the eBPF build produced no {}",
-            object.display()
-        );
-    }
-    Ok(object)
-}
-
-/// Latest modification time of the eBPF crate's sources (its `src`, its
-/// `common` crate and manifests).
-fn newest_source(crate_dir: &Path) -> Option<std::time::SystemTime> {
-    fn walk(path: &Path, newest: &mut Option<std::time::SystemTime>) {
-        let Ok(meta) = fs::metadata(path) else { return };
-        if meta.is_dir() {
-            if path.file_name().is_some_and(|n| n == "target") {
-                return;
-            }
-            for entry in fs::read_dir(path).into_iter().flatten().flatten() {
-                walk(&entry.path(), newest);
-            }
-        } else if let Ok(t) = meta.modified()
-            && newest.is_none_or(|n| t > n)
-        {
-            *newest = Some(t);
-        }
-    }
-    let mut newest = None;
-    walk(crate_dir, &mut newest);
-    newest
-}
 
 fn sanitize(s: &str) -> String {
     s.chars()

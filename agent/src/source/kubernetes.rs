@@ -186,11 +186,12 @@ impl PodIndex {
     pub fn upsert(&mut self, info: PodInfo) -> Vec<String> {
         let key = (info.namespace.clone(), info.name.clone());
         let mut touched = vec![info.hostname.clone()];
-        if let Some(old) = self.pods.get(&key) {
-            if old.hostname != info.hostname {
-                touched.push(old.hostname.clone());
-                self.unindex(&key, &old.hostname.clone());
-            }
+        if let Some(old) = self.pods.get(&key)
+            && old.hostname != info.hostname
+        {
+            let old_host = old.hostname.clone();
+            touched.push(old_host.clone());
+            self.unindex(&key, &old_host);
         }
         self.by_host.entry(info.hostname.clone()).or_default().insert(key.clone());
         self.pods.insert(key, info);
@@ -216,12 +217,12 @@ impl PodIndex {
     /// Records that `host` now holds `vip` (or nothing); returns the other
     /// hostnames holding the same VIP.
     pub fn claim_vip(&mut self, host: &str, vip: Option<IpAddr>) -> Vec<String> {
-        if let Some(old) = self.app_vip.remove(host) {
-            if let Some(set) = self.vip_hosts.get_mut(&old) {
-                set.remove(host);
-                if set.is_empty() {
-                    self.vip_hosts.remove(&old);
-                }
+        if let Some(old) = self.app_vip.remove(host)
+            && let Some(set) = self.vip_hosts.get_mut(&old)
+        {
+            set.remove(host);
+            if set.is_empty() {
+                self.vip_hosts.remove(&old);
             }
         }
         let Some(vip) = vip else { return Vec::new() };
@@ -507,12 +508,14 @@ async fn post_events(client: Client, instance: String, mut rx: mpsc::Receiver<Po
     let reporter = Reporter { controller: "serviceless-agent".into(), instance: Some(instance) };
     let recorder = Recorder::new(client, reporter);
     while let Some(ev) = rx.recv().await {
-        let mut reference = k8s_openapi::api::core::v1::ObjectReference::default();
-        reference.api_version = Some(Pod::api_version(&()).into_owned());
-        reference.kind = Some(Pod::kind(&()).into_owned());
-        reference.namespace = Some(ev.pod.namespace.clone());
-        reference.name = Some(ev.pod.name.clone());
-        reference.uid = Some(ev.pod.uid.clone());
+        let reference = k8s_openapi::api::core::v1::ObjectReference {
+            api_version: Some(Pod::api_version(&()).into_owned()),
+            kind: Some(Pod::kind(&()).into_owned()),
+            namespace: Some(ev.pod.namespace.clone()),
+            name: Some(ev.pod.name.clone()),
+            uid: Some(ev.pod.uid.clone()),
+            ..Default::default()
+        };
         let event = K8sEvent {
             type_: EventType::Warning,
             reason: ev.reason.into(),

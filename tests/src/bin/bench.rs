@@ -1,0 +1,847 @@
+//! `serviceless-bench`: Serviceless side by side with kube-proxy-style
+//! iptables and nftables, in the same run (`cargo xtask bench` runs it).
+//!
+//! Scenarios at N apps: per-packet cost (BPF_PROG_TEST_RUN, against an
+//! XDP_PASS floor), programming latency (one backend change, full resync
+//! from empty), real traffic through network namespaces, and memory. Writes
+//! `results.json` and `results.md` into `--out`. Never asserts numbers.
+
+#[path = "bench/floor.rs"]
+mod floor;
+#[path = "bench/rules.rs"]
+mod rules;
+#[path = "bench/traffic.rs"]
+mod traffic;
+
+use std::{
+    collections::HashMap,
+    fmt::Write as _,
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use rules::Svc;
+use serde_json::{Value, json};
+use serviceless_agent::{
+    dataplane::Sizes,
+    model::{AppSpec, BackendSpec, PortSpec, Protocol},
+};
+use serviceless_tests::{TestDataplane, ensure_bpffs, netns::Netns, packet::Packet, topology::Topology};
+
+const VIP_BASE: u32 = u32::from_be_bytes([10, 96, 0, 1]);
+const POD_BASE: u32 = u32::from_be_bytes([10, 128, 0, 2]);
+const VIP_RANGE: &str = "10.96.0.0/12";
+const UNKNOWN_VIP: &str = "10.111.255.200";
+const TRAFFIC_POD: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 2);
+const PROG_NS: &str = "svlb-prog";
+
+struct Opts {
+    quick: bool,
+    out: PathBuf,
+    sizes: Vec<usize>,
+    traffic: bool,
+}
+
+/// How much of each scenario to run.
+struct Budget {
+    pkt_repeat: u32,
+    pkt_trials: usize,
+    r1_samples: usize,
+    ours_full: (usize, Duration),
+    ours_change: (usize, Duration),
+    base_full: (usize, Duration),
+    base_change: (usize, Duration),
+    /// A baseline is skipped at the next N when its extrapolated full sync exceeds this.
+    base_limit: Duration,
+    traffic_secs: Duration,
+}
+
+impl Budget {
+    fn new(quick: bool) -> Self {
+        if quick {
+            Self {
+                pkt_repeat: 100_000,
+                pkt_trials: 5,
+                r1_samples: 2_000,
+                ours_full: (5, Duration::from_secs(3)),
+                ours_change: (200, Duration::from_secs(2)),
+                base_full: (3, Duration::from_secs(5)),
+                base_change: (10, Duration::from_secs(5)),
+                base_limit: Duration::from_secs(10),
+                traffic_secs: Duration::from_secs(2),
+            }
+        } else {
+            Self {
+                pkt_repeat: 1_000_000,
+                pkt_trials: 11,
+                r1_samples: 20_000,
+                ours_full: (20, Duration::from_secs(30)),
+                ours_change: (2_000, Duration::from_secs(10)),
+                base_full: (10, Duration::from_secs(45)),
+                base_change: (50, Duration::from_secs(30)),
+                base_limit: Duration::from_secs(60),
+                traffic_secs: Duration::from_secs(3),
+            }
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+struct Stat {
+    median: f64,
+    p99: f64,
+    samples: usize,
+}
+
+fn stat(mut v: Vec<f64>) -> Option<Stat> {
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    let q = |p: f64| v[((v.len() - 1) as f64 * p).round() as usize];
+    Some(Stat { median: q(0.5), p99: q(0.99), samples: v.len() })
+}
+
+fn single(x: f64) -> Option<Stat> {
+    Some(Stat { median: x, p99: x, samples: 1 })
+}
+
+struct Row {
+    scenario: &'static str,
+    path: String,
+    n: usize,
+    unit: &'static str,
+    /// true when lower is better (costs), false for throughput.
+    lower_better: bool,
+    ours: Option<Stat>,
+    iptables: Option<Stat>,
+    nftables: Option<Stat>,
+    note: String,
+}
+
+impl Row {
+    fn new(scenario: &'static str, path: &str, n: usize, unit: &'static str) -> Self {
+        Self {
+            scenario,
+            path: path.into(),
+            n,
+            unit,
+            lower_better: true,
+            ours: None,
+            iptables: None,
+            nftables: None,
+            note: String::new(),
+        }
+    }
+
+    /// How many times better ours is than `base` (by median).
+    fn ratio(&self, base: &Option<Stat>) -> Option<f64> {
+        let (o, b) = (self.ours.as_ref()?.median, base.as_ref()?.median);
+        if o <= 0.0 || b <= 0.0 {
+            return None;
+        }
+        Some(if self.lower_better { b / o } else { o / b })
+    }
+}
+
+fn stat_json(s: &Option<Stat>) -> Value {
+    match s {
+        Some(s) => json!({ "median": s.median, "p99": s.p99, "samples": s.samples }),
+        None => Value::Null,
+    }
+}
+
+fn main() {
+    if let Err(e) = run() {
+        eprintln!("serviceless-bench: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn parse_opts() -> anyhow::Result<Opts> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut o = Opts { quick: false, out: PathBuf::from("target/bench/latest"), sizes: Vec::new(), traffic: true };
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--quick" => o.quick = true,
+            "--no-traffic" => o.traffic = false,
+            "--out" => o.out = it.next().context("--out DIR")?.into(),
+            "--sizes" => {
+                o.sizes = it
+                    .next()
+                    .context("--sizes 1,1000,...")?
+                    .split(',')
+                    .map(|s| s.trim().replace('_', "").parse())
+                    .collect::<Result<_, _>>()?
+            }
+            other => bail!("unknown argument {other}; usage: serviceless-bench [--quick] [--out DIR] [--sizes 1,1000] [--no-traffic]"),
+        }
+    }
+    if o.sizes.is_empty() {
+        o.sizes = if o.quick { vec![1, 1_000] } else { vec![1, 1_000, 10_000, 100_000, 1_000_000] };
+    }
+    Ok(o)
+}
+
+fn run() -> anyhow::Result<()> {
+    let opts = parse_opts()?;
+    // SAFETY: no preconditions.
+    anyhow::ensure!(unsafe { libc::geteuid() } == 0, "needs root (BPF_PROG_TEST_RUN, network namespaces)");
+    ensure_bpffs()?;
+    std::fs::create_dir_all(&opts.out)?;
+    let budget = Budget::new(opts.quick);
+    let started = Instant::now();
+    let mut rows: Vec<Row> = Vec::new();
+    let mut skipped: Vec<String> = Vec::new();
+
+    let floor = floor::Floor::load()?;
+    let prog_ns = Netns::new(PROG_NS)?;
+    let mut ipt = Baseline::new("iptables");
+    let mut nft = Baseline::new("nftables");
+
+    let topo = if opts.traffic { Some(TrafficBed::new()?) } else { None };
+
+    for &n in &opts.sizes {
+        eprintln!("== N = {n} apps ({:.0} s elapsed)", started.elapsed().as_secs_f64());
+        let apps = bench_apps(n);
+        let svcs: Vec<Svc> = (0..n).map(|i| Svc { vip: vip(i), pod: pod(i) }).collect();
+
+        // --- Serviceless: programming, memory, per-packet -----------------
+        let ours = ours_at(n, &apps, &floor, &budget, &mut rows)?;
+
+        // --- Baselines: programming + memory ------------------------------
+        let ipt_res = ipt.measure(n, &budget, &prog_ns.name, &svcs, &mut skipped);
+        let nft_res = nft.measure(n, &budget, &prog_ns.name, &svcs, &mut skipped);
+        let mut change = Row::new("programming", "one backend change", n, "us");
+        change.ours = stat(ours.change_us.clone());
+        change.iptables = ipt_res.as_ref().and_then(|r| stat(r.change_us.clone()));
+        change.nftables = nft_res.as_ref().and_then(|r| stat(r.change_us.clone()));
+        change.note = "ours: Store upsert + Reconciler::apply (map writes included); baselines: kube-proxy partial sync through iptables-restore / nft -f (process start included, as kube-proxy pays it)".into();
+        rows.push(change);
+        let mut full = Row::new("programming", "full resync from empty", n, "ms");
+        full.ours = stat(ours.full_ms.clone());
+        full.iptables = ipt_res.as_ref().and_then(|r| stat(r.full_ms.clone()));
+        full.nftables = nft_res.as_ref().and_then(|r| stat(r.full_ms.clone()));
+        rows.push(full);
+        let mut mem = Row::new("memory", "kernel bytes per app", n, "B/app");
+        mem.ours = single(ours.map_bytes_per_app);
+        mem.iptables = ipt_res.as_ref().and_then(|r| r.mem_per_app.and_then(single));
+        mem.nftables = nft_res.as_ref().and_then(|r| r.mem_per_app.and_then(single));
+        mem.note = format!(
+            "ours: memlock of the app-sized maps (services, apps, activity, backends) from /proc/self/fdinfo, sized to N; all maps incl. 64k-flow tables: {:.0} B/app; baselines: Slab+VmallocUsed+Percpu delta in /proc/meminfo{}",
+            ours.all_bytes_per_app,
+            if n < 1000 { " (meaningless below 1000 apps: noise)" } else { "" }
+        );
+        rows.push(mem);
+
+        // --- Real traffic -------------------------------------------------
+        if let Some(bed) = &topo {
+            bed.measure(n, &budget, &svcs, ipt_res.is_some(), nft_res.is_some(), &mut rows, &mut skipped)?;
+        }
+        write_outputs(&opts, &rows, &skipped, started.elapsed())?;
+    }
+    drop(topo);
+    drop(prog_ns);
+    let total = started.elapsed();
+    write_outputs(&opts, &rows, &skipped, total)?;
+    println!("serviceless-bench: done in {:.0} s; results in {}", total.as_secs_f64(), opts.out.display());
+    Ok(())
+}
+
+fn vip(i: usize) -> Ipv4Addr {
+    Ipv4Addr::from(VIP_BASE + i as u32)
+}
+
+fn pod(i: usize) -> Ipv4Addr {
+    Ipv4Addr::from(POD_BASE + i as u32)
+}
+
+fn bench_app(host: String, vip: Ipv4Addr, pods: &[(Ipv4Addr, bool)]) -> AppSpec {
+    AppSpec {
+        hostname: host,
+        vip: IpAddr::V4(vip),
+        ports: vec![PortSpec { port: 80, target_port: 8080, protocol: Protocol::Tcp }],
+        backends: pods
+            .iter()
+            .map(|(ip, ready)| BackendSpec { ip: IpAddr::V4(*ip), ready: *ready, source: Some(format!("pod-{ip}")) })
+            .collect(),
+    }
+}
+
+/// N apps (one TCP port, one pod each), plus two probe apps: one with 8
+/// pods, one with none ready (activator).
+fn bench_apps(n: usize) -> Vec<AppSpec> {
+    let mut apps: Vec<AppSpec> =
+        (0..n).map(|i| bench_app(format!("app-{i}.bench.example"), vip(i), &[(pod(i), true)])).collect();
+    let eight: Vec<(Ipv4Addr, bool)> = (0..8).map(|k| (Ipv4Addr::new(10, 250, 0, 2 + k), true)).collect();
+    apps.push(bench_app("probe-8.bench.example".into(), vip(n), &eight));
+    apps.push(bench_app("probe-idle.bench.example".into(), vip(n + 1), &[(Ipv4Addr::new(10, 250, 1, 2), false)]));
+    apps
+}
+
+fn trials(max: usize, budget: Duration, mut f: impl FnMut() -> anyhow::Result<f64>) -> anyhow::Result<Vec<f64>> {
+    let start = Instant::now();
+    let mut out = Vec::new();
+    while out.len() < max && (out.is_empty() || start.elapsed() < budget) {
+        out.push(f()?);
+    }
+    Ok(out)
+}
+
+struct Ours {
+    change_us: Vec<f64>,
+    full_ms: Vec<f64>,
+    map_bytes_per_app: f64,
+    all_bytes_per_app: f64,
+}
+
+fn ours_at(n: usize, apps: &[AppSpec], floor: &floor::Floor, b: &Budget, rows: &mut Vec<Row>) -> anyhow::Result<Ours> {
+    let cap = (n as u32 + 8).max(64);
+    let sizes = Sizes { services: cap, apps: cap, backends: cap + 64, flows: 1 << 16 };
+    let mut dp = TestDataplane::new(sizes)?;
+    dp.configure_ranges(Some("10.245.0.2:8080"), None, VIP_RANGE, "fd00:96::/64")?;
+
+    // Full resync from empty: the first on fresh maps, then empty -> all.
+    let mut first = true;
+    let full_ms = trials(b.ours_full.0, b.ours_full.1, || {
+        if !first {
+            let o = dp.apply(Vec::new());
+            anyhow::ensure!(o.failed.is_empty(), "clearing failed: {:?}", o.failed);
+        }
+        first = false;
+        let all = apps.to_vec();
+        let t = Instant::now();
+        let o = dp.apply(all);
+        let took = t.elapsed();
+        anyhow::ensure!(o.failed.is_empty(), "reconcile failed for {} apps", o.failed.len());
+        Ok(took.as_secs_f64() * 1e3)
+    })?;
+
+    let (map_bytes, all_bytes) = map_memory()?;
+
+    // One backend change: the last app's pod alternates between two IPs.
+    let last = apps[n - 1].clone();
+    let mut flip = false;
+    let change_us = trials(b.ours_change.0, b.ours_change.1, || {
+        flip = !flip;
+        let mut a = last.clone();
+        if flip {
+            a.backends[0].ip = IpAddr::V4(Ipv4Addr::new(10, 251, 0, 2));
+            a.backends[0].source = Some("pod-moved".into());
+        }
+        let t = Instant::now();
+        let o = dp.upsert(a);
+        let took = t.elapsed();
+        anyhow::ensure!(o.failed.is_empty() && o.programmed == 1, "one change: {o:?}");
+        Ok(took.as_secs_f64() * 1e6)
+    })?;
+    if flip {
+        dp.upsert(last);
+    }
+    dp.clear_flows()?;
+
+    per_packet(&dp, floor, n, b, rows)?;
+    Ok(Ours {
+        change_us,
+        full_ms,
+        map_bytes_per_app: map_bytes as f64 / n as f64,
+        all_bytes_per_app: all_bytes as f64 / n as f64,
+    })
+}
+
+fn per_packet(dp: &TestDataplane, floor: &floor::Floor, n: usize, b: &Budget, rows: &mut Vec<Row>) -> anyhow::Result<()> {
+    let client = "10.1.0.1";
+    let hit1 = Packet::tcp(client, 40000, &vip(n - 1).to_string(), 80).frame();
+    let hit8 = Packet::tcp(client, 40000, &vip(n).to_string(), 80).frame();
+    let idle = Packet::tcp(client, 40000, &vip(n + 1).to_string(), 80).frame();
+    let unknown = Packet::tcp(client, 40000, UNKNOWN_VIP, 80).frame();
+    let pass = Packet::tcp(client, 40000, "192.168.50.1", 80).frame();
+
+    let mut add = |path: &str, samples: Vec<f64>, note: String| {
+        let mut r = Row::new("per-packet", path, n, "ns");
+        r.ours = stat(samples);
+        r.note = note;
+        rows.push(r);
+    };
+    let repeat = b.pkt_repeat;
+    let floor_runs: Vec<f64> =
+        (0..b.pkt_trials).map(|_| floor.run(&pass, repeat)).collect::<anyhow::Result<_>>()?;
+    add("floor: XDP_PASS program", floor_runs, format!("{} trials x repeat {repeat}", b.pkt_trials));
+    let paths: [(&str, &Vec<u8>); 5] = [
+        ("hit, 1 backend, established", &hit1),
+        ("hit, 8 backends, established", &hit8),
+        ("activator (no ready pod), established", &idle),
+        ("unknown VIP (activator)", &unknown),
+        ("non-VIP pass-through", &pass),
+    ];
+    for (path, frame) in paths {
+        let (action, _) = dp.ingress(frame)?; // the first run inserts the flow
+        let runs: Vec<f64> = (0..b.pkt_trials)
+            .map(|_| dp.ingress_repeat(frame, repeat).map(|(_, _, d)| d.as_nanos() as f64))
+            .collect::<anyhow::Result<_>>()?;
+        add(path, runs, format!("XDP action {action}; {} trials x repeat {repeat}", b.pkt_trials));
+    }
+
+    // New flows: every run a distinct 5-tuple, so repeat = 1 per run; the
+    // kernel's timer then dominates, so the same-run references are at repeat 1 too.
+    let s = b.r1_samples;
+    let r1 = |frame: &[u8]| dp.ingress_repeat(frame, 1).map(|(_, _, d)| d.as_nanos() as f64);
+    let fresh = |k: usize, dst: Ipv4Addr| {
+        let src = format!("10.2.{}.{}", (k >> 8) & 255, k & 255);
+        Packet::tcp(&src, 1024 + (k >> 16) as u16, &dst.to_string(), 80).frame()
+    };
+    let floor_r1: Vec<f64> = (0..s).map(|_| floor.run(&pass, 1)).collect::<anyhow::Result<_>>()?;
+    add("floor at repeat=1", floor_r1, format!("{s} runs; timer overhead included"));
+    let est_r1: Vec<f64> = (0..s).map(|_| r1(&hit1)).collect::<anyhow::Result<_>>()?;
+    add("hit, 1 backend, established, repeat=1", est_r1, format!("{s} runs"));
+    for (path, dst) in [("new flow, 1 backend, repeat=1", vip(n - 1)), ("new flow, 8 backends, repeat=1", vip(n))] {
+        let frames: Vec<Vec<u8>> = (0..s).map(|k| fresh(k, dst)).collect();
+        let runs: Vec<f64> = frames.iter().map(|f| r1(f)).collect::<anyhow::Result<_>>()?;
+        add(path, runs, format!("{s} distinct 5-tuples; compare with the repeat=1 references"));
+        dp.clear_flows()?;
+    }
+    Ok(())
+}
+
+/// (bytes of the app-sized maps, bytes of all our maps), from fdinfo memlock.
+fn map_memory() -> anyhow::Result<(u64, u64)> {
+    let names = bpftool_names();
+    let mut seen = HashMap::new();
+    for entry in std::fs::read_dir("/proc/self/fd")? {
+        let entry = entry?;
+        let Ok(link) = std::fs::read_link(entry.path()) else { continue };
+        if link.to_string_lossy() != "anon_inode:bpf-map" {
+            continue;
+        }
+        let fd = entry.file_name();
+        let Ok(info) = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", fd.to_string_lossy())) else {
+            continue;
+        };
+        let field = |k: &str| {
+            info.lines().find_map(|l| l.strip_prefix(k)).and_then(|v| v.trim().parse::<u64>().ok())
+        };
+        if let (Some(id), Some(memlock)) = (field("map_id:"), field("memlock:")) {
+            seen.insert(id, memlock);
+        }
+    }
+    anyhow::ensure!(!seen.is_empty(), "no BPF map fds found in /proc/self/fd");
+    let mut app_sized = 0;
+    let mut all = 0;
+    for (id, memlock) in &seen {
+        all += memlock;
+        let name = names.get(id).map(String::as_str).unwrap_or("");
+        if ["svl_services", "svl_apps", "svl_activity", "svl_backends"].iter().any(|p| name.starts_with(p)) {
+            app_sized += memlock;
+        }
+    }
+    if app_sized == 0 {
+        eprintln!("note: bpftool gave no map names; counting all maps as app-sized");
+        app_sized = all;
+    }
+    Ok((app_sized, all))
+}
+
+fn bpftool_names() -> HashMap<u64, String> {
+    let out = std::process::Command::new("bpftool").args(["-j", "map", "show"]).output();
+    let Ok(out) = out else { return HashMap::new() };
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+    v.as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|m| Some((m["id"].as_u64()?, m["name"].as_str()?.to_string())))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn kernel_mem_bytes() -> u64 {
+    let text = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    text.lines()
+        .filter(|l| l.starts_with("Slab:") || l.starts_with("VmallocUsed:") || l.starts_with("Percpu:"))
+        .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .sum::<u64>()
+        * 1024
+}
+
+struct BaselineResult {
+    full_ms: Vec<f64>,
+    change_us: Vec<f64>,
+    mem_per_app: Option<f64>,
+}
+
+struct Baseline {
+    name: &'static str,
+    /// Set once a size is too slow: larger ones are skipped.
+    too_slow: Option<String>,
+}
+
+impl Baseline {
+    fn new(name: &'static str) -> Self {
+        Self { name, too_slow: None }
+    }
+
+    fn measure(&mut self, n: usize, b: &Budget, ns: &str, svcs: &[Svc], skipped: &mut Vec<String>) -> Option<BaselineResult> {
+        if let Some(why) = &self.too_slow {
+            skipped.push(format!("{} at {n} apps: {why}", self.name));
+            return None;
+        }
+        match self.try_measure(n, b, ns, svcs) {
+            Ok(r) => {
+                let worst = r.full_ms.iter().copied().fold(0.0, f64::max) / 1e3;
+                // Extrapolate linearly to 10x the size (optimistic for iptables).
+                if worst * 10.0 > b.base_limit.as_secs_f64() {
+                    self.too_slow = Some(format!(
+                        "too slow: one full sync took {worst:.1} s at {n} apps (extrapolated > {} s at 10x)",
+                        b.base_limit.as_secs()
+                    ));
+                }
+                Some(r)
+            }
+            Err(e) => {
+                skipped.push(format!("{} at {n} apps: failed: {e:#}", self.name));
+                self.too_slow = Some(format!("failed at {n} apps"));
+                None
+            }
+        }
+    }
+
+    fn try_measure(&self, n: usize, b: &Budget, ns: &str, svcs: &[Svc]) -> anyhow::Result<BaselineResult> {
+        let ipt = self.name == "iptables";
+        let full_text = if ipt { rules::iptables_full(svcs) } else { rules::nft_full(svcs) };
+        let clear = || -> anyhow::Result<()> {
+            if ipt {
+                rules::iptables_restore(ns, rules::IPTABLES_EMPTY, false)?;
+            } else {
+                rules::nft_clear(ns);
+            }
+            Ok(())
+        };
+        clear()?;
+        std::thread::sleep(Duration::from_millis(200));
+        let before = kernel_mem_bytes();
+        let mut mem_per_app = None;
+        let mut first = true;
+        let full_ms = trials(b.base_full.0, b.base_full.1, || {
+            if !first {
+                clear()?;
+            }
+            let took = if ipt { rules::iptables_restore(ns, &full_text, true)? } else { rules::nft_apply(ns, &full_text)? };
+            if first {
+                std::thread::sleep(Duration::from_millis(200));
+                mem_per_app = Some(kernel_mem_bytes().saturating_sub(before) as f64 / n as f64);
+                first = false;
+            }
+            Ok(took.as_secs_f64() * 1e3)
+        })?;
+        let i = n - 1;
+        let mut generation = 0u8;
+        let change_us = trials(b.base_change.0, b.base_change.1, || {
+            generation = 1 - generation;
+            let new_pod = if generation == 1 { Ipv4Addr::new(10, 251, 0, 2) } else { svcs[i].pod };
+            let text = if ipt {
+                rules::iptables_one_change(svcs, i, new_pod, generation)
+            } else {
+                rules::nft_one_change(i, new_pod, generation)
+            };
+            let took = if ipt { rules::iptables_restore(ns, &text, true)? } else { rules::nft_apply(ns, &text)? };
+            Ok(took.as_secs_f64() * 1e6)
+        })?;
+        clear()?;
+        Ok(BaselineResult { full_ms, change_us, mem_per_app })
+    }
+}
+
+/// The traffic topology: client -> node -> pod-1, plus the agent binary.
+struct TrafficBed {
+    topo: Topology,
+    agent: PathBuf,
+}
+
+impl TrafficBed {
+    fn new() -> anyhow::Result<Self> {
+        let exe = std::env::current_exe()?;
+        let dir = exe.parent().context("exe dir")?;
+        let server = dir.join("svl-test-server");
+        let agent = dir.join("serviceless");
+        anyhow::ensure!(server.is_file() && agent.is_file(), "svl-test-server and serviceless must be built next to {}", exe.display());
+        let mut topo = Topology::new("svlb", &server)?;
+        topo.add_pod(1, "pod-1")?;
+        for (k, v) in [("net.ipv4.ip_local_port_range", "1024 65000"), ("net.ipv4.tcp_tw_reuse", "1")] {
+            topo.client.exec("sysctl", &["-qw", &format!("{k}={v}")])?;
+        }
+        Ok(Self { topo, agent })
+    }
+
+    /// Checks the VIP answers from pod-1, then loads it.
+    fn load(&self, target: SocketAddr, secs: Duration) -> anyhow::Result<traffic::Load> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let t = target.to_string();
+            match self.topo.client.run(move || serviceless_tests::topology::http_get(&t, "/"))? {
+                Ok(r) if r.server() == "pod-1" => break,
+                other => {
+                    if Instant::now() > deadline {
+                        bail!("{target} does not reach pod-1: {:?}", other.map(|r| r.server().to_string()));
+                    }
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }
+        }
+        Ok(self.topo.client.run(move || traffic::run(target, 4, secs))?)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn measure(
+        &self,
+        n: usize,
+        b: &Budget,
+        svcs: &[Svc],
+        with_ipt: bool,
+        with_nft: bool,
+        rows: &mut Vec<Row>,
+        skipped: &mut Vec<String>,
+    ) -> anyhow::Result<()> {
+        let svcs: Vec<Svc> = svcs.iter().map(|s| Svc { vip: s.vip, pod: TRAFFIC_POD }).collect();
+        // The target is the last service: the worst case for iptables' linear KUBE-SERVICES.
+        let target = SocketAddr::new(IpAddr::V4(svcs[n - 1].vip), 80);
+        let node = self.topo.node.name.clone();
+        let (ours, rss) = self.ours(n, &svcs, target, b.traffic_secs)?;
+        let run_base = |ipt: bool| -> anyhow::Result<traffic::Load> {
+            let load = if ipt {
+                rules::iptables_restore(&node, &rules::iptables_full(&svcs), true)?;
+                self.load(target, b.traffic_secs)
+            } else {
+                rules::nft_apply(&node, &rules::nft_full(&svcs))?;
+                self.load(target, b.traffic_secs)
+            };
+            let _ = self.topo.node.exec("nft", &["flush", "ruleset"]);
+            load
+        };
+        let ipt = if with_ipt { Some(run_base(true)?) } else { None };
+        let nft = if with_nft { Some(run_base(false)?) } else { None };
+        if !with_ipt || !with_nft {
+            skipped.push(format!("traffic at {n} apps: baselines without a ruleset at this size are not measured"));
+        }
+        let mut cps = Row::new("traffic", "new connections/s", n, "conn/s");
+        cps.lower_better = false;
+        cps.ours = single(ours.conns_per_s);
+        cps.iptables = ipt.as_ref().and_then(|l| single(l.conns_per_s));
+        cps.nftables = nft.as_ref().and_then(|l| single(l.conns_per_s));
+        cps.note = format!(
+            "4 closed-loop clients, {} s, one request per connection; ours {} ok; errors: ours {}, iptables {}, nftables {}",
+            b.traffic_secs.as_secs(),
+            ours.ok,
+            ours.errors,
+            ipt.as_ref().map_or("-".into(), |l| l.errors.to_string()),
+            nft.as_ref().map_or("-".into(), |l| l.errors.to_string())
+        );
+        rows.push(cps);
+        let mut lat = Row::new("traffic", "request latency (p50, p99)", n, "us");
+        lat.ours = stat(ours.latencies_us);
+        lat.iptables = ipt.and_then(|l| stat(l.latencies_us));
+        lat.nftables = nft.and_then(|l| stat(l.latencies_us));
+        lat.note = "connect to EOF; median column is p50".into();
+        rows.push(lat);
+        let mut r = Row::new("memory", "agent RSS", n, "MiB");
+        r.ours = rss.and_then(single);
+        r.note = "VmRSS of the agent running the file source with N apps".into();
+        rows.push(r);
+        Ok(())
+    }
+
+    /// Runs the real agent on the file source with N apps, attached to the node uplink.
+    fn ours(&self, n: usize, svcs: &[Svc], target: SocketAddr, secs: Duration) -> anyhow::Result<(traffic::Load, Option<f64>)> {
+        let file = self.topo.work_dir.join(format!("apps-{n}.json"));
+        let apps: Vec<Value> = svcs
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                json!({ "hostname": format!("app-{i}.bench.example"), "vip": s.vip.to_string(),
+                        "ports": [{ "port": 80, "targetPort": 8080, "protocol": "TCP" }],
+                        "pods": [{ "name": "pod-1", "ip": s.pod.to_string(), "ready": true }] })
+            })
+            .collect();
+        std::fs::write(&file, serde_json::to_vec(&json!({ "apps": apps }))?)?;
+        let cap = (n + 64).to_string();
+        let pin = self.topo.bpf_dir.join(format!("svl-{n}"));
+        let pin_s = pin.display().to_string();
+        let source = format!("file:{}", file.display());
+        let agent = self.agent.to_str().context("path")?;
+        let args = [
+            "run", "--iface", "up0", "--activator", "10.245.0.2:8080", "--source", &source, "--vip-range", VIP_RANGE,
+            "--pin-dir", &pin_s, "--listen", "127.0.0.1:9095", "--max-apps", &cap, "--max-services", &cap,
+            "--max-backends", &cap, "--max-flows", "65536", "--detach-on-exit",
+        ];
+        let log = self.topo.work_dir.join(format!("agent-{n}.log"));
+        let mut proc = self.topo.node.spawn(agent, &args, Some(&log))?;
+        let result = (|| {
+            self.topo.wait_ready(Duration::from_secs(300))?;
+            // Ready means the first full sync is written; check the VIP anyway.
+            let load = self.load(target, secs)?;
+            let rss = std::fs::read_to_string(format!("/proc/{}/status", proc.pid()))
+                .ok()
+                .and_then(|s| {
+                    s.lines()
+                        .find_map(|l| l.strip_prefix("VmRSS:"))
+                        .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+                })
+                .map(|kb| kb / 1024.0);
+            anyhow::Ok((load, rss))
+        })();
+        proc.terminate();
+        let _ = self.topo.node.exec(agent, &["detach", "--iface", "up0", "--pin-dir", &pin_s]);
+        let _ = std::fs::remove_file(&file);
+        result.with_context(|| format!("agent at {n} apps; log: {}", log.display()))
+    }
+}
+
+fn cmd_out(cmd: &str, args: &[&str]) -> String {
+    std::process::Command::new(cmd)
+        .args(args)
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default()
+}
+
+fn machine() -> Value {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let cpu = cpuinfo.lines().find_map(|l| l.strip_prefix("model name")).map(|s| s.trim_start_matches([' ', '\t', ':']).to_string());
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let mem = meminfo.lines().next().unwrap_or_default().split_whitespace().nth(1).unwrap_or("0").parse::<u64>().unwrap_or(0);
+    json!({
+        "kernel": cmd_out("uname", &["-srvm"]),
+        "cpu": cpu,
+        "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        "mem_gib": (mem as f64 / 1024.0 / 1024.0 * 10.0).round() / 10.0,
+        "iptables": cmd_out("iptables", &["--version"]),
+        "nft": cmd_out("nft", &["--version"]),
+        "date": cmd_out("date", &["-u", "+%Y-%m-%dT%H:%M:%SZ"]),
+    })
+}
+
+fn fmt(x: f64) -> String {
+    if x >= 100.0 {
+        format!("{x:.0}")
+    } else if x >= 10.0 {
+        format!("{x:.1}")
+    } else {
+        format!("{x:.2}")
+    }
+}
+
+fn cell(s: &Option<Stat>) -> (String, String) {
+    match s {
+        Some(s) if s.samples > 1 => (fmt(s.median), fmt(s.p99)),
+        Some(s) => (fmt(s.median), "-".into()),
+        None => ("-".into(), "-".into()),
+    }
+}
+
+fn write_outputs(opts: &Opts, rows: &[Row], skipped: &[String], took: Duration) -> anyhow::Result<()> {
+    let machine = machine();
+    let json_rows: Vec<Value> = rows
+        .iter()
+        .map(|r| {
+            json!({
+                "scenario": r.scenario, "path": r.path, "n": r.n, "unit": r.unit,
+                "better": if r.lower_better { "lower" } else { "higher" },
+                "ours": stat_json(&r.ours), "iptables": stat_json(&r.iptables), "nftables": stat_json(&r.nftables),
+                "ratio_vs_iptables": r.ratio(&r.iptables), "ratio_vs_nftables": r.ratio(&r.nftables),
+                "note": r.note,
+            })
+        })
+        .collect();
+    let doc = json!({
+        "quick": opts.quick, "sizes": opts.sizes, "duration_s": took.as_secs_f64(),
+        "machine": machine, "rows": json_rows, "skipped": skipped,
+        "ratio_meaning": "how many times better Serviceless is than the baseline, by median (baseline/ours for costs, ours/baseline for throughput)",
+    });
+    std::fs::write(opts.out.join("results.json"), serde_json::to_string_pretty(&doc)?)?;
+    std::fs::write(opts.out.join("results.md"), markdown(&doc, rows, skipped, opts, took))?;
+    Ok(())
+}
+
+fn find<'a>(rows: &'a [Row], scenario: &str, path: &str, n: usize) -> Option<&'a Row> {
+    rows.iter().find(|r| r.scenario == scenario && r.path == path && r.n == n)
+}
+
+fn markdown(doc: &Value, rows: &[Row], skipped: &[String], opts: &Opts, took: Duration) -> String {
+    let m = &doc["machine"];
+    let mut s = String::new();
+    let _ = writeln!(s, "# Serviceless benchmark{}\n", if opts.quick { " (quick: CI smoke, do not judge numbers)" } else { "" });
+    let _ = writeln!(
+        s,
+        "Machine: {} ({} CPUs, {} GiB), kernel `{}`, `{}`, `{}`; run {} in {:.0} s. Sizes: {:?}.\n",
+        m["cpu"].as_str().unwrap_or("?"),
+        m["cpus"],
+        m["mem_gib"],
+        m["kernel"].as_str().unwrap_or("?"),
+        m["iptables"].as_str().unwrap_or("?"),
+        m["nft"].as_str().unwrap_or("?"),
+        m["date"].as_str().unwrap_or("?"),
+        took.as_secs_f64(),
+        opts.sizes
+    );
+    // Headline.
+    let small = opts.sizes.first().copied().unwrap_or(1);
+    let big = opts.sizes.iter().copied().filter(|n| find(rows, "per-packet", "hit, 1 backend, established", *n).is_some()).max().unwrap_or(small);
+    let _ = writeln!(s, "## Headline\n\n| what | Serviceless | iptables | nftables |\n|---|---|---|---|");
+    for n in [small, big] {
+        if let Some(r) = find(rows, "per-packet", "hit, 1 backend, established", n) {
+            let floor = find(rows, "per-packet", "floor: XDP_PASS program", n).and_then(|f| f.ours.as_ref()).map_or(0.0, |f| f.median);
+            let _ = writeln!(s, "| per-packet, hit (1 backend, established), {n} apps | {} ns (floor {} ns) | n/a | n/a |", cell(&r.ours).0, fmt(floor));
+        }
+    }
+    let mid = if opts.sizes.contains(&10_000) { 10_000 } else { *opts.sizes.last().unwrap_or(&1) };
+    for (path, unit) in [("one backend change", "us"), ("full resync from empty", "ms")] {
+        if let Some(r) = find(rows, "programming", path, mid) {
+            let c = |x: &Option<Stat>| {
+                let (a, b) = cell(x);
+                if a == "-" { "skipped".into() } else { format!("{a} {unit} (p99 {b})") }
+            };
+            let ratio = |x: &Option<Stat>| r.ratio(x).map_or(String::new(), |q| format!(", ours {}x faster", fmt(q)));
+            let _ = writeln!(s, "| {path}, {mid} apps (median) | {} | {}{} | {}{} |", c(&r.ours), c(&r.iptables), ratio(&r.iptables), c(&r.nftables), ratio(&r.nftables));
+        }
+    }
+    let mem_n = opts.sizes.iter().copied().filter(|n| find(rows, "memory", "kernel bytes per app", *n).is_some()).max().unwrap_or(small);
+    if let Some(r) = find(rows, "memory", "kernel bytes per app", mem_n) {
+        let mem_base = |x: &Option<Stat>| x.as_ref().map_or("skipped".to_string(), |v| format!("{} B", fmt(v.median)));
+        let _ = writeln!(s, "| kernel memory per app, {mem_n} apps | {} B | {} | {} |", cell(&r.ours).0, mem_base(&r.iptables), mem_base(&r.nftables));
+    }
+    let _ = writeln!(s, "\nRatios are how many times better Serviceless is than the baseline, by median.\n");
+
+    for (scenario, title) in [
+        ("per-packet", "Per-packet cost (BPF_PROG_TEST_RUN, ns per packet)"),
+        ("programming", "Programming latency"),
+        ("traffic", "Real traffic through network namespaces"),
+        ("memory", "Memory"),
+    ] {
+        let _ = writeln!(s, "## {title}\n");
+        let _ = writeln!(s, "| path | N | unit | ours median | ours p99 | iptables median | iptables p99 | nft median | nft p99 | x vs iptables | x vs nft | note |");
+        let _ = writeln!(s, "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|");
+        for r in rows.iter().filter(|r| r.scenario == scenario) {
+            let (om, op) = cell(&r.ours);
+            let (im, ip) = cell(&r.iptables);
+            let (nm, np) = cell(&r.nftables);
+            let ratio = |x: Option<f64>| x.map_or("-".to_string(), fmt);
+            let _ = writeln!(
+                s,
+                "| {} | {} | {} | {om} | {op} | {im} | {ip} | {nm} | {np} | {} | {} | {} |",
+                r.path, r.n, r.unit, ratio(r.ratio(&r.iptables)), ratio(r.ratio(&r.nftables)), r.note
+            );
+        }
+        s.push('\n');
+    }
+    if !skipped.is_empty() {
+        let _ = writeln!(s, "## Skipped\n");
+        for k in skipped {
+            let _ = writeln!(s, "- {k}");
+        }
+        s.push('\n');
+    }
+    let _ = writeln!(s, "Plots: `per_packet.png`, `programming.png`, `traffic.png`, `memory.png` (log axes) in this folder.");
+    s
+}

@@ -1,0 +1,57 @@
+//! The floor: a two-instruction XDP program (`r0 = XDP_PASS; exit`) loaded
+//! straight through bpf(2), run with BPF_PROG_TEST_RUN like ours.
+
+use std::os::fd::{FromRawFd as _, OwnedFd};
+use std::os::fd::AsRawFd as _;
+
+use anyhow::bail;
+
+const BPF_PROG_LOAD: libc::c_long = 5;
+const BPF_PROG_TEST_RUN: libc::c_long = 10;
+const BPF_PROG_TYPE_XDP: u32 = 6;
+
+pub struct Floor {
+    fd: OwnedFd,
+}
+
+fn bpf(cmd: libc::c_long, attr: &mut [u64; 16]) -> libc::c_long {
+    // SAFETY: attr is a zero-padded bpf_attr of 128 bytes.
+    unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_mut_ptr(), std::mem::size_of_val(attr)) }
+}
+
+impl Floor {
+    pub fn load() -> anyhow::Result<Self> {
+        // BPF_MOV64_IMM(R0, 2); BPF_EXIT_INSN()
+        let insns: [u64; 2] = [0x0000_0002_0000_00b7, 0x0000_0000_0000_0095];
+        let license = c"GPL";
+        let mut attr = [0u64; 16];
+        // prog_type (u32) | insn_cnt (u32)
+        attr[0] = u64::from(BPF_PROG_TYPE_XDP) | (2u64 << 32);
+        attr[1] = insns.as_ptr() as u64;
+        attr[2] = license.as_ptr() as u64;
+        let fd = bpf(BPF_PROG_LOAD, &mut attr);
+        if fd < 0 {
+            bail!("BPF_PROG_LOAD of the XDP_PASS floor: {}", std::io::Error::last_os_error());
+        }
+        // SAFETY: a fresh fd we own.
+        Ok(Self { fd: unsafe { OwnedFd::from_raw_fd(fd as i32) } })
+    }
+
+    /// Average ns per run over `repeat` runs, as the kernel reports it.
+    pub fn run(&self, frame: &[u8], repeat: u32) -> anyhow::Result<f64> {
+        let mut attr = [0u64; 16];
+        // prog_fd | retval
+        attr[0] = self.fd.as_raw_fd() as u64;
+        // data_size_in | data_size_out
+        attr[1] = frame.len() as u64;
+        attr[2] = frame.as_ptr() as u64; // data_in
+        attr[3] = 0; // data_out
+        attr[4] = u64::from(repeat); // repeat | duration
+        if bpf(BPF_PROG_TEST_RUN, &mut attr) < 0 {
+            bail!("BPF_PROG_TEST_RUN of the floor: {}", std::io::Error::last_os_error());
+        }
+        let retval = (attr[0] >> 32) as u32;
+        anyhow::ensure!(retval == 2, "floor returned {retval}, not XDP_PASS");
+        Ok((attr[4] >> 32) as f64)
+    }
+}

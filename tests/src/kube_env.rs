@@ -1,0 +1,198 @@
+//! A real kube-apiserver (+ etcd, + kube-controller-manager) for the
+//! Kubernetes tests, and the harness playing kubelet: it gives each pod a
+//! network namespace with a real HTTP server and reports podIP and Ready
+//! through the status subresource.
+
+use std::{
+    collections::HashMap,
+    io::{Read as _, Write as _},
+    net::{Shutdown, TcpListener, TcpStream},
+    path::{Path, PathBuf},
+    thread,
+};
+
+use anyhow::Context as _;
+use k8s_openapi::api::core::v1::Pod;
+use kube::{
+    Api, Client,
+    api::{ListParams, Patch, PatchParams},
+};
+
+pub use crate::k8s;
+use crate::topology::Topology;
+
+/// The ServiceAccount the agent runs as (deploy/serviceaccount.yaml).
+pub const AGENT_SA: &str = "system:serviceaccount:kube-system:serviceless-agent";
+
+pub struct KubeEnv {
+    pub cluster: k8s::Cluster,
+    pub rt: tokio::runtime::Runtime,
+    pub client: Client,
+    /// Kubeconfig that impersonates the agent's ServiceAccount, so the agent
+    /// runs with exactly the permissions of deploy/rbac.yaml.
+    pub agent_kubeconfig: PathBuf,
+    /// Pods the fake kubelet started: name -> pod number in the topology.
+    started: HashMap<(String, String), u8>,
+    next_pod: u8,
+}
+
+impl KubeEnv {
+    pub fn start(topo: &Topology) -> anyhow::Result<Self> {
+        let bins = k8s::ensure_binaries()?;
+        let dir = topo.work_dir.join("k8s");
+        std::fs::create_dir_all(&dir)?;
+        let cluster = k8s::Cluster::start(&bins, &dir)?;
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let out = cluster
+            .kubectl()
+            .arg("apply")
+            .arg("-f")
+            .arg(root.join("deploy/serviceaccount.yaml"))
+            .arg("-f")
+            .arg(root.join("deploy/rbac.yaml"))
+            .output()?;
+        anyhow::ensure!(out.status.success(), "applying RBAC: {}", String::from_utf8_lossy(&out.stderr));
+
+        // The agent runs in the node namespace, whose loopback is not the
+        // API server's: carry its connections across.
+        proxy_into(&topo.node.name, cluster.apiserver_port())?;
+        let agent_kubeconfig = dir.join("agent.kubeconfig");
+        std::fs::write(&agent_kubeconfig, kubeconfig(&cluster, Some(AGENT_SA)))?;
+        let admin = dir.join("admin.kubeconfig");
+        std::fs::write(&admin, kubeconfig(&cluster, None))?;
+
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+        let client = rt.block_on(async {
+            let kc = kube::config::Kubeconfig::read_from(&admin)?;
+            let config = kube::Config::from_custom_kubeconfig(kc, &Default::default()).await?;
+            anyhow::Ok(Client::try_from(config)?)
+        })?;
+        Ok(Self { cluster, rt, client, agent_kubeconfig, started: HashMap::new(), next_pod: 1 })
+    }
+
+    /// Starts the agent with the Kubernetes source, as the ServiceAccount.
+    pub fn start_agent(&self, topo: &Topology, log: &str) -> anyhow::Result<crate::netns::Proc> {
+        let kubeconfig = self.agent_kubeconfig.display().to_string();
+        topo.start_agent_with("kubernetes", log, &["--node-name", "node-1"], &[("KUBECONFIG", kubeconfig.as_str())])
+    }
+
+    /// `kubectl <args>` against the cluster (admin); fails with stderr.
+    pub fn kubectl(&self, args: &[&str]) -> anyhow::Result<String> {
+        let out = self.cluster.kubectl().args(args).output()?;
+        anyhow::ensure!(out.status.success(), "kubectl {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// `kubectl apply` of a YAML document.
+    pub fn apply(&self, yaml: &str) -> anyhow::Result<()> {
+        let mut child = self
+            .cluster
+            .kubectl()
+            .args(["apply", "-f", "-"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()?;
+        child.stdin.take().context("stdin")?.write_all(yaml.as_bytes())?;
+        let out = child.wait_with_output()?;
+        anyhow::ensure!(out.status.success(), "kubectl apply: {}", String::from_utf8_lossy(&out.stderr));
+        Ok(())
+    }
+
+    /// Plays kubelet once: every serviceless pod without an IP gets a
+    /// namespace, an HTTP server, a podIP and Ready=True.
+    pub fn kubelet_sync(&mut self, topo: &mut Topology) -> anyhow::Result<usize> {
+        let pods: Api<Pod> = Api::all(self.client.clone());
+        let list = self.rt.block_on(pods.list(&ListParams::default().labels("serviceless.io/enabled=true")))?;
+        let mut started = 0;
+        for pod in list.items {
+            let ns = pod.metadata.namespace.clone().unwrap_or_default();
+            let name = pod.metadata.name.clone().unwrap_or_default();
+            let has_ip = pod.status.as_ref().and_then(|s| s.pod_ip.as_ref()).is_some();
+            if has_ip || pod.metadata.deletion_timestamp.is_some() || self.started.contains_key(&(ns.clone(), name.clone())) {
+                continue;
+            }
+            let n = self.next_pod;
+            self.next_pod += 1;
+            let ip = topo.add_pod(n, &name)?;
+            self.started.insert((ns.clone(), name.clone()), n);
+            self.set_status(&ns, &name, Some(&ip), true)?;
+            started += 1;
+        }
+        Ok(started)
+    }
+
+    /// Reports a pod's IP and readiness through the status subresource.
+    pub fn set_status(&self, ns: &str, name: &str, ip: Option<&str>, ready: bool) -> anyhow::Result<()> {
+        let pods: Api<Pod> = Api::namespaced(self.client.clone(), ns);
+        let now = k8s_openapi::jiff::Timestamp::now().to_string();
+        let mut status = serde_json::json!({
+            "phase": "Running",
+            "conditions": [{ "type": "Ready", "status": if ready { "True" } else { "False" }, "lastTransitionTime": now }],
+        });
+        if let Some(ip) = ip {
+            status["podIP"] = serde_json::json!(ip);
+            status["podIPs"] = serde_json::json!([{ "ip": ip }]);
+        }
+        let patch = serde_json::json!({ "status": status });
+        self.rt.block_on(pods.patch_status(name, &PatchParams::default(), &Patch::Merge(&patch)))?;
+        Ok(())
+    }
+
+    /// Names of the serviceless pods in a namespace.
+    pub fn pod_names(&self, ns: &str) -> anyhow::Result<Vec<String>> {
+        let pods: Api<Pod> = Api::namespaced(self.client.clone(), ns);
+        let list = self.rt.block_on(pods.list(&ListParams::default().labels("serviceless.io/enabled=true")))?;
+        Ok(list.items.into_iter().filter_map(|p| p.metadata.name).collect())
+    }
+}
+
+/// A kubeconfig for the cluster, optionally impersonating `as_user`.
+fn kubeconfig(cluster: &k8s::Cluster, as_user: Option<&str>) -> String {
+    let impersonate = as_user.map(|u| format!("    as: {u}\n")).unwrap_or_default();
+    format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: test\n  cluster:\n    server: {}\n    certificate-authority: {}\nusers:\n- name: test\n  user:\n    token: {}\n{impersonate}contexts:\n- name: test\n  context: {{ cluster: test, user: test }}\ncurrent-context: test\n",
+        cluster.server_url(),
+        cluster.ca_path().display(),
+        cluster.token(),
+    )
+}
+
+/// Listens on 127.0.0.1:`port` inside netns `ns` and forwards each
+/// connection to 127.0.0.1:`port` in this namespace. Runs until the process ends.
+fn proxy_into(ns: &str, port: u16) -> anyhow::Result<()> {
+    let file = std::fs::File::open(format!("/run/netns/{ns}"))?;
+    let listener = thread::spawn(move || -> anyhow::Result<TcpListener> {
+        // SAFETY: valid netns fd; only this thread changes namespace.
+        anyhow::ensure!(unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET) } == 0, "setns");
+        let l = TcpListener::bind(("127.0.0.1", port))?;
+        Ok(l)
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("proxy thread panicked"))??;
+    thread::spawn(move || {
+        for inbound in listener.incoming().flatten() {
+            // This thread is in the root namespace, so this connects there.
+            let Ok(outbound) = TcpStream::connect(("127.0.0.1", port)) else { continue };
+            pipe(inbound, outbound);
+        }
+    });
+    Ok(())
+}
+
+fn pipe(a: TcpStream, b: TcpStream) {
+    let (Ok(a2), Ok(b2)) = (a.try_clone(), b.try_clone()) else { return };
+    let copy = |mut from: TcpStream, mut to: TcpStream| {
+        thread::spawn(move || {
+            let mut buf = [0u8; 16384];
+            while let Ok(n) = from.read(&mut buf) {
+                if n == 0 || to.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+            }
+            let _ = to.shutdown(Shutdown::Write);
+        });
+    };
+    copy(a, b2);
+    copy(b, a2);
+}

@@ -1,0 +1,294 @@
+//! The Kubernetes source against a real kube-apiserver (+ etcd, +
+//! kube-controller-manager for Deployments), end to end through the real
+//! dataplane in network namespaces. The harness plays kubelet.
+//! Needs root (and builds/caches the API server once, see xtask/src/k8s.rs).
+
+use std::{
+    collections::HashSet,
+    path::PathBuf,
+    thread,
+    time::{Duration, Instant},
+};
+
+use serviceless_tests::{
+    kernel_tests_enabled,
+    kube_env::KubeEnv,
+    topology::{Topology, http_get},
+};
+
+const VIP: &str = "10.96.0.10:80";
+
+fn server_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_svl-test-server"))
+}
+
+fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn deployment(name: &str, ns: &str, host: &str, vip: &str, replicas: u32) -> String {
+    format!(
+        r#"apiVersion: apps/v1
+kind: Deployment
+metadata: {{ name: {name}, namespace: {ns} }}
+spec:
+  replicas: {replicas}
+  selector: {{ matchLabels: {{ app: {name} }} }}
+  template:
+    metadata:
+      labels: {{ app: {name}, serviceless.io/enabled: "true" }}
+      annotations:
+        serviceless.io/hostname: {host}
+        serviceless.io/vip: "{vip}"
+        serviceless.io/port: "80"
+        serviceless.io/target-port: "8080"
+    spec:
+      containers: [{{ name: app, image: example/app }}]
+"#
+    )
+}
+
+fn metrics(topo: &Topology) -> String {
+    topo.node
+        .run(|| http_get("127.0.0.1:9095", "/metrics").map(|r| r.body).unwrap_or_default())
+        .unwrap_or_default()
+}
+
+fn metric(topo: &Topology, name: &str) -> Option<f64> {
+    metrics(topo)
+        .lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+}
+
+fn servers(topo: &Topology, n: usize) -> HashSet<String> {
+    (0..n).filter_map(|_| topo.request(VIP).ok()).map(|r| r.server().to_string()).collect()
+}
+
+#[test]
+fn deployment_lifecycle_and_api_server_outage() {
+    if !kernel_tests_enabled("kubernetes: deployment lifecycle") {
+        return;
+    }
+    let mut topo = Topology::new("svk1", &server_bin()).expect("topology");
+    let mut kube = KubeEnv::start(&topo).expect("control plane");
+    let _agent = kube.start_agent(&topo, "agent.log").expect("agent");
+    topo.wait_ready(Duration::from_secs(30)).unwrap_or_else(|e| panic!("{e:#}\n{}", topo.agent_log("agent.log")));
+
+    // A Deployment with the label and annotations becomes reachable at its VIP.
+    kube.apply(&deployment("hello", "default", "hello.example.com", "10.96.0.10", 1)).expect("deployment");
+    wait_until("the pod to be created", Duration::from_secs(30), || kube.kubelet_sync(&mut topo).unwrap_or(0) > 0);
+    wait_until("the VIP to answer from a pod", Duration::from_secs(10), || {
+        topo.request(VIP).map(|r| r.server().starts_with("hello-")).unwrap_or(false)
+    });
+    let r = topo.request(VIP).expect("request");
+    assert_eq!(r.peer.to_string(), VIP);
+    assert!(metric(&topo, "serviceless_origin_to_programmed_seconds_count").unwrap_or(0.0) >= 1.0, "NPL from Ready transition");
+
+    // Scaling up adds a backend.
+    kube.kubectl(&["scale", "deployment/hello", "--replicas=2"]).expect("scale");
+    wait_until("a second pod", Duration::from_secs(30), || {
+        kube.kubelet_sync(&mut topo).ok();
+        kube.pod_names("default").map(|p| p.len() == 2).unwrap_or(false)
+    });
+    wait_until("both pods to get flows", Duration::from_secs(10), || servers(&topo, 20).len() == 2);
+
+    // One pod turns unready: new flows avoid it; an established connection stays.
+    let mut conn = topo.connect(VIP).expect("connect");
+    let first = conn.get().expect("request").server().to_string();
+    let first_ip = topo.pods.iter().find(|p| p.name == first).map(|p| p.ip.clone()).expect("pod");
+    kube.set_status("default", &first, Some(&first_ip), false).expect("unready");
+    wait_until("new flows to avoid the unready pod", Duration::from_secs(10), || !servers(&topo, 10).contains(&first));
+    assert_eq!(conn.get().expect("established").server(), first, "established connection stays put");
+
+    // The API server goes away: traffic keeps flowing, readiness says so.
+    kube.cluster.stop_apiserver().expect("stop apiserver");
+    let mut not_ready = false;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        let other = servers(&topo, 3);
+        assert!(!other.is_empty() && !other.contains(&first), "traffic keeps its last programming: {other:?}");
+        let status = topo.node.run(|| http_get("127.0.0.1:9095", "/readyz").map(|r| r.status).unwrap_or(0)).unwrap_or(0);
+        if status == 503 {
+            not_ready = true;
+            break;
+        }
+        thread::sleep(Duration::from_millis(200));
+    }
+    assert!(not_ready, "/readyz reports the lost API server");
+    // It comes back; a change made right away reaches the maps.
+    kube.cluster.start_apiserver().expect("start apiserver");
+    kube.set_status("default", &first, Some(&first_ip), true).expect("ready again");
+    wait_until("the agent to catch up", Duration::from_secs(30), || servers(&topo, 20).len() == 2);
+    assert!(metric(&topo, "serviceless_watch_restarts_total").unwrap_or(0.0) >= 1.0);
+
+    // Scale to zero: the VIP goes to the activator.
+    kube.kubectl(&["scale", "deployment/hello", "--replicas=0"]).expect("scale to 0");
+    wait_until("the VIP to reach the activator", Duration::from_secs(30), || {
+        topo.request(VIP).map(|r| r.server() == "activator").unwrap_or(false)
+    });
+
+    // inspect shows where each app came from.
+    kube.kubectl(&["scale", "deployment/hello", "--replicas=1"]).expect("scale to 1");
+    wait_until("a pod again", Duration::from_secs(30), || {
+        kube.kubelet_sync(&mut topo).ok();
+        topo.request(VIP).map(|r| r.server().starts_with("hello-")).unwrap_or(false)
+    });
+    thread::sleep(Duration::from_millis(2500));
+    let out = std::process::Command::new(serviceless_tests::topology::agent_binary().expect("bin"))
+        .args(["inspect", "--json", "--pin-dir"])
+        .arg(topo.pin_dir())
+        .arg("--state-file")
+        .arg(topo.work_dir.join("sources.json"))
+        .output()
+        .expect("inspect");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let pods = report["apps"][0]["pods"].as_array().cloned().unwrap_or_default();
+    assert!(pods.iter().any(|p| p.as_str().is_some_and(|p| p.starts_with("default/hello-"))), "{report}");
+}
+
+#[test]
+fn bad_annotations_collisions_and_scale() {
+    if !kernel_tests_enabled("kubernetes: bad input") {
+        return;
+    }
+    let mut topo = Topology::new("svk2", &server_bin()).expect("topology");
+    topo.max_apps = 16_384;
+    let kube = KubeEnv::start(&topo).expect("control plane");
+    let _agent = kube.start_agent(&topo, "agent.log").expect("agent");
+    topo.wait_ready(Duration::from_secs(30)).unwrap_or_else(|e| panic!("{e:#}\n{}", topo.agent_log("agent.log")));
+    kube.kubectl(&["create", "namespace", "other"]).expect("namespace");
+
+    let pod = |ns: &str, name: &str, ann: &str| {
+        format!(
+            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: {ns}\n  labels: {{ serviceless.io/enabled: \"true\" }}\n  annotations: {{ {ann} }}\nspec:\n  containers: [{{ name: app, image: example/app }}]\n"
+        )
+    };
+    let bad = [
+        ("bad-host", "serviceless.io/hostname: Bad_Host"),
+        ("bad-port", "serviceless.io/hostname: p.example.com, serviceless.io/port: \"70000\""),
+        ("bad-vip", "serviceless.io/hostname: v.example.com, serviceless.io/vip: 192.168.7.7"),
+        ("v6-vip", "serviceless.io/hostname: six.example.com, serviceless.io/vip: \"fd00::7\""),
+    ];
+    for (name, ann) in bad {
+        kube.apply(&pod("default", name, ann)).expect("pod");
+    }
+    // Same hostname claimed from two namespaces; and one pod that never gets an IP.
+    kube.apply(&pod("default", "dup-a", "serviceless.io/hostname: dup.example.com, serviceless.io/vip: 10.96.0.30")).expect("pod");
+    kube.apply(&pod("other", "dup-b", "serviceless.io/hostname: dup.example.com, serviceless.io/vip: 10.96.0.30")).expect("pod");
+    kube.set_status("default", "dup-a", Some("10.244.77.2"), true).expect("status");
+    kube.set_status("other", "dup-b", Some("10.244.78.2"), true).expect("status");
+    kube.apply(&pod("default", "no-ip", "serviceless.io/hostname: noip.example.com, serviceless.io/vip: 10.96.0.31")).expect("pod");
+
+    wait_until("invalid pods counted", Duration::from_secs(20), || {
+        metric(&topo, "serviceless_invalid_apps") == Some(bad.len() as f64)
+    });
+    wait_until("events for every bad pod and the collision", Duration::from_secs(30), || {
+        let events = kube.kubectl(&["get", "events", "-A", "-o", "json"]).unwrap_or_default();
+        let v: serde_json::Value = serde_json::from_str(&events).unwrap_or_default();
+        let items = v["items"].as_array().cloned().unwrap_or_default();
+        let has = |pod: &str, reason: &str| {
+            items.iter().any(|e| e["involvedObject"]["name"] == pod && e["reason"] == reason)
+        };
+        bad.iter().all(|(name, _)| has(name, "InvalidServicelessAnnotation"))
+            && has("dup-a", "ServicelessCollision")
+            && has("dup-b", "ServicelessCollision")
+    });
+    let log = topo.agent_log("agent.log");
+    for needle in ["not a valid DNS name", "not a port", "outside the VIP range", "none configured for its address family"] {
+        assert!(log.contains(needle), "agent log explains '{needle}':\n{log}");
+    }
+    // The contested hostname reaches the activator, never either namespace's pod.
+    let r = topo.request("10.96.0.30:80").expect("request");
+    assert_eq!(r.server(), "activator");
+    // A pod without an IP is no backend: its app has none.
+    let r = topo.request("10.96.0.31:80").expect("request");
+    assert_eq!(r.server(), "activator");
+
+    // 10,000 pods at once (10,000 apps), all programmed: created and made
+    // ready concurrently, as a busy cluster's kubelets would.
+    let n = 10_000u32;
+    let before = metric(&topo, "serviceless_apps_programmed").unwrap_or(0.0);
+    let started = Instant::now();
+    let pods: kube::Api<k8s_openapi::api::core::v1::Pod> = kube::Api::namespaced(kube.client.clone(), "default");
+    kube.rt.block_on(async {
+        let mut tasks = tokio::task::JoinSet::new();
+        let workers = 16;
+        for t in 0..workers {
+            let pods = pods.clone();
+            tasks.spawn(async move {
+                let mut i = t;
+                while i < n {
+                    let pod: k8s_openapi::api::core::v1::Pod = serde_json::from_value(serde_json::json!({
+                        "metadata": {"name": format!("scale-{i}"), "labels": {"serviceless.io/enabled": "true"},
+                            "annotations": {"serviceless.io/hostname": format!("app{i}.scale.example.com")}},
+                        "spec": {"containers": [{"name": "app", "image": "example/app"}]}
+                    })).expect("pod");
+                    pods.create(&Default::default(), &pod).await.expect("create pod");
+                    let ip = format!("10.{}.{}.{}", 200 + i / 65536, (i / 256) % 256, i % 256);
+                    let patch = serde_json::json!({"status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}],
+                        "conditions": [{"type": "Ready", "status": "True", "lastTransitionTime": k8s_openapi::jiff::Timestamp::now().to_string()}]}});
+                    pods.patch_status(&format!("scale-{i}"), &Default::default(), &kube::api::Patch::Merge(&patch))
+                        .await
+                        .expect("patch status");
+                    i += workers;
+                }
+            });
+        }
+        while tasks.join_next().await.is_some() {}
+    });
+    let api_done = started.elapsed();
+    wait_until("10,000 apps programmed", Duration::from_secs(240), || {
+        metric(&topo, "serviceless_apps_programmed").unwrap_or(0.0) >= before + f64::from(n)
+    });
+    let total = started.elapsed();
+    println!(
+        "SCALE: {n} pods created and made ready through the API in {:.1}s; all {n} apps programmed {:.1}s after the first create",
+        api_done.as_secs_f64(),
+        total.as_secs_f64()
+    );
+    let r = topo.request("10.96.0.31:80").expect("request");
+    assert_eq!(r.server(), "activator", "still routing after the burst");
+}
+
+#[test]
+fn deploy_manifests_pass_server_side_dry_run_and_rbac_is_minimal() {
+    if !kernel_tests_enabled("kubernetes: manifests") {
+        return;
+    }
+    let topo = Topology::new("svk3", &server_bin()).expect("topology");
+    let kube = KubeEnv::start(&topo).expect("control plane");
+    let deploy = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy");
+    let out = kube
+        .kubectl(&["apply", "-k", deploy.to_str().expect("path"), "--dry-run=server", "-o", "name"])
+        .expect("server-side dry-run of the kustomization");
+    for kind in ["serviceaccount/serviceless-agent", "clusterrole.rbac.authorization.k8s.io/serviceless-agent", "configmap/serviceless-agent", "daemonset.apps/serviceless-agent"] {
+        assert!(out.contains(kind), "dry-run output lacks {kind}:\n{out}");
+    }
+    // The ClusterRole grants exactly what the agent calls (see agent/src/source/kubernetes.rs).
+    let role = kube.kubectl(&["get", "clusterrole", "serviceless-agent", "-o", "json"]).expect("role");
+    let role: serde_json::Value = serde_json::from_str(&role).expect("json");
+    let mut granted = Vec::new();
+    for rule in role["rules"].as_array().expect("rules") {
+        for group in rule["apiGroups"].as_array().into_iter().flatten() {
+            for res in rule["resources"].as_array().into_iter().flatten() {
+                for verb in rule["verbs"].as_array().into_iter().flatten() {
+                    granted.push(format!("{}/{}/{}", group.as_str().unwrap_or("?"), res.as_str().unwrap_or("?"), verb.as_str().unwrap_or("?")));
+                }
+            }
+        }
+    }
+    granted.sort();
+    assert_eq!(
+        granted,
+        ["/pods/list", "/pods/watch", "events.k8s.io/events/create", "events.k8s.io/events/patch"],
+        "the ClusterRole must grant nothing beyond the agent's calls"
+    );
+    let ds = std::fs::read_to_string(deploy.join("daemonset.yaml")).expect("daemonset");
+    assert!(ds.contains("privileged: false") && !ds.contains("privileged: true"));
+    assert!(ds.contains("add: [\"BPF\", \"PERFMON\", \"NET_ADMIN\"]"));
+}
