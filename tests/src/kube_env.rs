@@ -138,13 +138,6 @@ impl KubeEnv {
         self.rt.block_on(pods.patch_status(name, &PatchParams::default(), &Patch::Merge(&patch)))?;
         Ok(())
     }
-
-    /// Names of the serviceless pods in a namespace.
-    pub fn pod_names(&self, ns: &str) -> anyhow::Result<Vec<String>> {
-        let pods: Api<Pod> = Api::namespaced(self.client.clone(), ns);
-        let list = self.rt.block_on(pods.list(&ListParams::default().labels("serviceless.io/enabled=true")))?;
-        Ok(list.items.into_iter().filter_map(|p| p.metadata.name).collect())
-    }
 }
 
 /// A kubeconfig for the cluster, optionally impersonating `as_user`.

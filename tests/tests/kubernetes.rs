@@ -91,11 +91,11 @@ fn deployment_lifecycle_and_api_server_outage() {
 
     // Scaling up adds a backend.
     kube.kubectl(&["scale", "deployment/hello", "--replicas=2"]).expect("scale");
-    wait_until("a second pod", Duration::from_secs(30), || {
+    wait_until("a second pod to run", Duration::from_secs(30), || {
         kube.kubelet_sync(&mut topo).ok();
-        kube.pod_names("default").map(|p| p.len() == 2).unwrap_or(false)
+        topo.pods.len() == 2
     });
-    wait_until("both pods to get flows", Duration::from_secs(10), || servers(&topo, 20).len() == 2);
+    wait_until("both pods to get flows", Duration::from_secs(20), || servers(&topo, 20).len() == 2);
 
     // One pod turns unready: new flows avoid it; an established connection stays.
     let mut conn = topo.connect(VIP).expect("connect");

@@ -237,9 +237,14 @@ fn run() -> anyhow::Result<()> {
         );
         rows.push(mem);
 
+        write_outputs(&opts, &rows, &skipped, started.elapsed())?;
+
         // --- Real traffic -------------------------------------------------
         if let Some(bed) = &topo {
-            bed.measure(n, &budget, &svcs, ipt_res.is_some(), nft_res.is_some(), &mut rows, &mut skipped)?;
+            if let Err(e) = bed.measure(n, &budget, &svcs, ipt_res.is_some(), nft_res.is_some(), &mut rows, &mut skipped) {
+                eprintln!("traffic at {n} apps failed: {e:#}");
+                skipped.push(format!("traffic at {n} apps: {e:#}"));
+            }
         }
         write_outputs(&opts, &rows, &skipped, started.elapsed())?;
     }
