@@ -95,6 +95,8 @@ pub struct Reconciler {
     ids: Ids,
     metrics: Metrics,
     collisions: BTreeMap<IpAddr, Vec<String>>,
+    /// Slots in `svl_backends_v1`, kept as a count so gauges stay O(1) per change.
+    backend_slots: usize,
 }
 
 impl Reconciler {
@@ -152,7 +154,9 @@ impl Reconciler {
             ids,
             metrics,
             collisions: BTreeMap::new(),
+            backend_slots: 0,
         };
+        reconciler.backend_slots = reconciler.apps.values().map(|p| p.slots.len()).sum();
         // Programmed apps count as desired until the first full batch says otherwise.
         for (host, p) in &reconciler.apps {
             reconciler.vip_claims.entry(p.vip).or_default().insert(host.clone());
@@ -360,6 +364,7 @@ impl Reconciler {
                 p.slots[slot] = *backend;
             } else {
                 p.slots.push(*backend);
+                self.backend_slots += 1;
             }
         }
         if p.value != *value {
@@ -370,6 +375,7 @@ impl Reconciler {
             let slot = p.slots.len() - 1;
             self.maps.delete_backend(&BackendKey { app_id: id, slot: slot as u32 })?;
             p.slots.pop();
+            self.backend_slots -= 1;
         }
         Ok(())
     }
@@ -440,7 +446,7 @@ impl Reconciler {
     }
 
     fn update_gauges(&self) {
-        let slots: usize = self.apps.values().map(|p| p.slots.len()).sum();
+        let slots = self.backend_slots;
         for (map, n) in [
             (map_names::SERVICES, self.services.len()),
             (map_names::APPS, self.apps.len()),

@@ -25,20 +25,51 @@ pub struct Args {
     no_traffic: bool,
 }
 
+impl Args {
+    /// What CI runs: `--quick`, results under target/bench.
+    pub fn quick() -> Self {
+        Self { quick: true, out: None, sizes: None, no_traffic: false }
+    }
+}
+
 const PLOT_SCRIPT: &str = include_str!("bench_plot.py");
 
 pub fn run(args: &Args) -> anyhow::Result<()> {
     setup::run()?;
-    setup::ensure_packages(&["iptables", "nftables", "bpftool", "iproute2", "python3-matplotlib"])?;
-    build::cargo(&["build", "--release", "-p", "serviceless-agent", "-p", "serviceless-tests", "--bins"])?;
+    setup::ensure_packages(&[
+        "iptables",
+        "nftables",
+        "bpftool",
+        "iproute2",
+        "python3-matplotlib",
+    ])?;
+    build::cargo(&[
+        "build",
+        "--release",
+        "-p",
+        "serviceless-agent",
+        "-p",
+        "serviceless-tests",
+        "--bins",
+    ])?;
     let root = build::root();
     let out = match &args.out {
         Some(p) => p.clone(),
         None => {
-            let stamp = String::from_utf8_lossy(&Command::new("date").arg("-u").arg("+%Y%m%dT%H%M%SZ").output()?.stdout)
-                .trim()
-                .to_string();
-            root.join("target/bench").join(if args.quick { format!("{stamp}-quick") } else { stamp })
+            let stamp = String::from_utf8_lossy(
+                &Command::new("date")
+                    .arg("-u")
+                    .arg("+%Y%m%dT%H%M%SZ")
+                    .output()?
+                    .stdout,
+            )
+            .trim()
+            .to_string();
+            root.join("target/bench").join(if args.quick {
+                format!("{stamp}-quick")
+            } else {
+                stamp
+            })
         }
     };
     std::fs::create_dir_all(&out)?;
@@ -53,18 +84,34 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     if args.no_traffic {
         cmd.arg("--no-traffic");
     }
-    let status = cmd.status().context("running serviceless-bench (needs root)")?;
+    let status = cmd
+        .status()
+        .context("running serviceless-bench (needs root)")?;
     if !status.success() {
-        bail!("serviceless-bench failed; partial results in {}", out.display());
+        bail!(
+            "serviceless-bench failed; partial results in {}",
+            out.display()
+        );
     }
     let script = out.join("plot.py");
     std::fs::write(&script, PLOT_SCRIPT)?;
     // Debian's python3 has python3-matplotlib; a pyenv python on PATH may not.
-    let python = if std::path::Path::new("/usr/bin/python3").exists() { "/usr/bin/python3" } else { "python3" };
-    let plotted = Command::new(python).arg(&script).arg(&out).status().context("running python3 for the plots")?;
+    let python = if std::path::Path::new("/usr/bin/python3").exists() {
+        "/usr/bin/python3"
+    } else {
+        "python3"
+    };
+    let plotted = Command::new(python)
+        .arg(&script)
+        .arg(&out)
+        .status()
+        .context("running python3 for the plots")?;
     let _ = std::fs::remove_file(&script);
     if !plotted.success() {
-        bail!("plotting failed; results (without plots) in {}", out.display());
+        bail!(
+            "plotting failed; results (without plots) in {}",
+            out.display()
+        );
     }
     println!("xtask: bench results in {}", out.display());
     println!("xtask:   {}", out.join("results.md").display());

@@ -1,7 +1,7 @@
 //! `cargo xtask test`: everything CI runs. Kernel tests need root and skip
 //! with a message elsewhere.
 
-use crate::{build, setup, vm};
+use crate::{bench, build, setup, vm};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -31,8 +31,11 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         // kernel we support and a current one (TCG: about 20 s each).
         println!("xtask: kernel tests in QEMU ({})", vm::DEFAULT_KERNELS.join(", "));
         vm::run(&vm::Args { timeout: 300, ..vm::Args::default() })?;
+        // Proves the benchmark harness works end to end; numbers are not judged.
+        println!("xtask: benchmark smoke run (cargo xtask bench --quick)");
+        bench::run(&bench::Args::quick())?;
     } else {
-        println!("xtask: not root: kernel tests in QEMU skipped");
+        println!("xtask: not root: kernel tests in QEMU and the benchmark smoke run skipped");
     }
     println!("xtask: all tests passed");
     Ok(())

@@ -75,6 +75,19 @@ const HOST_PACKAGES: &[&str] = &[
 /// Where the packet-fixture test binary is copied in the guest for [`FIXTURE_CHECKS`].
 pub const GUEST_FIXTURES: &str = "/svl/bin/packet_fixtures";
 
+/// Where the benchmark binary goes in the guest.
+pub const GUEST_BENCH: &str = "/svl/bin/serviceless-bench";
+
+/// The quick benchmark, Serviceless only (the VM has no iptables/nft):
+/// per-packet cost against the XDP_PASS floor measured in the same VM run.
+/// Absolute times under TCG mean little; the ratios are the point.
+pub const BENCH_CHECKS: &str = r#"
+svl_bench() {
+	/svl/bin/serviceless-bench --quick --ours-only --out /tmp/bench && sed -n '/^## Headline/,/^Ratios/p' /tmp/bench/results.md
+}
+svl_step bench svl_bench
+"#;
+
 /// The kernel-level packet tests: check that bpffs is mounted at /sys/fs/bpf
 /// exactly as the tests look for it, then run the `packet_fixtures` test
 /// binary (BPF_PROG_TEST_RUN on every program, loaded by aya through this
@@ -191,6 +204,9 @@ pub struct Args {
     /// Do not build and run the packet-fixture tests (tests/tests/packet_fixtures.rs).
     #[arg(long, conflicts_with = "fixtures")]
     pub no_fixtures: bool,
+    /// Do not run the quick benchmark in the VM.
+    #[arg(long)]
+    pub no_bench: bool,
     /// Packet-fixture test binary to run instead of building it.
     #[arg(long, value_name = "PATH")]
     pub fixtures: Option<PathBuf>,
@@ -213,6 +229,7 @@ impl Default for Args {
             agent: None,
             execs: Vec::new(),
             no_fixtures: false,
+            no_bench: false,
             fixtures: None,
             timeout: 600,
             accel: AccelChoice::Auto,
@@ -637,6 +654,11 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         files.push((fixtures, GUEST_FIXTURES));
         script.push_str(FIXTURE_CHECKS);
     }
+    if !args.no_bench {
+        build::cargo(&["build", "--release", "--quiet", "-p", "serviceless-tests", "--bin", "serviceless-bench"])?;
+        files.push((build::root().join("target/release/serviceless-bench"), GUEST_BENCH));
+        script.push_str(BENCH_CHECKS);
+    }
     // The checks end with `exit`: everything else runs first.
     script.push_str(EBPF_CHECKS);
 
@@ -682,6 +704,9 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         let passed = outcome.passed();
         if !passed {
             print!("{}", outcome.failure_report());
+        }
+        for (what, ours, floor) in per_packet_ratios(outcome.step("bench")) {
+            println!("  in-VM per-packet {what}: {ours} ns vs XDP_PASS floor {floor} ns = {:.2}x the floor", ours / floor);
         }
         let row = KernelSummary::new(line, &outcome, args.no_fixtures, started.elapsed());
         println!(
@@ -760,6 +785,24 @@ impl KernelSummary {
             fixtures: format!("setup error: {e:#}"),
         }
     }
+}
+
+/// (path, ours ns, floor ns) from the bench step's headline rows
+/// ("| per-packet, ... | 36.0 ns (floor 24.0 ns) | ...").
+fn per_packet_ratios(step: Option<&StepResult>) -> Vec<(String, f64, f64)> {
+    let Some(step) = step else { return Vec::new() };
+    step.output
+        .iter()
+        .filter(|l| l.starts_with("| per-packet"))
+        .filter_map(|l| {
+            let cells: Vec<&str> = l.split('|').map(str::trim).collect();
+            let what = cells.get(1)?.trim_start_matches("per-packet, ").to_owned();
+            let cell = cells.get(2)?;
+            let ours: f64 = cell.split_whitespace().next()?.parse().ok()?;
+            let floor: f64 = cell.split("floor ").nth(1)?.split_whitespace().next()?.parse().ok()?;
+            (floor > 0.0).then_some((what, ours, floor))
+        })
+        .collect()
 }
 
 /// "N passed / M failed" from libtest's "test result:" line in the

@@ -1,8 +1,8 @@
 //! The floor: a two-instruction XDP program (`r0 = XDP_PASS; exit`) loaded
 //! straight through bpf(2), run with BPF_PROG_TEST_RUN like ours.
 
-use std::os::fd::{FromRawFd as _, OwnedFd};
 use std::os::fd::AsRawFd as _;
+use std::os::fd::{FromRawFd as _, OwnedFd};
 
 use anyhow::bail;
 
@@ -16,7 +16,14 @@ pub struct Floor {
 
 fn bpf(cmd: libc::c_long, attr: &mut [u64; 16]) -> libc::c_long {
     // SAFETY: attr is a zero-padded bpf_attr of 128 bytes.
-    unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_mut_ptr(), std::mem::size_of_val(attr)) }
+    unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            attr.as_mut_ptr(),
+            std::mem::size_of_val(attr),
+        )
+    }
 }
 
 impl Floor {
@@ -31,10 +38,15 @@ impl Floor {
         attr[2] = license.as_ptr() as u64;
         let fd = bpf(BPF_PROG_LOAD, &mut attr);
         if fd < 0 {
-            bail!("BPF_PROG_LOAD of the XDP_PASS floor: {}", std::io::Error::last_os_error());
+            bail!(
+                "BPF_PROG_LOAD of the XDP_PASS floor: {}",
+                std::io::Error::last_os_error()
+            );
         }
         // SAFETY: a fresh fd we own.
-        Ok(Self { fd: unsafe { OwnedFd::from_raw_fd(fd as i32) } })
+        Ok(Self {
+            fd: unsafe { OwnedFd::from_raw_fd(fd as i32) },
+        })
     }
 
     /// Average ns per run over `repeat` runs, as the kernel reports it.
@@ -48,7 +60,10 @@ impl Floor {
         attr[3] = 0; // data_out
         attr[4] = u64::from(repeat); // repeat | duration
         if bpf(BPF_PROG_TEST_RUN, &mut attr) < 0 {
-            bail!("BPF_PROG_TEST_RUN of the floor: {}", std::io::Error::last_os_error());
+            bail!(
+                "BPF_PROG_TEST_RUN of the floor: {}",
+                std::io::Error::last_os_error()
+            );
         }
         let retval = (attr[0] >> 32) as u32;
         anyhow::ensure!(retval == 2, "floor returned {retval}, not XDP_PASS");

@@ -24,7 +24,10 @@ fn one(target: SocketAddr) -> anyhow::Result<()> {
     s.read_to_end(&mut buf)?;
     // Close with RST (SO_LINGER 0), as load generators do, so neither side
     // keeps TIME_WAIT and source ports are reusable at once.
-    let linger = libc::linger { l_onoff: 1, l_linger: 0 };
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
     // SAFETY: valid socket fd and option struct.
     unsafe {
         libc::setsockopt(
@@ -70,5 +73,10 @@ pub fn run(target: SocketAddr, threads: usize, duration: Duration) -> Load {
     }
     let secs = start.elapsed().as_secs_f64();
     let ok = latencies_us.len() as u64;
-    Load { conns_per_s: ok as f64 / secs, ok, errors, latencies_us }
+    Load {
+        conns_per_s: ok as f64 / secs,
+        ok,
+        errors,
+        latencies_us,
+    }
 }
