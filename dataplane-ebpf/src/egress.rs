@@ -132,14 +132,16 @@ fn icmp4_error(ctx: &TcContext, off: usize, ip: &Ipv4Hdr, l4: usize) -> Result<V
     }
     let ports_off = inner_off + inner_len;
     let ports: Ports = ctx.load(ports_off).map_err(drop)?;
-    let key = FlowKey {
-        src: ipv4_mapped(inner.dst),
-        dst: ipv4_mapped(inner.src),
-        sport: ports.dst,
-        dport: ports.src,
+    // The quoted packet went client -> backend; the reply flow is its reverse.
+    let quoted = FlowKey {
+        src: ipv4_mapped(inner.src),
+        dst: ipv4_mapped(inner.dst),
+        sport: ports.src,
+        dport: ports.dst,
         proto: inner.proto,
         pad: [0; 3],
     };
+    let key = quoted.reversed();
     let Some(rev) = lookup(&key) else { return Ok(Verdict::EgressPass) };
     let vip = as_ipv4(&rev.vip).ok_or(())?;
     let icmp_check = l4 + ICMP_CSUM_OFFSET;
@@ -259,14 +261,15 @@ fn icmp6_error(ctx: &TcContext, off: usize, ip: &Ipv6Hdr, l4: usize) -> Result<V
     }
     let ports_off = inner_off + IPV6_HLEN;
     let ports: Ports = ctx.load(ports_off).map_err(drop)?;
-    let key = FlowKey {
-        src: inner.dst,
-        dst: inner.src,
-        sport: ports.dst,
-        dport: ports.src,
+    let quoted = FlowKey {
+        src: inner.src,
+        dst: inner.dst,
+        sport: ports.src,
+        dport: ports.dst,
         proto: inner.next_hdr,
         pad: [0; 3],
     };
+    let key = quoted.reversed();
     let Some(rev) = lookup(&key) else { return Ok(Verdict::EgressPass) };
     let icmp_check = l4 + ICMP_CSUM_OFFSET;
     let inner_diff = addr_diff(&inner.dst, &rev.vip)?;

@@ -500,14 +500,15 @@ fn icmp4_error(ctx: &XdpContext, ip: &mut Ipv4Hdr, l4: usize) -> (Verdict, u32) 
     };
     let ports = unsafe { &mut *ports };
     // The quoted packet went VIP -> client; its flow is client -> VIP.
-    let flow = FlowKey {
-        src: ipv4_mapped(inner.dst),
-        dst: ipv4_mapped(inner.src),
-        sport: ports.dst,
-        dport: ports.src,
+    let quoted = FlowKey {
+        src: ipv4_mapped(inner.src),
+        dst: ipv4_mapped(inner.dst),
+        sport: ports.src,
+        dport: ports.dst,
         proto: inner.proto,
         pad: [0; 3],
     };
+    let flow = quoted.reversed();
     let Some(known) = (unsafe { FLOWS.get(&flow) }).copied() else {
         return (Verdict::DropUnsupportedProtocol, XDP_DROP);
     };

@@ -190,6 +190,14 @@ pub struct FlowKey {
     pub pad: [u8; 3],
 }
 
+impl FlowKey {
+    /// The same flow seen from the other end (source and destination swapped).
+    #[inline(always)]
+    pub fn reversed(&self) -> Self {
+        Self { src: self.dst, dst: self.src, sport: self.dport, dport: self.sport, proto: self.proto, pad: [0; 3] }
+    }
+}
+
 /// The flow goes to a pod.
 pub const FLOW_TO_BACKEND: u8 = 1;
 /// The flow goes to the activator.
