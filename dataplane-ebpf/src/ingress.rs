@@ -262,22 +262,24 @@ enum Target {
 
 #[inline(always)]
 fn decide(cfg: &Config, flow: &FlowKey, syn: bool, v4: bool) -> Target {
+    // Looked up once: every path below either follows it or records a new one.
+    // SAFETY: copied out at once (LRU entries can be evicted and reused).
+    let known = unsafe { FLOWS.get(flow) }.copied();
     let key = ServiceKey { vip: flow.dst, port: flow.dport, proto: flow.proto, pad: 0 };
     // SAFETY: copied out at once; the agent may replace the entry at any time.
     let Some(svc) = (unsafe { SERVICES.get(&key) }).copied() else {
-        return to_activator(cfg, flow, v4, Verdict::ActivatorUnknownService, None);
+        return to_activator(cfg, flow, &known, v4, Verdict::ActivatorUnknownService, None);
     };
     if svc.flags & SERVICE_F_ACTIVATOR_ONLY != 0 {
-        return to_activator(cfg, flow, v4, Verdict::ActivatorCollision, None);
+        return to_activator(cfg, flow, &known, v4, Verdict::ActivatorCollision, None);
     }
     let app_id = svc.app_id;
     let Some(app) = APPS.get(app_id) else {
-        return to_activator(cfg, flow, v4, Verdict::ActivatorUnknownService, None);
+        return to_activator(cfg, flow, &known, v4, Verdict::ActivatorUnknownService, None);
     };
     let (backend_count, ready_count) = (app.backend_count, app.ready_count);
 
-    // SAFETY: copied out at once (LRU entries can be evicted and reused).
-    if let Some(known) = unsafe { FLOWS.get(flow) }.copied() {
+    if let Some(known) = known {
         if known.kind == FLOW_TO_BACKEND && known.app_id == app_id {
             if let Some(slot) = find_backend(app_id, &known.backend, known.slot, backend_count) {
                 if slot != known.slot {
@@ -294,15 +296,15 @@ fn decide(cfg: &Config, flow: &FlowKey, syn: bool, v4: bool) -> Target {
             // Its backend is gone: choose again below.
         } else if known.kind == FLOW_TO_ACTIVATOR && !(syn && ready_count > 0) {
             // A connection held by the activator stays there; a new SYN may go to a pod.
-            return to_activator(cfg, flow, v4, Verdict::ActivatorNoBackend, Some(app_id));
+            return to_activator(cfg, flow, &Some(known), v4, Verdict::ActivatorNoBackend, Some(app_id));
         }
     }
 
     if ready_count == 0 {
-        return to_activator(cfg, flow, v4, Verdict::ActivatorNoBackend, Some(app_id));
+        return to_activator(cfg, flow, &known, v4, Verdict::ActivatorNoBackend, Some(app_id));
     }
     let Some((addr, slot)) = choose_backend(app_id, flow, backend_count) else {
-        return to_activator(cfg, flow, v4, Verdict::ActivatorNoBackend, Some(app_id));
+        return to_activator(cfg, flow, &known, v4, Verdict::ActivatorNoBackend, Some(app_id));
     };
     let port = svc.target_port;
     let value = FlowValue {
@@ -313,7 +315,7 @@ fn decide(cfg: &Config, flow: &FlowKey, syn: bool, v4: bool) -> Target {
         app_id,
         slot,
     };
-    remember(flow, &value, addr, port, app_id);
+    remember(flow, &value, &known);
     Target::Forward { verdict: Verdict::BackendNewFlow, addr, port, app_id: Some(app_id) }
 }
 
@@ -410,6 +412,7 @@ fn for_each_slot<T>(count: u32, step: extern "C" fn(u64, *mut c_void) -> c_long,
 fn to_activator(
     cfg: &Config,
     flow: &FlowKey,
+    known: &Option<FlowValue>,
     v4: bool,
     verdict: Verdict,
     app_id: Option<u32>,
@@ -430,29 +433,30 @@ fn to_activator(
         app_id: app_id.unwrap_or(u32::MAX),
         slot: 0,
     };
-    remember(flow, &value, addr, port, app_id.unwrap_or(u32::MAX));
+    remember(flow, &value, known);
     Target::Forward { verdict, addr, port, app_id }
 }
 
-/// Records the flow and its reverse NAT entry, unless they already say the same.
+/// Records the flow and its reverse NAT entry, unless the flow table
+/// (`known`, as `decide` read it) already says the same.
 #[inline(always)]
-fn remember(flow: &FlowKey, value: &FlowValue, addr: Addr, port: u16, app_id: u32) {
-    let unchanged = match unsafe { FLOWS.get(flow) } {
-        Some(v) => addr_eq(&v.backend, &addr) && v.backend_port == port && v.kind == value.kind,
+fn remember(flow: &FlowKey, value: &FlowValue, known: &Option<FlowValue>) {
+    let unchanged = match known {
+        Some(v) => addr_eq(&v.backend, &value.backend) && v.backend_port == value.backend_port && v.kind == value.kind,
         None => false,
     };
     if unchanged {
         return;
     }
     let reply = FlowKey {
-        src: addr,
+        src: value.backend,
         dst: flow.src,
-        sport: port,
+        sport: value.backend_port,
         dport: flow.sport,
         proto: flow.proto,
         pad: [0; 3],
     };
-    let rev = RevNatValue { vip: flow.dst, vport: flow.dport, pad: [0; 2], app_id };
+    let rev = RevNatValue { vip: flow.dst, vport: flow.dport, pad: [0; 2], app_id: value.app_id };
     if FLOWS.insert(flow, value, 0).is_err() || REVNAT.insert(&reply, &rev, 0).is_err() {
         count(Verdict::FlowInsertFailed);
     }
