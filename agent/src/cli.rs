@@ -1,7 +1,7 @@
 //! Command line. Every option has a default a single node can run with.
 
 use std::{
-    net::{IpAddr, SocketAddr},
+    net::SocketAddr,
     path::PathBuf,
     str::FromStr,
 };
@@ -141,9 +141,4 @@ pub struct DetachArgs {
     pub iface: String,
     #[arg(long, env = "SERVICELESS_PIN_DIR", default_value = DEFAULT_PIN_DIR)]
     pub pin_dir: PathBuf,
-}
-
-/// `ip:port` printed as the kernel config needs it.
-pub fn split_endpoint(addr: Option<SocketAddr>) -> Option<(IpAddr, u16)> {
-    addr.map(|a| (a.ip(), a.port()))
 }

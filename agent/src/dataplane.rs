@@ -186,7 +186,7 @@ fn ensure_bpffs(dir: &Path) -> anyhow::Result<()> {
 
 /// Attaches (or re-attaches, replacing our earlier programs in place) to `iface`.
 pub fn attach(loaded: &mut Loaded, pins: &Pins, iface: &str, mode: XdpAttachMode) -> anyhow::Result<()> {
-    if nix_if_index(iface).is_none() {
+    if if_index(iface).is_none() {
         bail!("network interface '{iface}' not found; pass the node's uplink with --iface");
     }
     std::fs::create_dir_all(pins.links_dir())?;
@@ -250,7 +250,7 @@ pub fn detach(pins: &Pins, iface: &str) -> anyhow::Result<()> {
         std::fs::remove_file(&link_path).with_context(|| format!("removing {}", link_path.display()))?;
         info!(%iface, "XDP link unpinned (the program detaches when its last reference closes)");
     }
-    if nix_if_index(iface).is_some() {
+    if if_index(iface).is_some() {
         match SchedClassifierLink::attached(iface, TcAttachType::Egress, TC_PRIORITY, TcHandle::from(TC_HANDLE), None) {
             Ok(link) => {
                 if let Err(e) = link.detach() {
@@ -272,7 +272,7 @@ pub fn detach(pins: &Pins, iface: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn nix_if_index(iface: &str) -> Option<u32> {
+fn if_index(iface: &str) -> Option<u32> {
     let c = std::ffi::CString::new(iface).ok()?;
     // SAFETY: valid C string.
     let idx = unsafe { libc::if_nametoindex(c.as_ptr()) };

@@ -2,7 +2,7 @@
 //! code that writes them (the reconciler calls it); `inspect` and metrics
 //! use its read methods.
 
-use std::{os::fd::AsFd as _, path::Path};
+use std::path::Path;
 
 use aya::{
     Ebpf,
@@ -243,11 +243,6 @@ impl DataplaneMaps {
             (names::VERDICTS, id(self.verdicts.map())),
             (names::CONFIG, id(self.config.map())),
         ]
-    }
-
-    /// File descriptor of the flows map, for tests that count entries.
-    pub fn flows_fd(&self) -> std::os::fd::BorrowedFd<'_> {
-        self.flows.map().fd().as_fd()
     }
 }
 

@@ -319,7 +319,7 @@ impl Reconciler {
         let (target, sources) = {
             let current = &self.apps[&spec.hostname];
             let visible = &current.slots[..current.value.backend_count as usize];
-            plan_backends(visible, &current.sources, &spec.backends)
+            plan_backends(visible, &spec.backends)
         };
         let mut value = AppValue {
             backend_count: target.len() as u32,
@@ -472,11 +472,6 @@ impl Reconciler {
             })
             .collect()
     }
-
-    /// Pod names behind an app's slots, as last programmed.
-    pub fn sources(&self, host: &str) -> Option<Vec<Option<String>>> {
-        self.apps.get(host).map(|p| p.sources[..p.value.backend_count as usize].to_vec())
-    }
 }
 
 fn owner_name(apps: &HashMap<String, Programmed>, id: Option<u32>) -> String {
@@ -491,15 +486,10 @@ pub fn service_key(vip: IpAddr, port: &PortSpec) -> ServiceKey {
 /// New slot contents for an app: backends keep their slots in order (the
 /// kernel's flow entries remember slots), removed ones close up, new ones
 /// are appended. Returns the slots and the pod name of each.
-pub fn plan_backends(
-    current: &[Backend],
-    current_sources: &[Option<String>],
-    desired: &[BackendSpec],
-) -> (Vec<Backend>, Vec<Option<String>>) {
+pub fn plan_backends(current: &[Backend], desired: &[BackendSpec]) -> (Vec<Backend>, Vec<Option<String>>) {
     let mut want: HashMap<[u8; 16], &BackendSpec> = desired.iter().map(|b| (to_addr(b.ip), b)).collect();
     let mut slots = Vec::with_capacity(desired.len());
     let mut sources = Vec::with_capacity(desired.len());
-    let _ = current_sources;
     for b in current {
         if let Some(spec) = want.remove(&b.addr) {
             slots.push(backend(spec));
@@ -550,16 +540,15 @@ mod tests {
 
     #[test]
     fn backends_keep_their_slots_and_new_ones_append() {
-        let (first, _) = plan_backends(&[], &[], &[spec("10.0.0.1", true), spec("10.0.0.2", true)]);
+        let (first, _) = plan_backends(&[], &[spec("10.0.0.1", true), spec("10.0.0.2", true)]);
         let (second, src) = plan_backends(
             &first,
-            &[],
             &[spec("10.0.0.3", true), spec("10.0.0.2", false), spec("10.0.0.1", true)],
         );
         assert_eq!(addrs(&second), ["10.0.0.1", "10.0.0.2", "10.0.0.3"].map(|s| s.parse::<IpAddr>().unwrap()));
         assert_eq!(second[1].state, BACKEND_DRAINING);
         assert_eq!(src[2].as_deref(), Some("10.0.0.3"));
-        let (third, _) = plan_backends(&second, &[], &[spec("10.0.0.3", true), spec("10.0.0.1", true)]);
+        let (third, _) = plan_backends(&second, &[spec("10.0.0.3", true), spec("10.0.0.1", true)]);
         assert_eq!(addrs(&third), ["10.0.0.1", "10.0.0.3"].map(|s| s.parse::<IpAddr>().unwrap()));
     }
 

@@ -64,7 +64,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
         SourceSpec::Kubernetes => {
             let client = kubernetes::client(args.api_qps).await?;
-            let opts = KubeOptions { ranges, api_qps: args.api_qps, instance: args.node_name.clone() };
+            let opts = KubeOptions { ranges, instance: args.node_name.clone() };
             tokio::spawn(kubernetes::watch(client, opts, store.clone(), health.clone(), metrics.clone()))
         }
     };

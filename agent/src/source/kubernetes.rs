@@ -57,8 +57,6 @@ pub mod annotations {
 #[derive(Clone, Debug)]
 pub struct KubeOptions {
     pub ranges: VipRanges,
-    /// Requests per second the agent may send to the API server.
-    pub api_qps: u32,
     /// Identifies this agent in Events (the node name).
     pub instance: String,
 }

@@ -147,19 +147,6 @@ impl Store {
     pub async fn changed(&self) {
         self.notify.notified().await;
     }
-
-    pub fn len(&self) -> usize {
-        self.lock().apps.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// A copy of one app's desired state.
-    pub fn get(&self, hostname: &str) -> Option<AppSpec> {
-        self.lock().apps.get(hostname).cloned()
-    }
 }
 
 #[cfg(test)]
