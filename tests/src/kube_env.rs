@@ -55,7 +55,7 @@ impl KubeEnv {
 
         // The agent runs in the node namespace, whose loopback is not the
         // API server's: carry its connections across.
-        proxy_into(&topo.node.name, cluster.apiserver_port())?;
+        proxy_into(&topo.node, cluster.apiserver_port())?;
         let agent_kubeconfig = dir.join("agent.kubeconfig");
         std::fs::write(&agent_kubeconfig, kubeconfig(&cluster, Some(AGENT_SA)))?;
         let admin = dir.join("admin.kubeconfig");
@@ -125,19 +125,25 @@ impl KubeEnv {
     /// Reports a pod's IP and readiness through the status subresource.
     pub fn set_status(&self, ns: &str, name: &str, ip: Option<&str>, ready: bool) -> anyhow::Result<()> {
         let pods: Api<Pod> = Api::namespaced(self.client.clone(), ns);
-        let now = k8s_openapi::jiff::Timestamp::now().to_string();
-        let mut status = serde_json::json!({
-            "phase": "Running",
-            "conditions": [{ "type": "Ready", "status": if ready { "True" } else { "False" }, "lastTransitionTime": now }],
-        });
-        if let Some(ip) = ip {
-            status["podIP"] = serde_json::json!(ip);
-            status["podIPs"] = serde_json::json!([{ "ip": ip }]);
-        }
-        let patch = serde_json::json!({ "status": status });
+        let patch = status_patch(ip, ready);
         self.rt.block_on(pods.patch_status(name, &PatchParams::default(), &Patch::Merge(&patch)))?;
         Ok(())
     }
+}
+
+/// The status merge patch a kubelet sends: Running, podIP, and the Ready
+/// condition with its transition time (the agent's NPL origin).
+pub fn status_patch(ip: Option<&str>, ready: bool) -> serde_json::Value {
+    let now = k8s_openapi::jiff::Timestamp::now().to_string();
+    let mut status = serde_json::json!({
+        "phase": "Running",
+        "conditions": [{ "type": "Ready", "status": if ready { "True" } else { "False" }, "lastTransitionTime": now }],
+    });
+    if let Some(ip) = ip {
+        status["podIP"] = serde_json::json!(ip);
+        status["podIPs"] = serde_json::json!([{ "ip": ip }]);
+    }
+    serde_json::json!({ "status": status })
 }
 
 /// A kubeconfig for the cluster, optionally impersonating `as_user`.
@@ -151,18 +157,10 @@ fn kubeconfig(cluster: &k8s::Cluster, as_user: Option<&str>) -> String {
     )
 }
 
-/// Listens on 127.0.0.1:`port` inside netns `ns` and forwards each
-/// connection to 127.0.0.1:`port` in this namespace. Runs until the process ends.
-fn proxy_into(ns: &str, port: u16) -> anyhow::Result<()> {
-    let file = std::fs::File::open(format!("/run/netns/{ns}"))?;
-    let listener = thread::spawn(move || -> anyhow::Result<TcpListener> {
-        // SAFETY: valid netns fd; only this thread changes namespace.
-        anyhow::ensure!(unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET) } == 0, "setns");
-        let l = TcpListener::bind(("127.0.0.1", port))?;
-        Ok(l)
-    })
-    .join()
-    .map_err(|_| anyhow::anyhow!("proxy thread panicked"))??;
+/// Listens on 127.0.0.1:`port` inside `ns` and forwards each connection to
+/// 127.0.0.1:`port` in this namespace. Runs until the process ends.
+fn proxy_into(ns: &crate::netns::Netns, port: u16) -> anyhow::Result<()> {
+    let listener = ns.run(move || TcpListener::bind(("127.0.0.1", port)))??;
     thread::spawn(move || {
         for inbound in listener.incoming().flatten() {
             // This thread is in the root namespace, so this connects there.

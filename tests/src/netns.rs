@@ -78,17 +78,24 @@ impl Netns {
     /// Runs `f` on a thread that has entered this namespace; sockets it
     /// creates live in the namespace and may be used from any thread.
     pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> anyhow::Result<T> {
-        let file = File::open(format!("/run/netns/{}", self.name)).context("opening the netns")?;
+        let name = self.name.clone();
         thread::spawn(move || {
-            // SAFETY: valid netns fd; only this thread changes namespace.
-            if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                return Err(anyhow::Error::from(std::io::Error::last_os_error()).context("setns"));
-            }
+            enter(&name)?;
             Ok(f())
         })
         .join()
         .map_err(|_| anyhow::anyhow!("thread in netns panicked"))?
     }
+}
+
+/// Moves the calling thread (only) into network namespace `name`.
+pub fn enter(name: &str) -> anyhow::Result<()> {
+    let file = File::open(format!("/run/netns/{name}")).with_context(|| format!("opening netns {name}"))?;
+    // SAFETY: valid netns fd; setns(2) on a thread affects that thread alone.
+    if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        return Err(anyhow::Error::from(std::io::Error::last_os_error()).context(format!("setns into {name}")));
+    }
+    Ok(())
 }
 
 impl Drop for Netns {

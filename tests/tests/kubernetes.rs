@@ -230,8 +230,7 @@ fn bad_annotations_collisions_and_scale() {
                     })).expect("pod");
                     pods.create(&Default::default(), &pod).await.expect("create pod");
                     let ip = format!("10.{}.{}.{}", 200 + i / 65536, (i / 256) % 256, i % 256);
-                    let patch = serde_json::json!({"status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}],
-                        "conditions": [{"type": "Ready", "status": "True", "lastTransitionTime": k8s_openapi::jiff::Timestamp::now().to_string()}]}});
+                    let patch = serviceless_tests::kube_env::status_patch(Some(&ip), true);
                     pods.patch_status(&format!("scale-{i}"), &Default::default(), &kube::api::Patch::Merge(&patch))
                         .await
                         .expect("patch status");

@@ -6,7 +6,7 @@ use std::{
     collections::HashMap,
     path::{Path, PathBuf},
     sync::{
-        Arc,
+        Arc, Mutex,
         atomic::{AtomicBool, AtomicU32, Ordering},
     },
     thread,
@@ -220,9 +220,7 @@ fn kill_9_and_restart_of_the_agent_lose_no_request() {
         let topo_client = s.topo.client.name.clone();
         let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
         thread::spawn(move || {
-            let ns = std::fs::File::open(format!("/run/netns/{topo_client}")).expect("netns");
-            // SAFETY: this thread alone enters the client namespace.
-            assert_eq!(unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&ns), libc::CLONE_NEWNET) }, 0);
+            serviceless_tests::netns::enter(&topo_client).expect("enter the client namespace");
             while !stop.load(Ordering::Relaxed) {
                 match serviceless_tests::topology::http_get(VIP, "/") {
                     Ok(r) if r.status == 200 && r.server().starts_with("pod-") => {
@@ -252,8 +250,6 @@ fn kill_9_and_restart_of_the_agent_lose_no_request() {
     assert!(log2.contains("adopted pinned maps"), "restart adopts the maps:\n{log2}");
     assert!(log2.contains("replaced in the existing link"), "restart reuses the XDP link:\n{log2}");
 }
-
-use std::sync::Mutex;
 
 #[test]
 fn bad_interface_and_attach_mode_give_clear_errors() {
