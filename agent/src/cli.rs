@@ -4,6 +4,7 @@ use std::{
     net::SocketAddr,
     path::PathBuf,
     str::FromStr,
+    time::Duration,
 };
 
 use clap::{Args, Parser, Subcommand};
@@ -33,9 +34,9 @@ pub struct Cli {
 pub enum Command {
     /// Run the node daemon: attach the programs and keep the maps up to date.
     Run(RunArgs),
-    /// Show apps, backends, flows and counters from the pinned maps (works while the daemon is down).
+    /// Show apps, backends, connections and counters from the pinned maps (works while the daemon is down).
     Inspect(InspectArgs),
-    /// Remove the programs from an interface and unpin every map (drops all flows).
+    /// Remove the programs from an interface and unpin every map (drops all connections).
     Detach(DetachArgs),
 }
 
@@ -75,9 +76,37 @@ pub struct RunArgs {
     /// Capacity of the backend table (pods, all apps).
     #[arg(long, default_value_t = serviceless_common::default_capacity::BACKENDS)]
     pub max_backends: u32,
-    /// Capacity of each flow table (LRU: the least recently used flow is evicted when full).
-    #[arg(long, default_value_t = serviceless_common::default_capacity::FLOWS)]
-    pub max_flows: u32,
+    /// Connections the conntrack table holds. It never evicts a live
+    /// connection: when full, new connections are refused (counted as
+    /// `drop_ct_full`) until idle ones expire.
+    #[arg(long, default_value_t = serviceless_common::default_capacity::CONNTRACK / 2)]
+    pub max_connections: u32,
+    /// Conntrack: idle timeout of a half-open TCP connection (SYN seen, not established).
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "20s")]
+    pub ct_syn_timeout: Duration,
+    /// Conntrack: idle timeout of an established (or half-closed) TCP connection.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "6h")]
+    pub ct_established_timeout: Duration,
+    /// Conntrack: how long a TCP connection is kept after FIN from both sides or a RST.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
+    pub ct_close_timeout: Duration,
+    /// Conntrack: idle timeout of a UDP flow.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "60s")]
+    pub ct_udp_timeout: Duration,
+    /// Flood guard: new connections each CPU may track per second (0: no
+    /// limit). Past it new connections are refused (`drop_ct_rate_limited`);
+    /// established ones are never touched.
+    #[arg(long, default_value_t = 20_000)]
+    pub ct_new_per_cpu: u32,
+    /// How often the in-kernel conntrack garbage collector runs.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "3s")]
+    pub ct_gc_interval: Duration,
+    /// File with the 128-bit flow hash key (32 hex digits) that picks a pod
+    /// for each new connection. Give every node the same key (in Kubernetes,
+    /// a Secret) so they all pick the same pod; without one, a random key is
+    /// kept for this node.
+    #[arg(long, env = "SERVICELESS_FLOW_HASH_KEY_FILE")]
+    pub flow_hash_key_file: Option<PathBuf>,
     /// On exit, detach the programs and unpin the maps (default: leave traffic flowing).
     #[arg(long)]
     pub detach_on_exit: bool,
@@ -124,9 +153,9 @@ pub struct InspectArgs {
     /// Print JSON instead of tables.
     #[arg(long)]
     pub json: bool,
-    /// Show at most this many flows.
+    /// Show at most this many connections.
     #[arg(long, default_value_t = 50)]
-    pub flows: usize,
+    pub connections: usize,
     /// Only this app (hostname).
     #[arg(long)]
     pub app: Option<String>,

@@ -65,7 +65,8 @@ pub struct Sizes {
     pub services: u32,
     pub apps: u32,
     pub backends: u32,
-    pub flows: u32,
+    /// Tracked connections (the conntrack table holds two entries each).
+    pub connections: u32,
 }
 
 impl Default for Sizes {
@@ -74,8 +75,14 @@ impl Default for Sizes {
             services: default_capacity::SERVICES,
             apps: default_capacity::APPS,
             backends: default_capacity::BACKENDS,
-            flows: default_capacity::FLOWS,
+            connections: default_capacity::CONNTRACK / 2,
         }
+    }
+}
+
+impl Sizes {
+    fn conntrack_entries(&self) -> u32 {
+        self.connections.saturating_mul(2)
     }
 }
 
@@ -126,8 +133,7 @@ pub fn load(pins: &Pins, sizes: Sizes) -> anyhow::Result<Loaded> {
         .map_max_entries(map_names::APPS, sizes.apps)
         .map_max_entries(map_names::ACTIVITY, sizes.apps)
         .map_max_entries(map_names::BACKENDS, sizes.backends)
-        .map_max_entries(map_names::FLOWS, sizes.flows)
-        .map_max_entries(map_names::REVNAT, sizes.flows);
+        .map_max_entries(map_names::CONNTRACK, sizes.conntrack_entries());
     let mut ebpf = loader.load(EBPF_OBJECT).context(
         "loading the eBPF object (needs root or CAP_BPF+CAP_NET_ADMIN+CAP_PERFMON, and a kernel with BTF, >= 6.1)",
     )?;
@@ -136,6 +142,8 @@ pub fn load(pins: &Pins, sizes: Sizes) -> anyhow::Result<Loaded> {
     ingress.load().context("verifier rejected the XDP ingress program")?;
     let egress: &mut SchedClassifier = program(&mut ebpf, program_names::EGRESS)?.try_into()?;
     egress.load().context("verifier rejected the TC egress program")?;
+    let gc: &mut Xdp = program(&mut ebpf, program_names::CT_GC)?.try_into()?;
+    gc.load().context("verifier rejected the conntrack GC program")?;
 
     let maps = DataplaneMaps::from_ebpf(&mut ebpf)?;
     if !adopted.is_empty() {
@@ -145,12 +153,13 @@ pub fn load(pins: &Pins, sizes: Sizes) -> anyhow::Result<Loaded> {
             services: sizes.services,
             apps: sizes.apps,
             backends: sizes.backends,
-            flows: sizes.flows,
+            conntrack: sizes.conntrack_entries(),
+            fragments: have.fragments,
         };
         if have != want {
             warn!(
                 ?have, ?want,
-                "pinned maps keep the capacities they were created with; to resize, run `serviceless detach` and restart (this drops established flows)"
+                "pinned maps keep the capacities they were created with; to resize, run `serviceless detach` and restart (this drops established connections)"
             );
         }
     }
@@ -260,7 +269,7 @@ pub fn detach(pins: &Pins, iface: &str) -> anyhow::Result<()> {
             Err(e) => warn!(%iface, error = %e, "TC egress filter not found"),
         }
     }
-    for name in map_names::ALL {
+    for name in map_names::ALL.iter().chain(&map_names::previous::ALL) {
         let path = pins.map(name);
         if path.exists() {
             std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;

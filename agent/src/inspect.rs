@@ -5,21 +5,45 @@ use std::{collections::BTreeMap, fmt::Write as _, net::IpAddr};
 
 use anyhow::Context as _;
 use serde::Serialize;
-use serviceless_common::{BACKEND_READY, BackendKey, FLOW_TO_ACTIVATOR, SERVICE_F_ACTIVATOR_ONLY};
+use serviceless_common::{
+    BACKEND_READY, BackendKey, CT_DIR_FORWARD, CT_KIND_ACTIVATOR, CT_STATE_CLOSING, CT_STATE_ESTABLISHED,
+    CT_STATE_FIN_WAIT, CT_STATE_SYN_RECV, CT_STATE_SYN_SENT, CT_STATE_UDP, SERVICE_F_ACTIVATOR_ONLY,
+};
 
 use crate::{
     cli::InspectArgs,
+    conntrack::monotonic_coarse_ns,
     maps::{Capacities, DataplaneMaps},
     model::{Protocol, from_addr},
     reconcile::stored_hostname,
 };
 
+/// Conntrack states and the names `inspect` and metrics use for them.
+pub const CT_STATES: [(u8, &str); 6] = [
+    (CT_STATE_SYN_SENT, "syn_sent"),
+    (CT_STATE_SYN_RECV, "syn_recv"),
+    (CT_STATE_ESTABLISHED, "established"),
+    (CT_STATE_FIN_WAIT, "fin_wait"),
+    (CT_STATE_CLOSING, "closing"),
+    (CT_STATE_UDP, "udp"),
+];
+
+fn state_name(state: u8) -> &'static str {
+    CT_STATES.iter().find(|(s, _)| *s == state).map_or("unknown", |(_, n)| n)
+}
+
 #[derive(Debug, Serialize)]
 pub struct Report {
     pub apps: Vec<AppReport>,
-    pub flows: Vec<FlowReport>,
-    pub flows_total: usize,
+    /// Tracked connections (up to `--connections` of them).
+    pub connections: Vec<ConnectionReport>,
+    /// Connections in the table, and by state, as the last GC pass counted them.
+    pub connections_total: u64,
+    pub connections_by_state: BTreeMap<&'static str, u64>,
+    /// Packet verdicts.
     pub counters: BTreeMap<&'static str, u64>,
+    /// Conntrack lifecycle events.
+    pub conntrack_events: BTreeMap<&'static str, u64>,
     pub capacity: Capacities,
     pub config: ConfigReport,
     pub map_ids: BTreeMap<&'static str, u32>,
@@ -50,25 +74,26 @@ pub struct BackendReport {
 }
 
 #[derive(Debug, Serialize)]
-pub struct FlowReport {
+pub struct ConnectionReport {
     pub client: String,
     pub vip: String,
     pub protocol: String,
+    /// The backend (pod or activator) address and port.
     pub to: String,
+    /// "backend" or "activator".
     pub kind: &'static str,
+    pub state: &'static str,
+    pub app_id: Option<u32>,
+    /// The client port the backend sees, when a reply-tuple clash made it differ.
+    pub client_port_rewritten: Option<u16>,
+    pub age_seconds: f64,
+    pub idle_seconds: f64,
 }
 
 #[derive(Debug, Serialize)]
 pub struct ConfigReport {
     pub activator4: Option<String>,
     pub activator6: Option<String>,
-}
-
-fn monotonic_coarse_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: valid out-pointer. The kernel stamps activity with the same clock.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 fn endpoint(addr: &[u8; 16], port_be: u16) -> String {
@@ -79,7 +104,7 @@ fn endpoint(addr: &[u8; 16], port_be: u16) -> String {
 }
 
 /// Reads everything `inspect` shows.
-pub fn report(maps: &DataplaneMaps, flow_limit: usize, only: Option<&str>) -> Report {
+pub fn report(maps: &DataplaneMaps, connection_limit: usize, only: Option<&str>) -> Report {
     let mut by_app: BTreeMap<u32, (Option<IpAddr>, Vec<String>, bool)> = BTreeMap::new();
     for (key, value) in maps.services() {
         let entry = by_app.entry(value.app_id).or_insert((None, Vec::new(), false));
@@ -121,21 +146,29 @@ pub fn report(maps: &DataplaneMaps, flow_limit: usize, only: Option<&str>) -> Re
             pods: Vec::new(),
         });
     }
-    let mut flows = Vec::new();
-    let mut flows_total = 0;
-    for (key, value) in maps.flows() {
-        flows_total += 1;
-        if flows.len() >= flow_limit {
+    let wanted_ids: Option<Vec<u32>> = only.map(|_| apps.iter().map(|a| a.id).collect());
+    let mut connections = Vec::new();
+    for (key, entry) in maps.conntrack() {
+        if connections.len() >= connection_limit {
+            break;
+        }
+        if key.dir != CT_DIR_FORWARD || wanted_ids.as_ref().is_some_and(|ids| !ids.contains(&entry.app_id)) {
             continue;
         }
-        flows.push(FlowReport {
+        connections.push(ConnectionReport {
             client: endpoint(&key.src, key.sport),
             vip: endpoint(&key.dst, key.dport),
             protocol: Protocol::from_ip_proto(key.proto).map(|p| p.to_string()).unwrap_or_default(),
-            to: endpoint(&value.backend, value.backend_port),
-            kind: if value.kind == FLOW_TO_ACTIVATOR { "activator" } else { "backend" },
+            to: endpoint(&entry.addr, entry.port),
+            kind: if entry.kind == CT_KIND_ACTIVATOR { "activator" } else { "backend" },
+            state: state_name(entry.state),
+            app_id: (entry.app_id != u32::MAX).then_some(entry.app_id),
+            client_port_rewritten: (entry.client_port != key.sport).then(|| u16::from_be(entry.client_port)),
+            age_seconds: now.saturating_sub(entry.created_ns) as f64 / 1e9,
+            idle_seconds: now.saturating_sub(entry.last_seen_ns) as f64 / 1e9,
         });
     }
+    let summary = maps.ct_summary();
     let config = maps.config().unwrap_or_default();
     let config = ConfigReport {
         activator4: (config.flags & serviceless_common::CONFIG_F_ACTIVATOR4 != 0)
@@ -145,9 +178,11 @@ pub fn report(maps: &DataplaneMaps, flow_limit: usize, only: Option<&str>) -> Re
     };
     Report {
         apps,
-        flows,
-        flows_total,
+        connections,
+        connections_total: summary.by_state.iter().sum(),
+        connections_by_state: CT_STATES.iter().map(|(s, name)| (*name, summary.by_state[*s as usize])).collect(),
         counters: maps.verdicts().into_iter().map(|(v, n)| (v.name(), n)).collect(),
+        conntrack_events: maps.ct_events().into_iter().map(|(e, n)| (e.name(), n)).collect(),
         capacity: maps.capacity(),
         config,
         map_ids: maps.ids().into_iter().collect(),
@@ -175,10 +210,26 @@ pub fn render_table(r: &Report) -> String {
             a.id, a.hostname, vip, a.ports.join(","), a.packets, a.bytes, idle, backends
         );
     }
-    let _ = writeln!(out, "\nFLOWS ({} shown of {})", r.flows.len(), r.flows_total);
-    let _ = writeln!(out, "{:<4} {:<44} {:<44} {:<44} KIND", "PROTO", "CLIENT", "VIP", "TO");
-    for f in &r.flows {
-        let _ = writeln!(out, "{:<4} {:<44} {:<44} {:<44} {}", f.protocol, f.client, f.vip, f.to, f.kind);
+    let by_state: Vec<String> =
+        r.connections_by_state.iter().filter(|(_, n)| **n > 0).map(|(s, n)| format!("{s}={n}")).collect();
+    let _ = writeln!(
+        out,
+        "\nCONNECTIONS ({} shown; {} tracked at the last GC pass: {})",
+        r.connections.len(),
+        r.connections_total,
+        if by_state.is_empty() { "none".to_string() } else { by_state.join(" ") }
+    );
+    let _ = writeln!(out, "{:<5} {:<44} {:<44} {:<44} {:<9} {:<11} {:>8} {:>8}", "PROTO", "CLIENT", "VIP", "TO", "KIND", "STATE", "AGE", "IDLE");
+    for c in &r.connections {
+        let to = match c.client_port_rewritten {
+            Some(p) => format!("{} (client port {p})", c.to),
+            None => c.to.clone(),
+        };
+        let _ = writeln!(
+            out,
+            "{:<5} {:<44} {:<44} {:<44} {:<9} {:<11} {:>7.0}s {:>7.0}s",
+            c.protocol, c.client, c.vip, to, c.kind, c.state, c.age_seconds, c.idle_seconds
+        );
     }
     let _ = writeln!(out, "\nCOUNTERS (packets)");
     for (name, n) in &r.counters {
@@ -186,15 +237,21 @@ pub fn render_table(r: &Report) -> String {
             let _ = writeln!(out, "  {name:<28} {n}");
         }
     }
+    let _ = writeln!(out, "\nCONNTRACK EVENTS");
+    for (name, n) in &r.conntrack_events {
+        if *n > 0 {
+            let _ = writeln!(out, "  {name:<28} {n}");
+        }
+    }
     let _ = writeln!(
         out,
-        "\nCONFIG  activator4={} activator6={}  capacity: apps={} services={} backends={} flows={}",
+        "\nCONFIG  activator4={} activator6={}  capacity: apps={} services={} backends={} conntrack entries={}",
         r.config.activator4.as_deref().unwrap_or("-"),
         r.config.activator6.as_deref().unwrap_or("-"),
         r.capacity.apps,
         r.capacity.services,
         r.capacity.backends,
-        r.capacity.flows
+        r.capacity.conntrack
     );
     let ids: Vec<String> = r.map_ids.iter().map(|(n, id)| format!("{n}={id}")).collect();
     let _ = writeln!(out, "MAP IDS {}  (bpftool map dump id <id>)", ids.join(" "));
@@ -204,7 +261,7 @@ pub fn render_table(r: &Report) -> String {
 pub fn run(args: &InspectArgs) -> anyhow::Result<()> {
     let maps = DataplaneMaps::open_pinned(&args.pin_dir)
         .with_context(|| format!("opening the maps pinned under {}", args.pin_dir.display()))?;
-    let mut report = report(&maps, args.flows, args.app.as_deref());
+    let mut report = report(&maps, args.connections, args.app.as_deref());
     // Pod names come from the agent's record, if it wrote one.
     if let Ok(text) = std::fs::read(&args.state_file)
         && let Ok(sources) = serde_json::from_slice::<BTreeMap<String, Vec<String>>>(&text)

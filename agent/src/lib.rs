@@ -3,6 +3,7 @@
 //! reports through `inspect`, metrics and health endpoints.
 
 pub mod cli;
+pub mod conntrack;
 pub mod dataplane;
 pub mod health;
 pub mod http;
@@ -13,3 +14,4 @@ pub mod model;
 pub mod reconcile;
 pub mod run;
 pub mod source;
+pub mod upgrade;

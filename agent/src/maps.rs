@@ -6,10 +6,10 @@ use std::path::Path;
 
 use aya::{
     Ebpf,
-    maps::{Array, HashMap, IterableMap as _, Map, MapData, MapError, PerCpuArray},
+    maps::{Array, HashMap, IterableMap as _, Map, MapData, MapError, PerCpuArray, PerCpuValues},
 };
 use serviceless_common::{
-    Activity, AppValue, Backend, BackendKey, Config, FlowKey, FlowValue, RevNatValue, ServiceKey,
+    Activity, AppValue, Backend, BackendKey, Config, CtEntry, CtEvent, CtKey, CtSummary, ServiceKey,
     ServiceValue, Verdict, map_names as names,
 };
 
@@ -20,12 +20,16 @@ pub enum MapWriteError {
     Full { map: &'static str, capacity: u32, flag: &'static str },
     #[error("{map}: {source}")]
     Syscall { map: &'static str, source: MapError },
+    #[error("app id {id} still has entries in {map} (their delete failed); the id stays reserved until a retry removes them")]
+    StillReferenced { map: &'static str, id: u32 },
 }
 
 impl MapWriteError {
     pub fn map(&self) -> &'static str {
         match self {
-            MapWriteError::Full { map, .. } | MapWriteError::Syscall { map, .. } => map,
+            MapWriteError::Full { map, .. }
+            | MapWriteError::Syscall { map, .. }
+            | MapWriteError::StillReferenced { map, .. } => map,
         }
     }
 }
@@ -39,18 +43,26 @@ pub enum OpenError {
     Layout { name: &'static str, source: MapError },
     #[error("map {0} is missing from the eBPF object")]
     Missing(&'static str),
+    #[error("map {0} is not of the kind this agent expects")]
+    Kind(&'static str),
 }
 
 pub struct DataplaneMaps {
     services: HashMap<MapData, ServiceKey, ServiceValue>,
     apps: Array<MapData, AppValue>,
     backends: HashMap<MapData, BackendKey, Backend>,
-    activity: Array<MapData, Activity>,
-    flows: HashMap<MapData, FlowKey, FlowValue>,
-    revnat: HashMap<MapData, FlowKey, RevNatValue>,
+    activity: PerCpuArray<MapData, Activity>,
+    conntrack: HashMap<MapData, CtKey, CtEntry>,
     verdicts: PerCpuArray<MapData, u64>,
+    ct_events: PerCpuArray<MapData, u64>,
+    ct_summary: Array<MapData, CtSummary>,
     config: Array<MapData, Config>,
+    /// Maps the agent never reads or writes, held for `ids()`.
+    fragments: MapData,
+    ct_budget: MapData,
     capacity: Capacities,
+    /// Possible CPUs: the length of every per-CPU value.
+    cpus: usize,
 }
 
 /// Capacity of each sized map, read from the kernel.
@@ -59,7 +71,9 @@ pub struct Capacities {
     pub services: u32,
     pub apps: u32,
     pub backends: u32,
-    pub flows: u32,
+    /// Conntrack entries (two per connection).
+    pub conntrack: u32,
+    pub fragments: u32,
 }
 
 fn layout(name: &'static str) -> impl FnOnce(MapError) -> OpenError {
@@ -73,63 +87,64 @@ fn max_entries(data: &MapData) -> u32 {
 impl DataplaneMaps {
     /// Takes the maps out of a freshly loaded (and pinned) object.
     pub fn from_ebpf(ebpf: &mut Ebpf) -> Result<Self, OpenError> {
-        let mut take = |name: &'static str| ebpf.take_map(name).ok_or(OpenError::Missing(name));
-        Self::from_maps([
-            take(names::SERVICES)?,
-            take(names::APPS)?,
-            take(names::BACKENDS)?,
-            take(names::ACTIVITY)?,
-            take(names::FLOWS)?,
-            take(names::REVNAT)?,
-            take(names::VERDICTS)?,
-            take(names::CONFIG)?,
-        ])
+        let mut maps = Vec::with_capacity(names::ALL.len());
+        for name in names::ALL {
+            maps.push(ebpf.take_map(name).ok_or(OpenError::Missing(name))?);
+        }
+        Self::from_maps(maps)
     }
 
     /// Opens the maps pinned under `dir` (works while the agent is down).
     pub fn open_pinned(dir: &Path) -> Result<Self, OpenError> {
-        let open = |name: &'static str| {
+        let mut maps = Vec::with_capacity(names::ALL.len());
+        for name in names::ALL {
             let path = dir.join(name);
-            MapData::from_pin(&path).map_err(|source| OpenError::NotPinned {
+            let data = MapData::from_pin(&path).map_err(|source| OpenError::NotPinned {
                 name,
                 path: path.display().to_string(),
                 source,
-            })
-        };
-        Self::from_maps([
-            Map::HashMap(open(names::SERVICES)?),
-            Map::Array(open(names::APPS)?),
-            Map::HashMap(open(names::BACKENDS)?),
-            Map::Array(open(names::ACTIVITY)?),
-            Map::LruHashMap(open(names::FLOWS)?),
-            Map::LruHashMap(open(names::REVNAT)?),
-            Map::PerCpuArray(open(names::VERDICTS)?),
-            Map::Array(open(names::CONFIG)?),
-        ])
+            })?;
+            maps.push(as_map(name, data));
+        }
+        Self::from_maps(maps)
     }
 
-    fn from_maps(maps: [Map; 8]) -> Result<Self, OpenError> {
-        let [services, apps, backends, activity, flows, revnat, verdicts, config] = maps;
-        let services: HashMap<_, _, _> = services.try_into().map_err(layout(names::SERVICES))?;
-        let apps: Array<_, _> = apps.try_into().map_err(layout(names::APPS))?;
-        let backends: HashMap<_, _, _> = backends.try_into().map_err(layout(names::BACKENDS))?;
-        let flows: HashMap<_, _, _> = flows.try_into().map_err(layout(names::FLOWS))?;
+    /// `maps` in the order of `map_names::ALL`.
+    fn from_maps(maps: Vec<Map>) -> Result<Self, OpenError> {
+        let mut maps = maps.into_iter();
+        let mut next = |name: &'static str| maps.next().ok_or(OpenError::Missing(name));
+        let services: HashMap<_, _, _> = next(names::SERVICES)?.try_into().map_err(layout(names::SERVICES))?;
+        let apps: Array<_, _> = next(names::APPS)?.try_into().map_err(layout(names::APPS))?;
+        let backends: HashMap<_, _, _> = next(names::BACKENDS)?.try_into().map_err(layout(names::BACKENDS))?;
+        let activity: PerCpuArray<_, _> = next(names::ACTIVITY)?.try_into().map_err(layout(names::ACTIVITY))?;
+        let conntrack: HashMap<_, _, _> = next(names::CONNTRACK)?.try_into().map_err(layout(names::CONNTRACK))?;
+        let fragments = into_data(names::FRAGMENTS, next(names::FRAGMENTS)?)?;
+        let verdicts = next(names::VERDICTS)?.try_into().map_err(layout(names::VERDICTS))?;
+        let ct_events = next(names::CT_EVENTS)?.try_into().map_err(layout(names::CT_EVENTS))?;
+        let ct_budget = into_data(names::CT_BUDGET, next(names::CT_BUDGET)?)?;
+        let ct_summary = next(names::CT_SUMMARY)?.try_into().map_err(layout(names::CT_SUMMARY))?;
+        let config = next(names::CONFIG)?.try_into().map_err(layout(names::CONFIG))?;
         let capacity = Capacities {
             services: max_entries(services.map()),
             apps: max_entries(apps.map()),
             backends: max_entries(backends.map()),
-            flows: max_entries(flows.map()),
+            conntrack: max_entries(conntrack.map()),
+            fragments: max_entries(&fragments),
         };
         Ok(Self {
             services,
             apps,
             backends,
-            activity: activity.try_into().map_err(layout(names::ACTIVITY))?,
-            flows,
-            revnat: revnat.try_into().map_err(layout(names::REVNAT))?,
-            verdicts: verdicts.try_into().map_err(layout(names::VERDICTS))?,
-            config: config.try_into().map_err(layout(names::CONFIG))?,
+            activity,
+            conntrack,
+            verdicts,
+            ct_events,
+            ct_summary,
+            config,
+            fragments,
+            ct_budget,
             capacity,
+            cpus: aya::util::nr_cpus().map(|n| n.max(1)).unwrap_or(1),
         })
     }
 
@@ -168,11 +183,26 @@ impl DataplaneMaps {
         ignore_missing(self.backends.remove(key), names::BACKENDS)
     }
 
-    /// Clears an app id's activity before the id is reused.
+    /// Clears an app id's activity (every CPU's slot) before the id is reused.
     pub fn reset_activity(&mut self, id: u32) -> Result<(), MapWriteError> {
-        self.activity
-            .set(id, Activity::default(), 0)
-            .map_err(|source| MapWriteError::Syscall { map: names::ACTIVITY, source })
+        self.set_activity(id, Activity::default())
+    }
+
+    /// Sets an app's activity: `total` in the first CPU's slot, zero in the others.
+    pub fn set_activity(&mut self, id: u32, total: Activity) -> Result<(), MapWriteError> {
+        let syscall = |source| MapWriteError::Syscall { map: names::ACTIVITY, source };
+        let mut values = vec![Activity::default(); self.cpus];
+        values[0] = total;
+        let values = PerCpuValues::try_from(values).map_err(|e| syscall(MapError::from(e)))?;
+        self.activity.set(id, values, 0).map_err(syscall)
+    }
+
+    /// Writes a conntrack entry with `BPF_*` `flags`. Only the upgrade from
+    /// an earlier map layout does this; the kernel owns the table otherwise.
+    pub fn insert_conntrack(&mut self, key: &CtKey, entry: &CtEntry, flags: u64) -> Result<(), MapWriteError> {
+        self.conntrack
+            .insert(key, entry, flags)
+            .map_err(|e| classify(e, names::CONNTRACK, self.capacity.conntrack, "--max-connections"))
     }
 
     pub fn set_config(&mut self, config: &Config) -> Result<(), MapWriteError> {
@@ -199,16 +229,34 @@ impl DataplaneMaps {
         self.backends.iter().filter_map(Result::ok)
     }
 
+    /// An app's activity, summed over CPUs (the latest `last_seen_ns` wins).
     pub fn activity(&self, id: u32) -> Option<Activity> {
-        self.activity.get(&id, 0).ok()
+        let per_cpu = self.activity.get(&id, 0).ok()?;
+        Some(per_cpu.iter().fold(Activity::default(), |sum, a| Activity {
+            last_seen_ns: sum.last_seen_ns.max(a.last_seen_ns),
+            packets: sum.packets + a.packets,
+            bytes: sum.bytes + a.bytes,
+        }))
     }
 
-    pub fn flows(&self) -> impl Iterator<Item = (FlowKey, FlowValue)> + '_ {
-        self.flows.iter().filter_map(Result::ok)
+    /// Every conntrack entry (two syscalls each: for `inspect`, not for hot loops).
+    pub fn conntrack(&self) -> impl Iterator<Item = (CtKey, CtEntry)> + '_ {
+        self.conntrack.iter().filter_map(Result::ok)
     }
 
-    pub fn revnat(&self) -> impl Iterator<Item = (FlowKey, RevNatValue)> + '_ {
-        self.revnat.iter().filter_map(Result::ok)
+    /// One conntrack entry.
+    pub fn conntrack_entry(&self, key: &CtKey) -> Option<CtEntry> {
+        self.conntrack.get(key, 0).ok()
+    }
+
+    /// What the last GC pass counted.
+    pub fn ct_summary(&self) -> CtSummary {
+        self.ct_summary.get(&0, 0).unwrap_or_default()
+    }
+
+    /// Conntrack lifecycle events, summed over CPUs.
+    pub fn ct_events(&self) -> Vec<(CtEvent, u64)> {
+        CtEvent::ALL.iter().map(|e| (*e, sum_per_cpu(&self.ct_events, *e as u32))).collect()
     }
 
     pub fn config(&self) -> Option<Config> {
@@ -217,17 +265,7 @@ impl DataplaneMaps {
 
     /// Packets per verdict, summed over CPUs.
     pub fn verdicts(&self) -> Vec<(Verdict, u64)> {
-        Verdict::ALL
-            .iter()
-            .map(|v| {
-                let total = self
-                    .verdicts
-                    .get(&(*v as u32), 0)
-                    .map(|per_cpu| per_cpu.iter().sum())
-                    .unwrap_or(0);
-                (*v, total)
-            })
-            .collect()
+        Verdict::ALL.iter().map(|v| (*v, sum_per_cpu(&self.verdicts, *v as u32))).collect()
     }
 
     /// Kernel ids of the maps, for `bpftool map show id`.
@@ -238,11 +276,35 @@ impl DataplaneMaps {
             (names::APPS, id(self.apps.map())),
             (names::BACKENDS, id(self.backends.map())),
             (names::ACTIVITY, id(self.activity.map())),
-            (names::FLOWS, id(self.flows.map())),
-            (names::REVNAT, id(self.revnat.map())),
+            (names::CONNTRACK, id(self.conntrack.map())),
+            (names::FRAGMENTS, id(&self.fragments)),
             (names::VERDICTS, id(self.verdicts.map())),
+            (names::CT_EVENTS, id(self.ct_events.map())),
+            (names::CT_BUDGET, id(&self.ct_budget)),
+            (names::CT_SUMMARY, id(self.ct_summary.map())),
             (names::CONFIG, id(self.config.map())),
         ]
+    }
+}
+
+fn sum_per_cpu(map: &PerCpuArray<MapData, u64>, index: u32) -> u64 {
+    map.get(&index, 0).map(|per_cpu| per_cpu.iter().sum()).unwrap_or(0)
+}
+
+/// The `Map` variant a pinned map of ours is, so typed views can be made.
+fn as_map(name: &str, data: MapData) -> Map {
+    match name {
+        names::SERVICES | names::BACKENDS | names::CONNTRACK => Map::HashMap(data),
+        names::FRAGMENTS => Map::LruHashMap(data),
+        names::ACTIVITY | names::VERDICTS | names::CT_EVENTS | names::CT_BUDGET => Map::PerCpuArray(data),
+        _ => Map::Array(data),
+    }
+}
+
+fn into_data(name: &'static str, map: Map) -> Result<MapData, OpenError> {
+    match map {
+        Map::Array(d) | Map::HashMap(d) | Map::LruHashMap(d) | Map::PerCpuArray(d) => Ok(d),
+        _ => Err(OpenError::Kind(name)),
     }
 }
 

@@ -57,6 +57,9 @@ pub struct Metrics {
     pub vip_collisions: Gauge,
     pub source_errors: Counter,
     pub watch_restarts: Counter,
+    /// Duration of one in-kernel conntrack GC pass.
+    pub ct_gc_duration: Histogram,
+    pub ct_gc_errors: Counter,
 }
 
 impl Default for Metrics {
@@ -80,6 +83,8 @@ impl Metrics {
             vip_collisions: Gauge::default(),
             source_errors: Counter::default(),
             watch_restarts: Counter::default(),
+            ct_gc_duration: Histogram::new(latency_buckets()),
+            ct_gc_errors: Counter::default(),
         };
         {
             let mut r = m.registry.lock().unwrap_or_else(|p| p.into_inner());
@@ -102,6 +107,8 @@ impl Metrics {
             r.register("vip_collisions", "VIPs claimed by more than one app (sent to the activator)", m.vip_collisions.clone());
             r.register("source_errors", "Desired-state source errors (unparsable file, API errors)", m.source_errors.clone());
             r.register("watch_restarts", "Kubernetes watch restarts", m.watch_restarts.clone());
+            r.register("conntrack_gc_duration_seconds", "Duration of one in-kernel conntrack GC pass", m.ct_gc_duration.clone());
+            r.register("conntrack_gc_errors", "Conntrack GC passes that failed to run", m.ct_gc_errors.clone());
         }
         m
     }
@@ -146,6 +153,27 @@ impl Collector for DataplaneCollector {
             let label = VerdictLabel { verdict: verdict.name() };
             ConstCounter::new(count).encode(family.encode_family(&label)?)?;
         }
+        let mut family = encoder.encode_descriptor(
+            "conntrack_events",
+            "Conntrack lifecycle events (created, expired by state, removed), by event",
+            None,
+            prometheus_client::metrics::MetricType::Counter,
+        )?;
+        for (event, count) in maps.ct_events() {
+            ConstCounter::new(count).encode(family.encode_family(&EventLabel { event: event.name() })?)?;
+        }
+        // Counted by the last GC pass in the kernel (cheap to read, seconds old at most).
+        let summary = maps.ct_summary();
+        let mut family = encoder.encode_descriptor(
+            "conntrack_connections",
+            "Tracked connections by state, as of the last GC pass",
+            None,
+            prometheus_client::metrics::MetricType::Gauge,
+        )?;
+        for state in crate::inspect::CT_STATES {
+            let n = summary.by_state.get(state.0 as usize).copied().unwrap_or(0);
+            ConstGauge::new(n as i64).encode(family.encode_family(&StateLabel { state: state.1 })?)?;
+        }
         let cap = maps.capacity();
         let mut family = encoder.encode_descriptor(
             "map_capacity",
@@ -158,21 +186,29 @@ impl Collector for DataplaneCollector {
             (map_names::APPS, cap.apps),
             (map_names::BACKENDS, cap.backends),
             (map_names::ACTIVITY, cap.apps),
-            (map_names::FLOWS, cap.flows),
-            (map_names::REVNAT, cap.flows),
+            (map_names::CONNTRACK, cap.conntrack),
+            (map_names::FRAGMENTS, cap.fragments),
         ] {
             ConstGauge::new(i64::from(n)).encode(family.encode_family(&MapLabel { map: map.into() })?)?;
         }
-        // Flow tables are written by the kernel; count them here.
         let mut family = encoder.encode_descriptor(
-            "flow_entries",
-            "Entries in the kernel-written flow tables",
+            "conntrack_entries",
+            "Entries in the conntrack table (forward and reply), as of the last GC pass",
             None,
             prometheus_client::metrics::MetricType::Gauge,
         )?;
-        for (map, n) in [(map_names::FLOWS, maps.flows().count()), (map_names::REVNAT, maps.revnat().count())] {
-            ConstGauge::new(n as i64).encode(family.encode_family(&MapLabel { map: map.into() })?)?;
-        }
+        let entries = summary.by_state.iter().sum::<u64>() + summary.replies;
+        ConstGauge::new(entries as i64).encode(family.encode_family(&MapLabel { map: map_names::CONNTRACK.into() })?)?;
         Ok(())
     }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EventLabel {
+    event: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StateLabel {
+    state: &'static str,
 }

@@ -16,7 +16,7 @@ use std::{
 
 use serviceless_common::{
     AppValue, BACKEND_DRAINING, BACKEND_READY, Backend, BackendKey, HOSTNAME_LEN,
-    SERVICE_F_ACTIVATOR_ONLY, ServiceKey, ServiceValue, map_names,
+    SERVICE_F_ACTIVATOR_ONLY, ServiceKey, ServiceValue, hash::name_hash, map_names,
 };
 use tracing::{debug, error, warn};
 
@@ -97,6 +97,9 @@ pub struct Reconciler {
     collisions: BTreeMap<IpAddr, Vec<String>>,
     /// Slots in `svl_backends_v1`, kept as a count so gauges stay O(1) per change.
     backend_slots: usize,
+    /// VIP entries per app id (in `services`), so removing an app can tell
+    /// in O(1) whether any still names its id.
+    service_refs: HashMap<u32, usize>,
 }
 
 impl Reconciler {
@@ -113,7 +116,6 @@ impl Reconciler {
         let mut apps = HashMap::new();
         for &id in &ids_in_use {
             let Some(value) = maps.app(id) else { continue };
-            let hostname = stored_hostname(&value.hostname);
             let ports: Vec<PortSpec> = services
                 .iter()
                 .filter(|(_, v)| v.app_id == id)
@@ -133,9 +135,15 @@ impl Reconciler {
             let app_slots: Vec<Backend> =
                 slots.remove(&id).map(|s| s.into_values().collect()).unwrap_or_default();
             let sources = vec![None; app_slots.len()];
-            // Two ids with the same stored name (truncated hostnames): the
-            // later one is an orphan and is cleaned below.
-            apps.entry(hostname).or_insert(Programmed { id, vip, ports, value, slots: app_slots, sources });
+            let programmed = Programmed { id, vip, ports, value, slots: app_slots, sources };
+            // Keyed by the exact hostname when the map holds all of it, else
+            // by a placeholder the first batch renames (see `adopted_key`);
+            // a duplicate becomes an orphan, removed by the first full batch.
+            let mut key = adopted_key(&value);
+            if apps.contains_key(&key) {
+                key = format!("\0orphan:{id}");
+            }
+            apps.insert(key, programmed);
         }
         let cap = maps.capacity();
         let mut ids = Ids { next: 0, free: BTreeSet::new(), max: cap.apps };
@@ -155,7 +163,11 @@ impl Reconciler {
             metrics,
             collisions: BTreeMap::new(),
             backend_slots: 0,
+            service_refs: HashMap::new(),
         };
+        for v in reconciler.services.values() {
+            *reconciler.service_refs.entry(v.app_id).or_default() += 1;
+        }
         reconciler.backend_slots = reconciler.apps.values().map(|p| p.slots.len()).sum();
         // Programmed apps count as desired until the first full batch says otherwise.
         for (host, p) in &reconciler.apps {
@@ -190,6 +202,9 @@ impl Reconciler {
     /// Applies one batch of changes.
     pub fn apply(&mut self, batch: Batch) -> Outcome {
         self.metrics.reconciles.inc();
+        for (host, _, _) in &batch.changed {
+            self.claim_adopted(host);
+        }
         let mut work = batch.changed;
         if let Some(observed) = batch.full {
             let present: HashSet<&String> = work.iter().map(|(h, _, _)| h).collect();
@@ -273,12 +288,36 @@ impl Reconciler {
         outcome
     }
 
+    /// An app adopted under a placeholder (its hostname was too long for
+    /// the map) takes its real name once the source names it.
+    fn claim_adopted(&mut self, host: &str) {
+        if self.apps.contains_key(host) {
+            return;
+        }
+        let placeholder = placeholder_key(host);
+        let Some(p) = self.apps.remove(&placeholder) else { return };
+        debug!(app = host, id = p.id, "adopted app matched by its name hash");
+        if let Some(claims) = self.vip_claims.get_mut(&p.vip)
+            && claims.remove(&placeholder)
+        {
+            claims.insert(host.to_string());
+        }
+        if let Some(vip) = self.desired_vip.remove(&placeholder) {
+            self.desired_vip.insert(host.to_string(), vip);
+        }
+        if let Some(ports) = self.desired_ports.remove(&placeholder) {
+            self.desired_ports.insert(host.to_string(), ports);
+        }
+        self.apps.insert(host.to_string(), p);
+    }
+
     fn failed(&mut self, host: &str, e: &MapWriteError, outcome: &mut Outcome) {
         error!(app = host, error = %e, "app not programmed; other apps are unaffected, will retry");
         self.metrics.map_write_errors.get_or_create(&MapLabel { map: e.map().into() }).inc();
         let kind = match e {
             MapWriteError::Full { .. } => "map_full",
             MapWriteError::Syscall { .. } => "syscall",
+            MapWriteError::StillReferenced { .. } => "still_referenced",
         };
         self.metrics.reconcile_errors.get_or_create(&KindLabel { kind: kind.into() }).inc();
         if !outcome.failed.iter().any(|h| h == host) {
@@ -324,6 +363,7 @@ impl Reconciler {
         let mut value = AppValue {
             backend_count: target.len() as u32,
             ready_count: target.iter().filter(|b| b.state == BACKEND_READY).count() as u32,
+            name_hash: name_hash(spec.hostname.as_bytes()),
             hostname: [0; HOSTNAME_LEN],
         };
         set_hostname(&mut value.hostname, &spec.hostname);
@@ -421,20 +461,40 @@ impl Reconciler {
             if !want.contains_key(&key) {
                 let owner = self.services.get(&key).map(|v| v.app_id);
                 self.maps.delete_service(&key).map_err(|e| (owner_name(&self.apps, owner), e))?;
-                self.services.remove(&key);
+                if let Some(old) = self.services.remove(&key) {
+                    self.unref_service(old.app_id);
+                }
             }
         }
         for (key, (value, host)) in want {
             if self.services.get(&key) != Some(&value) {
                 self.maps.put_service(&key, &value).map_err(|e| (host.clone(), e))?;
-                self.services.insert(key, value);
+                *self.service_refs.entry(value.app_id).or_default() += 1;
+                if let Some(old) = self.services.insert(key, value) {
+                    self.unref_service(old.app_id);
+                }
             }
         }
         Ok(())
     }
 
+    fn unref_service(&mut self, id: u32) {
+        if let Some(n) = self.service_refs.get_mut(&id) {
+            *n -= 1;
+            if *n == 0 {
+                self.service_refs.remove(&id);
+            }
+        }
+    }
+
     fn remove_app(&mut self, host: &str) -> Result<(), MapWriteError> {
         let Some(p) = self.apps.get(host).cloned() else { return Ok(()) };
+        // A VIP entry whose delete failed still names this id: releasing it
+        // would let the next app inherit that VIP. Keep it until a retry
+        // deletes the entry.
+        if self.service_refs.contains_key(&p.id) {
+            return Err(MapWriteError::StillReferenced { map: map_names::SERVICES, id: p.id });
+        }
         debug!(app = host, id = p.id, "removing app");
         let empty = AppValue::default();
         let result = self.write_slots_and_value(host, p.id, &[], &empty);
@@ -511,6 +571,25 @@ fn backend(spec: &BackendSpec) -> Backend {
         state: if spec.ready { BACKEND_READY } else { BACKEND_DRAINING },
         pad: [0; 3],
     }
+}
+
+/// The key an adopted app is known by until the source names it: its
+/// hostname when the map holds all of it (checked against the name hash),
+/// else `placeholder_key` of the full name, which only the full name matches.
+fn adopted_key(value: &AppValue) -> String {
+    let stored = stored_hostname(&value.hostname);
+    if value.name_hash == 0 || name_hash(stored.as_bytes()) == value.name_hash {
+        stored
+    } else {
+        format!("\0adopted:{stored}:{:016x}", value.name_hash)
+    }
+}
+
+/// The placeholder a hostname too long for the map was adopted under.
+fn placeholder_key(hostname: &str) -> String {
+    let mut raw = [0u8; HOSTNAME_LEN];
+    set_hostname(&mut raw, hostname);
+    format!("\0adopted:{}:{:016x}", stored_hostname(&raw), name_hash(hostname.as_bytes()))
 }
 
 /// Stores a hostname NUL-padded, truncated to what the map holds.

@@ -15,6 +15,7 @@ use tracing::{info, warn};
 
 use crate::{
     cli::{RunArgs, SourceSpec},
+    conntrack::{self, HashKeySource},
     dataplane::{self, Pins, Sizes},
     health::Health,
     http,
@@ -25,6 +26,7 @@ use crate::{
         Store, file,
         kubernetes::{self, KubeOptions},
     },
+    upgrade,
 };
 
 /// How long a failed app waits before it is tried again.
@@ -32,7 +34,7 @@ const RETRY_AFTER: Duration = Duration::from_secs(5);
 
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let ranges = VipRanges::from_list(&args.vip_ranges).map_err(anyhow::Error::msg).context("--vip-range")?;
-    let config = kernel_config(&args, &ranges)?;
+    let mut config = kernel_config(&args, &ranges)?;
     let pins = Pins::new(&args.pin_dir);
     let metrics = Metrics::new();
     let health = Health::default();
@@ -41,21 +43,36 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         services: args.max_services,
         apps: args.max_apps,
         backends: args.max_backends,
-        flows: args.max_flows,
+        connections: args.max_connections,
     };
     let mut loaded = dataplane::load(&pins, sizes)?;
     match aya_log::EbpfLogger::init(&mut loaded.ebpf) {
         Ok(logger) => drop(tokio::spawn(forward_ebpf_logs(logger))),
         Err(e) => warn!(error = %e, "eBPF log forwarding unavailable"),
     }
+    // Everything the new programs read is in place before they go live:
+    // the config, and what an upgrade carries over from the previous layout.
+    // The flow hash key must not change across restarts (nor, given a key
+    // file, differ between nodes): new connections would pick other pods.
+    let pinned_key = loaded.maps.config().map(|c| c.hash_key).filter(|k| *k != [0, 0]);
+    let key_source = match &args.flow_hash_key_file {
+        Some(path) => HashKeySource::File(path.clone()),
+        None => HashKeySource::NodeLocal,
+    };
+    config.hash_key = conntrack::hash_key(&key_source, pinned_key)?;
+    loaded.maps.set_config(&config).context("writing the dataplane config map")?;
+    let previous = upgrade::migrate(&pins, &mut loaded.maps, &config)?;
     dataplane::attach(&mut loaded, &pins, &args.iface, args.xdp_mode)?;
+    if let Some(previous) = previous {
+        upgrade::finish(&pins, &mut loaded.maps, &config, previous)?;
+    }
     health.set_attached();
     metrics.register_dataplane(pins.dir.clone());
 
     let dataplane::Loaded { ebpf, maps } = loaded;
-    let mut reconciler = Reconciler::adopt(maps, metrics.clone());
+    let reconciler = Reconciler::adopt(maps, metrics.clone());
     info!(apps = reconciler.app_count(), "adopted map state; reconciling against the source");
-    reconciler.set_config(&config).context("writing the dataplane config map")?;
+    let _gc = conntrack::spawn_gc(ebpf, args.ct_gc_interval, metrics.clone())?;
 
     let store = Store::default();
     let source = match args.source.clone() {
@@ -80,7 +97,6 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         r = reconcile => r.context("reconcile task"),
     };
     if args.detach_on_exit {
-        drop(ebpf);
         dataplane::detach(&pins, &args.iface)?;
         info!("detached and unpinned (--detach-on-exit)");
     } else {
@@ -107,6 +123,14 @@ fn kernel_config(args: &RunArgs, ranges: &VipRanges) -> anyhow::Result<Config> {
     if c.flags & (CONFIG_F_ACTIVATOR4 | CONFIG_F_ACTIVATOR6) == 0 {
         warn!("no --activator: traffic for apps without ready pods will be dropped");
     }
+    conntrack::Timeouts {
+        syn: args.ct_syn_timeout,
+        established: args.ct_established_timeout,
+        close: args.ct_close_timeout,
+        udp: args.ct_udp_timeout,
+        new_per_cpu_per_sec: args.ct_new_per_cpu,
+    }
+    .apply(&mut c);
     if let Some(r) = ranges.v4 {
         (c.vip4_net, c.vip4_mask) = r.to_net_mask();
         c.flags |= CONFIG_F_VIP4;

@@ -5,16 +5,18 @@
 
 use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_OK},
-    helpers::bpf_csum_diff,
+    helpers::{bpf_csum_diff, bpf_ktime_get_coarse_ns},
     programs::TcContext,
 };
 use serviceless_common::{
-    Addr, FlowKey, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, RevNatValue, Verdict,
-    addr_eq, as_ipv4, csum, ipv4_mapped,
+    Addr, CT_DIR_REPLY, CtEntry, CtKey, FragValue, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP,
+    IPPROTO_UDP, Verdict, addr_eq, as_ipv4, csum, ipv4_mapped,
 };
 
 use crate::{
-    maps::{REVNAT, count},
+    conntrack::{self, forward_of_reply, reply_key},
+    frag,
+    maps::{CONNTRACK, FRAGMENTS, count},
     packet::*,
 };
 
@@ -30,7 +32,6 @@ const IPV4_SRC: usize = 12;
 const IPV4_DST: usize = 16;
 const IPV6_SRC: usize = 8;
 const IPV6_DST: usize = 24;
-const IPV6_HLEN: usize = 40;
 /// Flag size bits of the csum helpers.
 const CSUM_SIZE_2: u64 = 2;
 const CSUM_SIZE_4: u64 = 4;
@@ -52,10 +53,50 @@ fn translate(ctx: &TcContext) -> Result<Verdict, ()> {
     }
 }
 
+/// The connection a reply belongs to, found through its reply entry and
+/// updated (state, last seen) in its forward entry, the one truth. A reply
+/// entry whose forward entry is gone (or belongs to another connection now)
+/// is stale: removed, and the packet passes untranslated.
 #[inline(always)]
-fn lookup(key: &FlowKey) -> Option<RevNatValue> {
-    // SAFETY: copied out at once (LRU entries can be evicted and reused).
-    unsafe { REVNAT.get(key) }.copied()
+fn reply_connection(key: &CtKey, tcp_flags: u8) -> Result<Option<CtEntry>, Verdict> {
+    // SAFETY: copied out at once.
+    let Some(rev) = (unsafe { CONNTRACK.get(key) }).copied() else { return Ok(None) };
+    let fwd = forward_of_reply(key, &rev);
+    let Some(entry) = CONNTRACK.get_ptr_mut(&fwd) else {
+        let _ = CONNTRACK.remove(key);
+        return Err(Verdict::EgressStaleReply);
+    };
+    // SAFETY: a map value pointer; routing fields never change in place.
+    let (addr, port, client_port) = unsafe { ((*entry).addr, (*entry).port, (*entry).client_port) };
+    if !addr_eq(&addr, &key.src) || port != key.sport || client_port != key.dport {
+        let _ = CONNTRACK.remove(key);
+        return Err(Verdict::EgressStaleReply);
+    }
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    let _ = conntrack::observe(entry, key.proto, CT_DIR_REPLY, tcp_flags, now);
+    Ok(Some(rev))
+}
+
+/// The TCP flags of a segment at `l4` (zero for UDP).
+#[inline(always)]
+fn tcp_flags(ctx: &TcContext, l4: usize, proto: u8) -> u8 {
+    if proto == IPPROTO_TCP { ctx.load::<u8>(l4 + TCP_FLAGS_OFFSET).unwrap_or(0) } else { 0 }
+}
+
+/// Rewrites the reply's ports: source becomes the VIP port, destination
+/// the client's own port (when a clash made the backend see another one),
+/// with the L4 checksum fixed for both.
+#[inline(always)]
+fn reply_ports(ctx: &TcContext, l4: usize, ports: &Ports, rev: &CtEntry, check_off: usize, mangled: u64, sum: bool) -> Result<(), ()> {
+    if sum {
+        ctx.l4_csum_replace(check_off, ports.src as u64, rev.port as u64, mangled | CSUM_SIZE_2).map_err(drop)?;
+        if ports.dst != rev.client_port {
+            ctx.l4_csum_replace(check_off, ports.dst as u64, rev.client_port as u64, mangled | CSUM_SIZE_2)
+                .map_err(drop)?;
+        }
+    }
+    ctx.store(l4, &rev.port, 0).map_err(drop)?;
+    ctx.store(l4 + 2, &rev.client_port, 0).map_err(drop)
 }
 
 #[inline(always)]
@@ -67,29 +108,32 @@ fn l4_check_offset(l4: usize, proto: u8) -> usize {
 fn reply4(ctx: &TcContext, off: usize) -> Result<Verdict, ()> {
     let ip: Ipv4Hdr = ctx.load(off).map_err(drop)?;
     let ihl = (ip.version_ihl & 0x0f) as usize;
-    if ihl < 5 || be16(ip.frag_off) & 0x1fff != 0 {
+    if ihl < 5 {
         return Ok(Verdict::EgressPass);
+    }
+    let frag_off = be16(ip.frag_off);
+    let id = u16::from_ne_bytes(ip.id);
+    if frag_off & 0x1fff != 0 {
+        return later_fragment4(ctx, off, &ip, id);
     }
     let l4 = off + ihl * 4;
     match ip.proto {
         IPPROTO_TCP | IPPROTO_UDP => {
             let ports: Ports = ctx.load(l4).map_err(drop)?;
-            let key = FlowKey {
-                src: ipv4_mapped(ip.src),
-                dst: ipv4_mapped(ip.dst),
-                sport: ports.src,
-                dport: ports.dst,
-                proto: ip.proto,
-                pad: [0; 3],
+            let key = reply_key(&ipv4_mapped(ip.src), ports.src, &ipv4_mapped(ip.dst), ports.dst, ip.proto);
+            let rev = match reply_connection(&key, tcp_flags(ctx, l4, ip.proto)) {
+                Ok(Some(rev)) => rev,
+                Ok(None) => return Ok(Verdict::EgressPass),
+                Err(verdict) => return Ok(verdict),
             };
-            let Some(rev) = lookup(&key) else { return Ok(Verdict::EgressPass) };
-            let vip = as_ipv4(&rev.vip).ok_or(())?;
+            let vip = as_ipv4(&rev.addr).ok_or(())?;
             let udp = ip.proto == IPPROTO_UDP;
             let check_off = l4_check_offset(l4, ip.proto);
             let check: u16 = ctx.load(check_off).map_err(drop)?;
             let mangled = if udp { BPF_F_MARK_MANGLED_0 as u64 } else { 0 };
             // IPv4 UDP without a checksum stays without one.
-            if !(udp && check == 0) {
+            let sum = !(udp && check == 0);
+            if sum {
                 ctx.l4_csum_replace(
                     check_off,
                     u32::from_ne_bytes(ip.src) as u64,
@@ -97,23 +141,38 @@ fn reply4(ctx: &TcContext, off: usize) -> Result<Verdict, ()> {
                     BPF_F_PSEUDO_HDR as u64 | mangled | CSUM_SIZE_4,
                 )
                 .map_err(drop)?;
-                ctx.l4_csum_replace(check_off, ports.src as u64, rev.vport as u64, mangled | CSUM_SIZE_2)
-                    .map_err(drop)?;
             }
-            ctx.l3_csum_replace(
-                off + IPV4_CHECK,
-                u32::from_ne_bytes(ip.src) as u64,
-                u32::from_ne_bytes(vip) as u64,
-                CSUM_SIZE_4,
-            )
-            .map_err(drop)?;
-            ctx.store(off + IPV4_SRC, &vip, 0).map_err(drop)?;
-            ctx.store(l4, &rev.vport, 0).map_err(drop)?;
+            reply_ports(ctx, l4, &ports, &rev, check_off, mangled, sum)?;
+            set_src4(ctx, off, &ip, vip)?;
+            if frag_off & 0x2000 != 0 {
+                // First fragment: its later fragments get the same source.
+                let k = frag::key(&key.src, &key.dst, id, ip.proto, CT_DIR_REPLY);
+                let now = unsafe { bpf_ktime_get_coarse_ns() };
+                let _ = FRAGMENTS.insert(&k, &FragValue { addr: rev.addr, seen_ns: now, app_id: rev.app_id, pad: 0 }, 0);
+            }
             Ok(Verdict::ReplyTranslated)
         }
         IPPROTO_ICMP => icmp4_error(ctx, off, &ip, l4),
         _ => Ok(Verdict::EgressPass),
     }
+}
+
+#[inline(always)]
+fn set_src4(ctx: &TcContext, off: usize, ip: &Ipv4Hdr, vip: [u8; 4]) -> Result<(), ()> {
+    ctx.l3_csum_replace(off + IPV4_CHECK, u32::from_ne_bytes(ip.src) as u64, u32::from_ne_bytes(vip) as u64, CSUM_SIZE_4)
+        .map_err(drop)?;
+    ctx.store(off + IPV4_SRC, &vip, 0).map_err(drop)
+}
+
+/// A later fragment of a reply: the source its first fragment got.
+#[inline(always)]
+fn later_fragment4(ctx: &TcContext, off: usize, ip: &Ipv4Hdr, id: u16) -> Result<Verdict, ()> {
+    let k = frag::key(&ipv4_mapped(ip.src), &ipv4_mapped(ip.dst), id, ip.proto, CT_DIR_REPLY);
+    // SAFETY: copied out at once (LRU entries can be evicted and reused).
+    let Some(to) = (unsafe { FRAGMENTS.get(&k) }).copied() else { return Ok(Verdict::EgressPass) };
+    let vip = as_ipv4(&to.addr).ok_or(())?;
+    set_src4(ctx, off, ip, vip)?;
+    Ok(Verdict::FragmentTranslated)
 }
 
 /// An ICMPv4 error a backend sends about a client's packet: the quoted
@@ -132,73 +191,60 @@ fn icmp4_error(ctx: &TcContext, off: usize, ip: &Ipv4Hdr, l4: usize) -> Result<V
     }
     let ports_off = inner_off + inner_len;
     let ports: Ports = ctx.load(ports_off).map_err(drop)?;
-    // The quoted packet went client -> backend; the reply flow is its reverse.
-    let quoted = FlowKey {
-        src: ipv4_mapped(inner.src),
-        dst: ipv4_mapped(inner.dst),
-        sport: ports.src,
-        dport: ports.dst,
-        proto: inner.proto,
-        pad: [0; 3],
-    };
-    let key = quoted.reversed();
-    let Some(rev) = lookup(&key) else { return Ok(Verdict::EgressPass) };
-    let vip = as_ipv4(&rev.vip).ok_or(())?;
+    // The quoted packet went client -> backend; its reply tuple is the reverse.
+    let key = reply_key(&ipv4_mapped(inner.dst), ports.dst, &ipv4_mapped(inner.src), ports.src, inner.proto);
+    // SAFETY: copied out at once.
+    let Some(rev) = (unsafe { CONNTRACK.get(&key) }).copied() else { return Ok(Verdict::EgressPass) };
+    let vip = as_ipv4(&rev.addr).ok_or(())?;
     let icmp_check = l4 + ICMP_CSUM_OFFSET;
 
     // Quoted destination address, with the quoted IP checksum kept valid.
     let old_inner_check: u16 = ctx.load(inner_off + IPV4_CHECK).map_err(drop)?;
-    let new_inner_check =
-        csum::apply(be16(old_inner_check.to_ne_bytes()), csum::diff_addr4(0, inner.dst, vip));
+    let addr_acc = csum::diff_addr4(0, inner.dst, vip);
+    let new_inner_check = csum::apply(be16(old_inner_check.to_ne_bytes()), addr_acc);
     let new_inner_check = u16::from_ne_bytes(new_inner_check.to_be_bytes());
-    ctx.l4_csum_replace(
-        icmp_check,
-        u32::from_ne_bytes(inner.dst) as u64,
-        u32::from_ne_bytes(vip) as u64,
-        CSUM_SIZE_4,
-    )
-    .map_err(drop)?;
-    ctx.l4_csum_replace(icmp_check, old_inner_check as u64, new_inner_check as u64, CSUM_SIZE_2)
+    ctx.l4_csum_replace(icmp_check, u32::from_ne_bytes(inner.dst) as u64, u32::from_ne_bytes(vip) as u64, CSUM_SIZE_4)
         .map_err(drop)?;
-    ctx.l4_csum_replace(icmp_check, ports.dst as u64, rev.vport as u64, CSUM_SIZE_2)
-        .map_err(drop)?;
-    let l4_acc = csum::diff16(
-        csum::diff_addr4(0, inner.dst, vip),
-        u16::from_be(ports.dst),
-        u16::from_be(rev.vport),
-    );
-    quoted_l4_check(ctx, icmp_check, ports_off, inner.proto, l4_acc)?;
+    ctx.l4_csum_replace(icmp_check, old_inner_check as u64, new_inner_check as u64, CSUM_SIZE_2).map_err(drop)?;
+    quoted_ports(ctx, icmp_check, ports_off, &ports, inner.proto, &rev, addr_acc)?;
     ctx.store(inner_off + IPV4_DST, &vip, 0).map_err(drop)?;
     ctx.store(inner_off + IPV4_CHECK, &new_inner_check, 0).map_err(drop)?;
-    ctx.store(ports_off + 2, &rev.vport, 0).map_err(drop)?;
 
     // The error's own source is the backend: it becomes the VIP.
     if ip.src == inner.dst {
-        ctx.l3_csum_replace(
-            off + IPV4_CHECK,
-            u32::from_ne_bytes(ip.src) as u64,
-            u32::from_ne_bytes(vip) as u64,
-            CSUM_SIZE_4,
-        )
-        .map_err(drop)?;
-        ctx.store(off + IPV4_SRC, &vip, 0).map_err(drop)?;
+        set_src4(ctx, off, ip, vip)?;
     }
     Ok(Verdict::IcmpErrorTranslated)
 }
 
-/// Keeps the quoted packet's own L4 checksum valid (when the error quotes
-/// it) after its destination changed by `acc`, and folds that change into
-/// the ICMP checksum.
+/// Rewrites the quoted ports (destination: the VIP port; source: the
+/// client's own port), keeps the quoted L4 checksum valid (when quoted) for
+/// them and for the quoted address change `addr_acc`, and folds every
+/// change into the ICMP checksum.
 #[inline(always)]
-fn quoted_l4_check(ctx: &TcContext, icmp_check: usize, ports_off: usize, proto: u8, acc: u32) -> Result<(), ()> {
+fn quoted_ports(
+    ctx: &TcContext,
+    icmp_check: usize,
+    ports_off: usize,
+    ports: &Ports,
+    proto: u8,
+    rev: &CtEntry,
+    addr_acc: u32,
+) -> Result<(), ()> {
+    ctx.l4_csum_replace(icmp_check, ports.dst as u64, rev.port as u64, CSUM_SIZE_2).map_err(drop)?;
+    ctx.l4_csum_replace(icmp_check, ports.src as u64, rev.client_port as u64, CSUM_SIZE_2).map_err(drop)?;
+    let mut acc = csum::diff16(addr_acc, u16::from_be(ports.dst), u16::from_be(rev.port));
+    acc = csum::diff16(acc, u16::from_be(ports.src), u16::from_be(rev.client_port));
     let off = l4_check_offset(ports_off, proto);
-    let Ok(old) = ctx.load::<u16>(off) else { return Ok(()) };
-    if proto == IPPROTO_UDP && old == 0 {
-        return Ok(());
+    if let Ok(old) = ctx.load::<u16>(off)
+        && !(proto == IPPROTO_UDP && old == 0)
+    {
+        let new = csum::apply(u16::from_be(old), acc).to_be();
+        ctx.l4_csum_replace(icmp_check, old as u64, new as u64, CSUM_SIZE_2).map_err(drop)?;
+        ctx.store(off, &new, 0).map_err(drop)?;
     }
-    let new = csum::apply(u16::from_be(old), acc).to_be();
-    ctx.l4_csum_replace(icmp_check, old as u64, new as u64, CSUM_SIZE_2).map_err(drop)?;
-    ctx.store(off, &new, 0).map_err(drop)
+    ctx.store(ports_off, &rev.client_port, 0).map_err(drop)?;
+    ctx.store(ports_off + 2, &rev.port, 0).map_err(drop)
 }
 
 /// Checksum difference between two 16-byte addresses, for the csum helpers.
@@ -206,39 +252,54 @@ fn quoted_l4_check(ctx: &TcContext, icmp_check: usize, ports_off: usize, proto: 
 fn addr_diff(old: &Addr, new: &Addr) -> Result<u64, ()> {
     let mut from = *old;
     let mut to = *new;
-    let diff = unsafe {
-        bpf_csum_diff(from.as_mut_ptr().cast(), 16, to.as_mut_ptr().cast(), 16, 0)
-    };
+    let diff = unsafe { bpf_csum_diff(from.as_mut_ptr().cast(), 16, to.as_mut_ptr().cast(), 16, 0) };
     if diff < 0 { Err(()) } else { Ok(diff as u64) }
+}
+
+/// The L4 header offset and protocol of an IPv6 packet, past hop-by-hop,
+/// routing and destination options headers; `None` for a fragment (IPv6
+/// fragments are not translated) or too many extension headers.
+#[inline(always)]
+fn ipv6_l4(ctx: &TcContext, off: usize, first: u8) -> Option<(usize, u8)> {
+    let mut next = first;
+    let mut l4 = off + IPV6_HLEN;
+    for _ in 0..IPV6_MAX_EXT_HEADERS {
+        match next {
+            IPV6_HDR_HOPOPTS | IPV6_HDR_ROUTING | IPV6_HDR_DSTOPTS => {
+                let ext: [u8; 2] = ctx.load(l4).ok()?;
+                next = ext[0];
+                l4 += (ext[1] as usize + 1) * 8;
+                if l4 > MAX_L4_OFFSET {
+                    return None;
+                }
+            }
+            IPV6_HDR_FRAGMENT => return None,
+            _ => return Some((l4, next)),
+        }
+    }
+    None
 }
 
 #[inline(always)]
 fn reply6(ctx: &TcContext, off: usize) -> Result<Verdict, ()> {
     let ip: Ipv6Hdr = ctx.load(off).map_err(drop)?;
-    // Extension headers on replies are rare; such replies pass untranslated.
-    let l4 = off + IPV6_HLEN;
-    match ip.next_hdr {
+    let Some((l4, proto)) = ipv6_l4(ctx, off, ip.next_hdr) else { return Ok(Verdict::EgressPass) };
+    match proto {
         IPPROTO_TCP | IPPROTO_UDP => {
             let ports: Ports = ctx.load(l4).map_err(drop)?;
-            let key = FlowKey {
-                src: ip.src,
-                dst: ip.dst,
-                sport: ports.src,
-                dport: ports.dst,
-                proto: ip.next_hdr,
-                pad: [0; 3],
+            let key = reply_key(&ip.src, ports.src, &ip.dst, ports.dst, proto);
+            let rev = match reply_connection(&key, tcp_flags(ctx, l4, proto)) {
+                Ok(Some(rev)) => rev,
+                Ok(None) => return Ok(Verdict::EgressPass),
+                Err(verdict) => return Ok(verdict),
             };
-            let Some(rev) = lookup(&key) else { return Ok(Verdict::EgressPass) };
-            let udp = ip.next_hdr == IPPROTO_UDP;
+            let udp = proto == IPPROTO_UDP;
             let mangled = if udp { BPF_F_MARK_MANGLED_0 as u64 } else { 0 };
-            let check_off = l4_check_offset(l4, ip.next_hdr);
-            let diff = addr_diff(&ip.src, &rev.vip)?;
-            ctx.l4_csum_replace(check_off, 0, diff, BPF_F_PSEUDO_HDR as u64 | mangled)
-                .map_err(drop)?;
-            ctx.l4_csum_replace(check_off, ports.src as u64, rev.vport as u64, mangled | CSUM_SIZE_2)
-                .map_err(drop)?;
-            ctx.store(off + IPV6_SRC, &rev.vip, 0).map_err(drop)?;
-            ctx.store(l4, &rev.vport, 0).map_err(drop)?;
+            let check_off = l4_check_offset(l4, proto);
+            let diff = addr_diff(&ip.src, &rev.addr)?;
+            ctx.l4_csum_replace(check_off, 0, diff, BPF_F_PSEUDO_HDR as u64 | mangled).map_err(drop)?;
+            reply_ports(ctx, l4, &ports, &rev, check_off, mangled, true)?;
+            ctx.store(off + IPV6_SRC, &rev.addr, 0).map_err(drop)?;
             Ok(Verdict::ReplyTranslated)
         }
         IPPROTO_ICMPV6 => icmp6_error(ctx, off, &ip, l4),
@@ -261,33 +322,18 @@ fn icmp6_error(ctx: &TcContext, off: usize, ip: &Ipv6Hdr, l4: usize) -> Result<V
     }
     let ports_off = inner_off + IPV6_HLEN;
     let ports: Ports = ctx.load(ports_off).map_err(drop)?;
-    let quoted = FlowKey {
-        src: inner.src,
-        dst: inner.dst,
-        sport: ports.src,
-        dport: ports.dst,
-        proto: inner.next_hdr,
-        pad: [0; 3],
-    };
-    let key = quoted.reversed();
-    let Some(rev) = lookup(&key) else { return Ok(Verdict::EgressPass) };
+    let key = reply_key(&inner.dst, ports.dst, &inner.src, ports.src, inner.next_hdr);
+    // SAFETY: copied out at once.
+    let Some(rev) = (unsafe { CONNTRACK.get(&key) }).copied() else { return Ok(Verdict::EgressPass) };
     let icmp_check = l4 + ICMP_CSUM_OFFSET;
-    let inner_diff = addr_diff(&inner.dst, &rev.vip)?;
+    let inner_diff = addr_diff(&inner.dst, &rev.addr)?;
     ctx.l4_csum_replace(icmp_check, 0, inner_diff, 0).map_err(drop)?;
-    ctx.l4_csum_replace(icmp_check, ports.dst as u64, rev.vport as u64, CSUM_SIZE_2)
-        .map_err(drop)?;
-    let l4_acc = csum::diff16(
-        csum::diff_addr16(0, &inner.dst, &rev.vip),
-        u16::from_be(ports.dst),
-        u16::from_be(rev.vport),
-    );
-    quoted_l4_check(ctx, icmp_check, ports_off, inner.next_hdr, l4_acc)?;
-    ctx.store(inner_off + IPV6_DST, &rev.vip, 0).map_err(drop)?;
-    ctx.store(ports_off + 2, &rev.vport, 0).map_err(drop)?;
+    quoted_ports(ctx, icmp_check, ports_off, &ports, inner.next_hdr, &rev, csum::diff_addr16(0, &inner.dst, &rev.addr))?;
+    ctx.store(inner_off + IPV6_DST, &rev.addr, 0).map_err(drop)?;
     if addr_eq(&ip.src, &inner.dst) {
-        let outer_diff = addr_diff(&ip.src, &rev.vip)?;
+        let outer_diff = addr_diff(&ip.src, &rev.addr)?;
         ctx.l4_csum_replace(icmp_check, 0, outer_diff, BPF_F_PSEUDO_HDR as u64).map_err(drop)?;
-        ctx.store(off + IPV6_SRC, &rev.vip, 0).map_err(drop)?;
+        ctx.store(off + IPV6_SRC, &rev.addr, 0).map_err(drop)?;
     }
     Ok(Verdict::IcmpErrorTranslated)
 }

@@ -1,16 +1,22 @@
-//! Serviceless dataplane: XDP ingress (VIP -> pod or activator DNAT) and TC
-//! egress (reply and ICMP error reverse NAT). Maps are in `maps.rs`, packet
-//! layouts in `packet.rs`; the agent is the only writer of the maps it owns.
+//! Serviceless dataplane: XDP ingress (VIP -> pod or activator DNAT, with
+//! connection tracking), TC egress (reply and ICMP error reverse NAT) and
+//! the conntrack garbage collector. The entry points are here; the logic
+//! lives in one module per concern (parse, conntrack, lb, nat, icmp, frag).
+//! The agent writes the maps it owns (apps, services, backends, config);
+//! the programs write conntrack, fragments, activity and counters.
 #![no_std]
 #![no_main]
-// Atomic adds to shared counters: core's atomics have no fetch_add on BPF.
-#![feature(core_intrinsics)]
-#![allow(internal_features, reason = "atomic_xadd is the only atomic add core offers on BPF")]
 
+mod conntrack;
 mod egress;
+mod frag;
+mod icmp;
 mod ingress;
+mod lb;
 mod maps;
+mod nat;
 mod packet;
+mod parse;
 
 use aya_log_ebpf::error;
 use aya_ebpf::{
@@ -45,6 +51,18 @@ pub fn svl_egress(ctx: TcContext) -> i32 {
             TC_ACT_OK
         }
     }
+}
+
+/// Conntrack garbage collection: one pass over the table. Never attached;
+/// the agent runs it with BPF_PROG_TEST_RUN (any frame) every few seconds.
+#[xdp]
+pub fn svl_ct_gc(_ctx: XdpContext) -> u32 {
+    if let Some(cfg) = maps::CONFIG.get(0) {
+        // SAFETY: no preconditions.
+        let now = unsafe { aya_ebpf::helpers::bpf_ktime_get_coarse_ns() };
+        conntrack::collect(cfg, now);
+    }
+    xdp_action::XDP_PASS
 }
 
 #[cfg(not(test))]

@@ -5,39 +5,77 @@ use aya_ebpf::{
     btf_maps::{Array, HashMap, LruHashMap, PerCpuArray},
     macros::btf_map,
 };
+use crate::parse::Parsed;
 use serviceless_common::{
-    Activity, AppValue, Backend, BackendKey, Config, FlowKey, FlowValue, RevNatValue, ServiceKey,
-    ServiceValue, Verdict, default_capacity as cap,
+    Activity, AppValue, Backend, BackendKey, Config, CtBudget, CtEntry, CtEvent, CtKey, CtSummary,
+    FragKey, FragValue, ServiceKey, ServiceValue, Verdict, default_capacity as cap,
 };
 
 #[btf_map(name = "svl_services_v1")]
 pub static SERVICES: HashMap<ServiceKey, ServiceValue, { cap::SERVICES as usize }> = HashMap::new();
 
-#[btf_map(name = "svl_apps_v1")]
+#[btf_map(name = "svl_apps_v2")]
 pub static APPS: Array<AppValue, { cap::APPS as usize }> = Array::new();
 
 #[btf_map(name = "svl_backends_v1")]
 pub static BACKENDS: HashMap<BackendKey, Backend, { cap::BACKENDS as usize }> = HashMap::new();
 
-#[btf_map(name = "svl_activity_v1")]
-pub static ACTIVITY: Array<Activity, { cap::APPS as usize }> = Array::new();
+#[btf_map(name = "svl_activity_v2")]
+pub static ACTIVITY: PerCpuArray<Activity, { cap::APPS as usize }> = PerCpuArray::new();
 
-#[btf_map(name = "svl_flows_v1")]
-pub static FLOWS: LruHashMap<FlowKey, FlowValue, { cap::FLOWS as usize }> = LruHashMap::new();
+/// A plain hash map, not an LRU: an entry leaves only when the garbage
+/// collector finds it expired, so no flood can evict a live connection.
+#[btf_map(name = "svl_ct_v1")]
+pub static CONNTRACK: HashMap<CtKey, CtEntry, { cap::CONNTRACK as usize }> = HashMap::new();
 
-#[btf_map(name = "svl_revnat_v1")]
-pub static REVNAT: LruHashMap<FlowKey, RevNatValue, { cap::FLOWS as usize }> = LruHashMap::new();
+/// LRU: losing an entry only loses the rest of one in-flight datagram.
+#[btf_map(name = "svl_frags_v1")]
+pub static FRAGMENTS: LruHashMap<FragKey, FragValue, { cap::FRAGMENTS as usize }> = LruHashMap::new();
 
-#[btf_map(name = "svl_verdicts_v1")]
+#[btf_map(name = "svl_verdicts_v2")]
 pub static VERDICTS: PerCpuArray<u64, { Verdict::COUNT as usize }> = PerCpuArray::new();
 
-#[btf_map(name = "svl_config_v1")]
+#[btf_map(name = "svl_ct_events_v1")]
+pub static CT_EVENTS: PerCpuArray<u64, { CtEvent::COUNT as usize }> = PerCpuArray::new();
+
+#[btf_map(name = "svl_ct_budget_v1")]
+pub static CT_BUDGET: PerCpuArray<CtBudget, 1> = PerCpuArray::new();
+
+#[btf_map(name = "svl_ct_summary_v1")]
+pub static CT_SUMMARY: Array<CtSummary, 1> = Array::new();
+
+#[btf_map(name = "svl_config_v2")]
 pub static CONFIG: Array<Config, 1> = Array::new();
+
+/// Per-CPU scratch space for the ingress path's largest values (the parsed
+/// packet, its conntrack key), which would otherwise take room on the
+/// 512-byte BPF stack every call below them shares (as Cilium and Katran
+/// keep theirs). Not pinned: it holds nothing between packets.
+pub struct Scratch {
+    pub parsed: Parsed,
+    pub key: CtKey,
+    /// The connection the packet follows.
+    pub entry: CtEntry,
+}
+
+#[btf_map]
+pub static SCRATCH: PerCpuArray<Scratch, 1> = PerCpuArray::new();
 
 /// Counts one packet under `verdict`.
 #[inline(always)]
 pub fn count(verdict: Verdict) {
-    if let Some(counter) = VERDICTS.get_ptr_mut(verdict as u32) {
+    bump(&VERDICTS, verdict as u32);
+}
+
+/// Counts one conntrack lifecycle event.
+#[inline(always)]
+pub fn event(event: CtEvent) {
+    bump(&CT_EVENTS, event as u32);
+}
+
+#[inline(always)]
+fn bump<const N: usize>(counters: &PerCpuArray<u64, N>, index: u32) {
+    if let Some(counter) = counters.get_ptr_mut(index) {
         // SAFETY: per-CPU slot, and BPF programs do not migrate CPUs mid-run.
         unsafe { *counter += 1 };
     }

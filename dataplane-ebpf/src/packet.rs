@@ -19,10 +19,12 @@ pub const IPV6_MAX_EXT_HEADERS: usize = 4;
 /// Deepest L4 offset accepted; bounds the verifier's view of offsets.
 pub const MAX_L4_OFFSET: usize = 512;
 
+pub const IPV6_HLEN: usize = 40;
+pub const TCP_MIN_HLEN: usize = 20;
+pub const TCP_DOFF_OFFSET: usize = 12;
 pub const TCP_FLAGS_OFFSET: usize = 13;
-pub const TCP_FLAG_SYN: u8 = 0x02;
-pub const TCP_FLAG_ACK: u8 = 0x10;
 pub const TCP_CSUM_OFFSET: usize = 16;
+pub const UDP_HLEN: usize = 8;
 pub const UDP_CSUM_OFFSET: usize = 6;
 pub const ICMP_CSUM_OFFSET: usize = 2;
 /// ICMP error header (type, code, checksum, 4 unused/MTU bytes) before the quoted packet.
@@ -74,9 +76,31 @@ pub struct Ports {
     pub dst: u16,
 }
 
+/// The first 20 bytes of a TCP header.
+#[repr(C)]
+pub struct TcpHdr {
+    pub sport: u16,
+    pub dport: u16,
+    pub seq: [u8; 4],
+    pub ack: [u8; 4],
+    pub doff: u8,
+    pub flags: u8,
+    pub window: [u8; 2],
+    pub check: [u8; 2],
+    pub urg: [u8; 2],
+}
+
+/// Deepest offset `ptr_at` accepts. Offsets read back from a map (the
+/// per-CPU scratch) are unknown to the verifier; this bound makes every
+/// offset a bounded scalar it accepts in packet-pointer arithmetic.
+pub const MAX_PACKET_OFFSET: usize = 1024;
+
 /// Pointer to a `T` at `offset`, if the packet holds all of it.
 #[inline(always)]
 pub fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Result<*mut T, ()> {
+    if offset > MAX_PACKET_OFFSET {
+        return Err(());
+    }
     let start = ctx.data();
     let end = ctx.data_end();
     if start + offset + core::mem::size_of::<T>() > end {

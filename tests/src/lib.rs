@@ -28,8 +28,8 @@ use serviceless_agent::{
     source::{Observed, Store},
 };
 use serviceless_common::{
-    CONFIG_F_ACTIVATOR4, CONFIG_F_ACTIVATOR6, CONFIG_F_VIP4, CONFIG_F_VIP6, Config, Verdict,
-    program_names,
+    CONFIG_F_ACTIVATOR4, CONFIG_F_ACTIVATOR6, CONFIG_F_VIP4, CONFIG_F_VIP6, Config, CtEntry, CtEvent,
+    CtKey, Verdict, default_timeout, program_names,
 };
 
 /// Whether kernel tests can run here; prints why not. They need root
@@ -82,7 +82,7 @@ impl Drop for PinDir {
 }
 
 /// Small tables: fixtures need a handful of entries, not a million.
-pub const TEST_SIZES: Sizes = Sizes { services: 64, apps: 64, backends: 256, flows: 4096 };
+pub const TEST_SIZES: Sizes = Sizes { services: 64, apps: 64, backends: 256, connections: 4096 };
 
 pub const VIP_RANGE4: &str = "10.96.0.0/16";
 pub const VIP_RANGE6: &str = "fd00:96::/64";
@@ -146,6 +146,11 @@ impl TestDataplane {
         (c.vip4_net, c.vip4_mask) = r4.to_net_mask();
         (c.vip6_net, c.vip6_mask) = r6.to_net_mask();
         c.flags |= CONFIG_F_VIP4 | CONFIG_F_VIP6;
+        c.hash_key = [0x5356_6b65_7931_3233, 0x7465_7374_6b65_7921];
+        c.ct_syn_timeout_s = default_timeout::SYN;
+        c.ct_established_timeout_s = default_timeout::ESTABLISHED;
+        c.ct_close_timeout_s = default_timeout::CLOSE;
+        c.ct_udp_timeout_s = default_timeout::UDP;
         self.reconciler.set_config(&c)?;
         Ok(())
     }
@@ -206,20 +211,75 @@ impl TestDataplane {
         self.maps().verdicts().into_iter().collect()
     }
 
-    /// Empties the flow tables (as if every flow had expired).
-    pub fn clear_flows(&self) -> anyhow::Result<()> {
-        clear::<serviceless_common::FlowValue>(&self.pins.path.join(serviceless_common::map_names::FLOWS))?;
-        clear::<serviceless_common::RevNatValue>(&self.pins.path.join(serviceless_common::map_names::REVNAT))
+    /// Empties the conntrack table (as if every connection had expired).
+    pub fn clear_conntrack(&self) -> anyhow::Result<()> {
+        let data = aya::maps::MapData::from_pin(self.pins.path.join(serviceless_common::map_names::CONNTRACK))?;
+        let mut map: aya::maps::HashMap<_, CtKey, CtEntry> = aya::maps::HashMap::try_from(aya::maps::Map::HashMap(data))?;
+        let keys: Vec<_> = map.keys().filter_map(Result::ok).collect();
+        for k in keys {
+            let _ = map.remove(&k);
+        }
+        Ok(())
+    }
+
+    /// Deletes one conntrack entry (to simulate a lost entry).
+    pub fn delete_conntrack(&self, key: &CtKey) -> anyhow::Result<()> {
+        let data = aya::maps::MapData::from_pin(self.pins.path.join(serviceless_common::map_names::CONNTRACK))?;
+        let mut map: aya::maps::HashMap<_, CtKey, CtEntry> = aya::maps::HashMap::try_from(aya::maps::Map::HashMap(data))?;
+        map.remove(key)?;
+        Ok(())
+    }
+
+    /// Writes one conntrack entry (to age or corrupt state on purpose).
+    pub fn put_conntrack(&self, key: &CtKey, entry: &CtEntry) -> anyhow::Result<()> {
+        let data = aya::maps::MapData::from_pin(self.pins.path.join(serviceless_common::map_names::CONNTRACK))?;
+        let mut map: aya::maps::HashMap<_, CtKey, CtEntry> = aya::maps::HashMap::try_from(aya::maps::Map::HashMap(data))?;
+        map.insert(key, entry, 0)?;
+        Ok(())
+    }
+
+    /// A restarted agent: a new reconciler adopting what the pinned maps hold.
+    pub fn restart_reconciler(&mut self) -> anyhow::Result<()> {
+        let maps = DataplaneMaps::open_pinned(&self.pins.path)?;
+        self.reconciler = Reconciler::adopt(maps, self.metrics.clone());
+        self.store = Store::default();
+        Ok(())
+    }
+
+    /// Every conntrack entry.
+    pub fn conntrack(&self) -> Vec<(CtKey, CtEntry)> {
+        self.maps().conntrack().collect()
+    }
+
+    /// Runs one pass of the in-kernel conntrack garbage collector.
+    pub fn collect_garbage(&self) -> anyhow::Result<()> {
+        serviceless_agent::conntrack::collect(&self.ebpf).map(drop)
+    }
+
+    /// Conntrack lifecycle events, summed over CPUs.
+    pub fn ct_events(&self) -> HashMap<CtEvent, u64> {
+        self.maps().ct_events().into_iter().collect()
+    }
+
+    /// Rewrites the config entry through `f` (timeouts, flood budget, hash key).
+    pub fn update_config(&mut self, f: impl FnOnce(&mut Config)) -> anyhow::Result<()> {
+        let mut c = self.maps().config().unwrap_or_default();
+        f(&mut c);
+        self.reconciler.set_config(&c)?;
+        Ok(())
     }
 }
 
-fn clear<V: aya::Pod>(path: &std::path::Path) -> anyhow::Result<()> {
-    let data = aya::maps::MapData::from_pin(path)?;
-    let mut map: aya::maps::HashMap<_, serviceless_common::FlowKey, V> =
-        aya::maps::HashMap::try_from(aya::maps::Map::LruHashMap(data))?;
-    let keys: Vec<_> = map.keys().filter_map(Result::ok).collect();
-    for k in keys {
-        let _ = map.remove(&k);
+/// Pins the calling thread to CPU 0, so per-CPU state (the flood budget)
+/// is the same across BPF_PROG_TEST_RUN calls.
+pub fn pin_to_cpu0() -> anyhow::Result<()> {
+    // SAFETY: a zeroed cpu_set_t with one bit set, for this thread.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(0, &mut set);
+        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+            return Err(std::io::Error::last_os_error().into());
+        }
     }
     Ok(())
 }

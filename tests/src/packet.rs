@@ -18,7 +18,9 @@ pub enum L4 {
     Raw { proto: u8, bytes: Vec<u8> },
 }
 
+pub const FIN: u8 = 0x01;
 pub const SYN: u8 = 0x02;
+pub const RST: u8 = 0x04;
 pub const ACK: u8 = 0x10;
 
 #[derive(Clone, Debug)]
@@ -34,6 +36,12 @@ pub struct Packet {
     /// IPv4 fragment offset (8-byte units) and MF flag.
     pub fragment: Option<(u16, bool)>,
     pub payload: Vec<u8>,
+    /// TCP sequence and acknowledgment numbers (the ack is written only with ACK) and window.
+    pub seq: u32,
+    pub ack: u32,
+    pub window: u16,
+    /// IPv4 identification.
+    pub ip_id: u16,
 }
 
 impl Packet {
@@ -55,7 +63,47 @@ impl Packet {
             ipv6_ext: Vec::new(),
             fragment: None,
             payload: b"GET / HTTP/1.1\r\n\r\n".to_vec(),
+            seq: 1000,
+            ack: 2000,
+            window: 64240,
+            ip_id: 0x1c46,
         }
+    }
+
+    /// The same packet with other TCP flags.
+    pub fn flags(mut self, new: u8) -> Self {
+        if let L4::Tcp { flags, .. } = &mut self.l4 {
+            *flags = new;
+        }
+        self
+    }
+
+    /// The RST a host sends for a segment of a connection it does not have
+    /// (RFC 9293 3.10.7.1), built from first principles: from the segment's
+    /// destination back to its source, no payload, no options.
+    pub fn rst_answer(&self) -> Self {
+        let L4::Tcp { sport, dport, flags } = self.l4 else { panic!("not TCP") };
+        let mut r = Packet::new(&self.dst.to_string(), &self.src.to_string(), L4::Tcp { sport: dport, dport: sport, flags: RST });
+        r.payload.clear();
+        r.window = 0;
+        r.ip_id = 0;
+        r.vlan = self.vlan;
+        if flags & ACK != 0 {
+            r.seq = self.ack;
+            r.ack = 0;
+        } else {
+            let mut len = self.payload.len() as u32;
+            if flags & SYN != 0 {
+                len += 1;
+            }
+            if flags & FIN != 0 {
+                len += 1;
+            }
+            r.seq = 0;
+            r.ack = self.seq.wrapping_add(len);
+            r.l4 = L4::Tcp { sport: dport, dport: sport, flags: RST | ACK };
+        }
+        r
     }
 
     pub fn with(mut self, f: impl FnOnce(&mut Self)) -> Self {
@@ -118,10 +166,10 @@ impl Packet {
             L4::Tcp { sport, dport, flags } => {
                 b.extend(sport.to_be_bytes());
                 b.extend(dport.to_be_bytes());
-                b.extend(1000u32.to_be_bytes()); // seq
-                b.extend(if flags & ACK != 0 { 2000u32 } else { 0 }.to_be_bytes());
+                b.extend(self.seq.to_be_bytes());
+                b.extend(if flags & ACK != 0 { self.ack } else { 0 }.to_be_bytes());
                 b.extend([0x50, *flags]);
-                b.extend(64240u16.to_be_bytes());
+                b.extend(self.window.to_be_bytes());
                 b.extend([0, 0, 0, 0]); // checksum, urgent
                 b.extend(&self.payload);
                 let c = checksum(&[self.pseudo(b.len()), b.clone()].concat());
@@ -165,7 +213,7 @@ impl Packet {
                 out.push(0x40 | (hlen / 4) as u8);
                 out.push(0);
                 out.extend((total as u16).to_be_bytes());
-                out.extend(0x1c46u16.to_be_bytes());
+                out.extend(self.ip_id.to_be_bytes());
                 out.extend(frag.to_be_bytes());
                 out.extend([64, self.proto(), 0, 0]);
                 out.extend(s.octets());
@@ -199,11 +247,21 @@ impl Packet {
         out
     }
 
-    /// The Ethernet frame.
+    /// The Ethernet frame (client -> node).
     pub fn frame(&self) -> Vec<u8> {
+        self.frame_macs(NODE_MAC, CLIENT_MAC)
+    }
+
+    /// The Ethernet frame going the other way (node -> client), as an
+    /// answer sent back out of the interface it came in on.
+    pub fn frame_back(&self) -> Vec<u8> {
+        self.frame_macs(CLIENT_MAC, NODE_MAC)
+    }
+
+    fn frame_macs(&self, dst: [u8; 6], src: [u8; 6]) -> Vec<u8> {
         let mut out = Vec::new();
-        out.extend(NODE_MAC);
-        out.extend(CLIENT_MAC);
+        out.extend(dst);
+        out.extend(src);
         if let Some(vid) = self.vlan {
             out.extend(0x8100u16.to_be_bytes());
             out.extend(vid.to_be_bytes());

@@ -170,7 +170,7 @@ impl Topology {
             (self.max_apps * 4).to_string(),
             "--max-backends".into(),
             (self.max_apps * 8).to_string(),
-            "--max-flows".into(),
+            "--max-connections".into(),
             "65536".into(),
         ];
         args.extend(extra.iter().map(|s| s.to_string()));

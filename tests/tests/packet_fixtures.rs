@@ -158,19 +158,19 @@ fn ingress_fixtures() {
         },
         case("not a VIP -> untouched", Packet::tcp(CLIENT, 40013, "10.0.0.1", 80), XDP_PASS, Expect::Unchanged, Verdict::PassNotVip),
         case("ipv6 not a VIP -> untouched", Packet::tcp(CLIENT6, 40014, "2001:db8::1", 80), XDP_PASS, Expect::Unchanged, Verdict::PassNotVip),
+        {
+            let p = Packet::tcp(CLIENT, 40015, VIP, 80).with(|p| p.fragment = Some((0, true)));
+            case("first fragment to VIP -> pod (it carries the ports)", p.clone(), XDP_PASS, to_pod(&p), Verdict::BackendNewFlow)
+        },
         case(
-            "first fragment to VIP -> drop",
-            Packet::tcp(CLIENT, 40015, VIP, 80).with(|p| p.fragment = Some((0, true))),
+            "later fragment whose first was never seen -> drop",
+            Packet::new(CLIENT, VIP, L4::Raw { proto: 6, bytes: vec![0xab; 24] }).with(|p| {
+                p.fragment = Some((185, false));
+                p.ip_id = 0x7777;
+            }),
             XDP_DROP,
             Expect::Unchanged,
-            Verdict::DropFragment,
-        ),
-        case(
-            "later fragment to VIP -> drop",
-            Packet::tcp(CLIENT, 40016, VIP, 80).with(|p| p.fragment = Some((185, false))),
-            XDP_DROP,
-            Expect::Unchanged,
-            Verdict::DropFragment,
+            Verdict::DropFragmentUnknown,
         ),
         case(
             "ipv6 fragment header to VIP -> drop",
@@ -376,13 +376,10 @@ fn as_refs(v: &[(String, bool)]) -> Vec<(&str, bool)> {
     v.iter().map(|(a, r)| (a.as_str(), *r)).collect()
 }
 
-/// The flow's backend for a client port.
+/// The backend of the connection from a client port. A SYN opens it, or
+/// (a retransmission) follows the connection already tracked.
 fn backend_of(dp: &TestDataplane, sport: u16) -> std::net::IpAddr {
-    let p = Packet::tcp(CLIENT, sport, VIP, 80).with(|p| {
-        if let L4::Tcp { flags, .. } = &mut p.l4 {
-            *flags = ACK;
-        }
-    });
+    let p = Packet::tcp(CLIENT, sport, VIP, 80);
     let (action, out) = dp.ingress(&p.frame()).expect("run");
     assert_eq!(action, XDP_PASS);
     std::net::IpAddr::from(<[u8; 4]>::try_from(&out[14 + 16..14 + 20]).expect("4 bytes"))
@@ -411,7 +408,7 @@ fn consistent_hash_moves_about_one_in_n_and_flows_stay() {
     let kept: Vec<_> = ports.iter().map(|&p| backend_of(&dp, p)).collect();
     assert_eq!(first, kept, "established flows keep their backend when one is added");
 
-    dp.clear_flows().expect("clear flows");
+    dp.clear_conntrack().expect("clear conntrack");
     let rehashed: Vec<_> = ports.iter().map(|&p| backend_of(&dp, p)).collect();
     let new: std::net::IpAddr = "10.244.1.5".parse().expect("ip");
     let mut moved = 0;

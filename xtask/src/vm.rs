@@ -133,7 +133,7 @@ pub const GUEST_AGENT: &str = "/svl/bin/serviceless";
 /// a restarted agent adopts the pinned maps.
 pub const EBPF_CHECKS: &str = r#"
 AGENT=/svl/bin/serviceless
-ARGS="run --iface svl0 --activator 10.99.0.9:8080 --source file:/tmp/apps.yaml --vip-range 10.96.0.0/16 --listen 127.0.0.1:9095 --max-apps 1024 --max-services 4096 --max-backends 8192 --max-flows 65536 --state-file /tmp/sources.json"
+ARGS="run --iface svl0 --activator 10.99.0.9:8080 --source file:/tmp/apps.yaml --vip-range 10.96.0.0/16 --listen 127.0.0.1:9095 --max-apps 1024 --max-services 4096 --max-backends 8192 --max-connections 65536 --state-file /tmp/sources.json"
 printf 'apps:\n  - hostname: vm.example.com\n    vip: 10.96.0.10\n    ports: [{ port: 80, targetPort: 8080 }]\n    pods: [{ name: vm-pod, ip: 10.99.0.2 }]\n' >/tmp/apps.yaml
 
 svl_peer() {

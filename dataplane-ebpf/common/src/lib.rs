@@ -11,8 +11,11 @@
 //! arithmetic) lives here too, so it is unit-tested on the host.
 #![no_std]
 
+pub mod conntrack;
 pub mod csum;
 pub mod hash;
+
+pub use conntrack::*;
 
 /// Where the agent pins maps and links unless told otherwise.
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/serviceless";
@@ -22,40 +25,65 @@ pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/serviceless";
 pub mod map_names {
     /// (VIP, port, protocol) -> app id and target port.
     pub const SERVICES: &str = "svl_services_v1";
-    /// app id -> hostname and live backend count (array).
-    pub const APPS: &str = "svl_apps_v1";
+    /// app id -> hostname, its hash and live backend counts (array).
+    pub const APPS: &str = "svl_apps_v2";
     /// (app id, slot) -> backend pod address and state.
     pub const BACKENDS: &str = "svl_backends_v1";
-    /// app id -> last-seen time, packets, bytes (array, written by the kernel).
-    pub const ACTIVITY: &str = "svl_activity_v1";
-    /// client 5-tuple -> chosen backend (LRU).
-    pub const FLOWS: &str = "svl_flows_v1";
-    /// backend-side 5-tuple of a reply -> the VIP:port to restore (LRU).
-    pub const REVNAT: &str = "svl_revnat_v1";
+    /// app id -> last-seen time, packets, bytes (per-CPU array, written by the kernel).
+    pub const ACTIVITY: &str = "svl_activity_v2";
+    /// Connection tracking: one forward and one reply entry per translated connection.
+    pub const CONNTRACK: &str = "svl_ct_v1";
+    /// Translations of IP fragments without ports, by datagram id (LRU).
+    pub const FRAGMENTS: &str = "svl_frags_v1";
     /// verdict -> packet count (per-CPU array).
-    pub const VERDICTS: &str = "svl_verdicts_v1";
-    /// Single entry: activator addresses and VIP ranges.
-    pub const CONFIG: &str = "svl_config_v1";
+    pub const VERDICTS: &str = "svl_verdicts_v2";
+    /// conntrack lifecycle event -> count (per-CPU array).
+    pub const CT_EVENTS: &str = "svl_ct_events_v1";
+    /// Per-CPU budget of new connections (flood guard scratch state).
+    pub const CT_BUDGET: &str = "svl_ct_budget_v1";
+    /// Single entry: live conntrack entries by state, as the last GC pass counted them.
+    pub const CT_SUMMARY: &str = "svl_ct_summary_v1";
+    /// Single entry: activator addresses, VIP ranges, flow hash key, conntrack timeouts.
+    pub const CONFIG: &str = "svl_config_v2";
 
     /// Every map the agent pins, in the order `inspect` reports them.
-    pub const ALL: [&str; 8] = [
-        SERVICES, APPS, BACKENDS, ACTIVITY, FLOWS, REVNAT, VERDICTS, CONFIG,
+    pub const ALL: [&str; 11] = [
+        SERVICES, APPS, BACKENDS, ACTIVITY, CONNTRACK, FRAGMENTS, VERDICTS, CT_EVENTS, CT_BUDGET, CT_SUMMARY,
+        CONFIG,
     ];
+
+    /// Maps of earlier layouts: an upgraded agent migrates what it can from
+    /// them (see the agent's `upgrade` module) and then unpins them.
+    pub mod previous {
+        pub const APPS_V1: &str = "svl_apps_v1";
+        pub const ACTIVITY_V1: &str = "svl_activity_v1";
+        pub const FLOWS_V1: &str = "svl_flows_v1";
+        pub const REVNAT_V1: &str = "svl_revnat_v1";
+        pub const VERDICTS_V1: &str = "svl_verdicts_v1";
+        pub const CONFIG_V1: &str = "svl_config_v1";
+        pub const ALL: [&str; 6] = [APPS_V1, ACTIVITY_V1, FLOWS_V1, REVNAT_V1, VERDICTS_V1, CONFIG_V1];
+    }
 }
 
 /// Program names, as `bpftool prog` shows them (the kernel keeps 15 chars).
 pub mod program_names {
     pub const INGRESS: &str = "svl_ingress";
     pub const EGRESS: &str = "svl_egress";
+    /// Conntrack garbage collector: never attached; the agent runs it with
+    /// BPF_PROG_TEST_RUN every few seconds.
+    pub const CT_GC: &str = "svl_ct_gc";
 }
 
 /// Compile-time capacities of the object file. The agent overrides them at
-/// load time (`--max-apps`, `--max-backends`, `--max-flows`).
+/// load time (`--max-apps`, `--max-backends`, `--max-connections`).
 pub mod default_capacity {
     pub const SERVICES: u32 = 1 << 20;
     pub const APPS: u32 = 1 << 20;
     pub const BACKENDS: u32 = 1 << 21;
-    pub const FLOWS: u32 = 1 << 20;
+    /// Conntrack entries: two per connection (forward and reply).
+    pub const CONNTRACK: u32 = 1 << 21;
+    /// In-flight fragmented datagrams.
+    pub const FRAGMENTS: u32 = 1 << 14;
 }
 
 /// Upper bound on live backends per app: the new-flow path scores each one
@@ -128,13 +156,16 @@ pub struct AppValue {
     pub backend_count: u32,
     /// Of those, how many take new flows (`BACKEND_READY`).
     pub ready_count: u32,
-    /// NUL-padded hostname, for people reading the map.
+    /// `hash::name_hash` of the whole hostname: with `hostname` (which may be
+    /// truncated) it lets a restarted agent recognise exactly the app it wrote.
+    pub name_hash: u64,
+    /// NUL-padded hostname, for people reading the map (truncated past 63 bytes).
     pub hostname: [u8; HOSTNAME_LEN],
 }
 
 impl Default for AppValue {
     fn default() -> Self {
-        Self { backend_count: 0, ready_count: 0, hostname: [0; HOSTNAME_LEN] }
+        Self { backend_count: 0, ready_count: 0, name_hash: 0, hostname: [0; HOSTNAME_LEN] }
     }
 }
 
@@ -163,8 +194,9 @@ pub struct Backend {
     pub pad: [u8; 3],
 }
 
-/// Value of `svl_activity_v1` (array indexed by app id), updated by the
-/// ingress program with atomic adds.
+/// Value of `svl_activity_v2` (per-CPU array indexed by app id): each CPU
+/// counts its own packets without atomics or shared cache lines; the agent
+/// sums the CPUs (and takes the latest `last_seen_ns`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct Activity {
@@ -172,63 +204,6 @@ pub struct Activity {
     pub last_seen_ns: u64,
     pub packets: u64,
     pub bytes: u64,
-}
-
-/// Key of `svl_flows_v1` and `svl_revnat_v1`: a 5-tuple as seen on the wire.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct FlowKey {
-    /// Source address, network order.
-    pub src: Addr,
-    /// Destination address, network order.
-    pub dst: Addr,
-    /// Source port, network order.
-    pub sport: u16,
-    /// Destination port, network order.
-    pub dport: u16,
-    pub proto: u8,
-    pub pad: [u8; 3],
-}
-
-impl FlowKey {
-    /// The same flow seen from the other end (source and destination swapped).
-    #[inline(always)]
-    pub fn reversed(&self) -> Self {
-        Self { src: self.dst, dst: self.src, sport: self.dport, dport: self.sport, proto: self.proto, pad: [0; 3] }
-    }
-}
-
-/// The flow goes to a pod.
-pub const FLOW_TO_BACKEND: u8 = 1;
-/// The flow goes to the activator.
-pub const FLOW_TO_ACTIVATOR: u8 = 2;
-
-/// Value of `svl_flows_v1`: where an established client flow goes.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct FlowValue {
-    /// Backend (or activator) address, network order.
-    pub backend: Addr,
-    /// Backend port, network order.
-    pub backend_port: u16,
-    /// `FLOW_TO_*`.
-    pub kind: u8,
-    pub pad: u8,
-    pub app_id: u32,
-    /// Slot the backend had when chosen; checked (and searched) on every packet.
-    pub slot: u32,
-}
-
-/// Value of `svl_revnat_v1`: what a reply's source must be rewritten to.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct RevNatValue {
-    /// VIP, network order.
-    pub vip: Addr,
-    /// VIP port, network order.
-    pub vport: u16,
-    pub pad: [u8; 2],
-    pub app_id: u32,
 }
 
 /// `Config::flags`: an IPv4 activator is set.
@@ -240,7 +215,7 @@ pub const CONFIG_F_VIP4: u32 = 1 << 2;
 /// `Config::flags`: the IPv6 VIP range is set.
 pub const CONFIG_F_VIP6: u32 = 1 << 3;
 
-/// Single entry of `svl_config_v1`. A map rather than load-time globals so a
+/// Single entry of `svl_config_v2`. A map rather than load-time globals so a
 /// restarted agent can change it without replacing the attached programs.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -262,6 +237,20 @@ pub struct Config {
     pub activator6_port: u16,
     /// `CONFIG_F_*` bits.
     pub flags: u32,
+    /// SipHash key of the flow hash that picks a backend for a new
+    /// connection. The same on every node, so every node picks the same pod;
+    /// secret, so a client cannot steer its flows to one pod.
+    pub hash_key: [u64; 2],
+    /// Conntrack idle timeouts, seconds (see `conntrack::Timeouts`).
+    pub ct_syn_timeout_s: u32,
+    pub ct_established_timeout_s: u32,
+    pub ct_close_timeout_s: u32,
+    pub ct_udp_timeout_s: u32,
+    /// New connections each CPU may track per second (0: no limit). Past it
+    /// new connections are refused (counted), so a flood can neither fill the
+    /// table faster than half-open entries expire nor touch established ones.
+    pub ct_new_per_cpu_per_sec: u32,
+    pub pad: u32,
 }
 
 impl Config {
@@ -300,15 +289,15 @@ pub fn addr_eq(a: &Addr, b: &Addr) -> bool {
     addr_words(a) == addr_words(b)
 }
 
-/// What the programs did with a packet; index of `svl_verdicts_v1`.
+/// What the programs did with a packet; index of `svl_verdicts_v2`.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Verdict {
     /// Not addressed to a VIP: passed untouched.
     PassNotVip = 0,
-    /// New flow DNATed to a backend chosen by consistent hash.
+    /// New connection DNATed to a backend chosen by consistent hash (conntrack entry created).
     BackendNewFlow = 1,
-    /// Established flow DNATed to its remembered backend.
+    /// Packet of a tracked connection DNATed to its backend.
     BackendEstablished = 2,
     /// App known but no ready backend: DNATed to the activator.
     ActivatorNoBackend = 3,
@@ -316,7 +305,7 @@ pub enum Verdict {
     ActivatorUnknownService = 4,
     /// Contested VIP: to the activator.
     ActivatorCollision = 5,
-    /// IP fragment addressed to a VIP: dropped (no ports to route by).
+    /// IPv6 fragment addressed to a VIP: dropped (not translated; see README).
     DropFragment = 6,
     /// Neither TCP, UDP nor a translatable ICMP error, addressed to a VIP: dropped.
     DropUnsupportedProtocol = 7,
@@ -324,23 +313,44 @@ pub enum Verdict {
     PassMalformed = 8,
     /// Would go to the activator but none is configured for the family: dropped.
     DropNoActivator = 9,
-    /// Flow table insert failed; the packet was still forwarded.
-    FlowInsertFailed = 10,
+    /// New connection refused: the conntrack table is full (raise --max-connections).
+    DropCtFull = 10,
     /// Reply from a backend or the activator rewritten to come from the VIP.
     ReplyTranslated = 11,
-    /// ICMP error about a translated flow, translated.
+    /// ICMP error about a translated connection, translated.
     IcmpErrorTranslated = 12,
-    /// Egress packet not belonging to a translated flow: passed untouched.
+    /// Egress packet not belonging to a translated connection: passed untouched.
     EgressPass = 13,
     /// Internal error (helper failure); packet aborted.
     Aborted = 14,
+    /// New connection refused: this CPU's budget of new connections per second is spent (flood guard).
+    DropCtRateLimited = 15,
+    /// New connection refused: no unique reply tuple could be found for it.
+    DropCtClash = 16,
+    /// TCP segment that cannot open a connection, for a connection we do not track: answered with a RST from XDP.
+    RstNoConnection = 17,
+    /// Segment of a connection whose pod is gone: answered with a RST, conntrack entry closed.
+    RstBackendGone = 18,
+    /// RST (or a segment a RST cannot answer) for a connection we do not track: dropped.
+    DropNoConnection = 19,
+    /// ICMP error to a VIP about no connection we track: dropped.
+    IcmpErrorNoConnection = 20,
+    /// Later IPv4 fragment translated like the first fragment of its datagram.
+    FragmentTranslated = 21,
+    /// IPv4 fragment to a VIP whose first fragment was not seen (or was refused): dropped.
+    DropFragmentUnknown = 22,
+    /// Reply matching a reply entry whose connection is gone: passed untranslated, entry removed.
+    EgressStaleReply = 23,
+    /// A flow the activator held but never answered (UDP, or a TCP SYN
+    /// retransmission) moved to a pod that became ready.
+    MovedFromActivator = 24,
 }
 
 impl Verdict {
-    /// Entries in `svl_verdicts_v1`.
-    pub const COUNT: u32 = 16;
+    /// Entries in `svl_verdicts_v2`.
+    pub const COUNT: u32 = 32;
 
-    pub const ALL: [Verdict; 15] = [
+    pub const ALL: [Verdict; 25] = [
         Verdict::PassNotVip,
         Verdict::BackendNewFlow,
         Verdict::BackendEstablished,
@@ -351,11 +361,21 @@ impl Verdict {
         Verdict::DropUnsupportedProtocol,
         Verdict::PassMalformed,
         Verdict::DropNoActivator,
-        Verdict::FlowInsertFailed,
+        Verdict::DropCtFull,
         Verdict::ReplyTranslated,
         Verdict::IcmpErrorTranslated,
         Verdict::EgressPass,
         Verdict::Aborted,
+        Verdict::DropCtRateLimited,
+        Verdict::DropCtClash,
+        Verdict::RstNoConnection,
+        Verdict::RstBackendGone,
+        Verdict::DropNoConnection,
+        Verdict::IcmpErrorNoConnection,
+        Verdict::FragmentTranslated,
+        Verdict::DropFragmentUnknown,
+        Verdict::EgressStaleReply,
+        Verdict::MovedFromActivator,
     ];
 
     /// Stable snake_case name used in metrics labels, `inspect` and tests.
@@ -371,11 +391,21 @@ impl Verdict {
             Verdict::DropUnsupportedProtocol => "drop_unsupported_protocol",
             Verdict::PassMalformed => "pass_malformed",
             Verdict::DropNoActivator => "drop_no_activator",
-            Verdict::FlowInsertFailed => "flow_insert_failed",
+            Verdict::DropCtFull => "drop_ct_full",
             Verdict::ReplyTranslated => "reply_translated",
             Verdict::IcmpErrorTranslated => "icmp_error_translated",
             Verdict::EgressPass => "egress_pass",
             Verdict::Aborted => "aborted",
+            Verdict::DropCtRateLimited => "drop_ct_rate_limited",
+            Verdict::DropCtClash => "drop_ct_clash",
+            Verdict::RstNoConnection => "rst_no_connection",
+            Verdict::RstBackendGone => "rst_backend_gone",
+            Verdict::DropNoConnection => "drop_no_connection",
+            Verdict::IcmpErrorNoConnection => "icmp_error_no_connection",
+            Verdict::FragmentTranslated => "fragment_translated",
+            Verdict::DropFragmentUnknown => "drop_fragment_unknown",
+            Verdict::EgressStaleReply => "egress_stale_reply",
+            Verdict::MovedFromActivator => "moved_from_activator",
         }
     }
 }
@@ -391,9 +421,12 @@ mod user {
     unsafe impl aya::Pod for BackendKey {}
     unsafe impl aya::Pod for Backend {}
     unsafe impl aya::Pod for Activity {}
-    unsafe impl aya::Pod for FlowKey {}
-    unsafe impl aya::Pod for FlowValue {}
-    unsafe impl aya::Pod for RevNatValue {}
+    unsafe impl aya::Pod for CtKey {}
+    unsafe impl aya::Pod for CtEntry {}
+    unsafe impl aya::Pod for FragKey {}
+    unsafe impl aya::Pod for FragValue {}
+    unsafe impl aya::Pod for CtBudget {}
+    unsafe impl aya::Pod for CtSummary {}
     unsafe impl aya::Pod for Config {}
 }
 
@@ -407,14 +440,19 @@ mod tests {
     fn layouts_have_no_implicit_padding() {
         assert_eq!(size_of::<ServiceKey>(), 20);
         assert_eq!(size_of::<ServiceValue>(), 8);
-        assert_eq!(size_of::<AppValue>(), 8 + HOSTNAME_LEN);
+        assert_eq!(size_of::<AppValue>(), 16 + HOSTNAME_LEN);
         assert_eq!(size_of::<BackendKey>(), 8);
         assert_eq!(size_of::<Backend>(), 20);
         assert_eq!(size_of::<Activity>(), 24);
-        assert_eq!(size_of::<FlowKey>(), 40);
-        assert_eq!(size_of::<FlowValue>(), 28);
-        assert_eq!(size_of::<RevNatValue>(), 24);
-        assert_eq!(size_of::<Config>(), 6 * 16 + 8);
+        assert_eq!(size_of::<CtKey>(), 40);
+        assert_eq!(size_of::<CtEntry>(), 48);
+        assert_eq!(size_of::<FragKey>(), 40);
+        assert_eq!(size_of::<FragValue>(), 32);
+        assert_eq!(size_of::<CtBudget>(), 16);
+        assert_eq!(size_of::<CtSummary>(), 8 * 8 + 24);
+        assert_eq!(size_of::<Config>(), 6 * 16 + 8 + 16 + 24);
+        assert!(Verdict::ALL.len() as u32 <= Verdict::COUNT);
+        assert!(CtEvent::ALL.len() as u32 <= CtEvent::COUNT);
         assert!(align_of::<Activity>() <= 8);
     }
 

@@ -403,7 +403,7 @@ fn ours_at(
         services: cap,
         apps: cap,
         backends: cap + 64,
-        flows: 1 << 16,
+        connections: 1 << 16,
     };
     let mut dp = TestDataplane::new(sizes)?;
     dp.configure_ranges(Some("10.245.0.2:8080"), None, VIP_RANGE, "fd00:96::/64")?;
@@ -452,7 +452,7 @@ fn ours_at(
     if flip {
         dp.upsert(last);
     }
-    dp.clear_flows()?;
+    dp.clear_conntrack()?;
 
     per_packet(&dp, floor, n, b, rows)?;
     Ok(Ours {
@@ -556,7 +556,7 @@ fn per_packet(
             runs,
             format!("{s} distinct 5-tuples; compare with the repeat=1 references"),
         );
-        dp.clear_flows()?;
+        dp.clear_conntrack()?;
     }
     Ok(())
 }
@@ -944,7 +944,7 @@ impl TrafficBed {
             &cap,
             "--max-backends",
             &cap,
-            "--max-flows",
+            "--max-connections",
             "65536",
             "--detach-on-exit",
         ];

@@ -1,0 +1,262 @@
+//! Connection tracking in the kernel: creating a connection's two entries
+//! (forward and reply, see `serviceless_common::conntrack`), updating its
+//! state from packets in both directions, removing it, and the garbage
+//! collector the agent runs.
+
+use aya_ebpf::{
+    cty::{c_long, c_void},
+    helpers::{bpf_for_each_map_elem, bpf_get_prandom_u32},
+};
+use serviceless_common::{
+    Addr, CT_DIR_FORWARD, CT_DIR_REPLY, CT_KIND_REPLY, CT_REFRESH_NS, CT_STATE_SYN_SENT,
+    CT_STATE_UDP, Config, CtEntry, CtEvent, CtKey, CtSummary, IPPROTO_TCP, addr_eq, expired, tcp_next,
+};
+
+use crate::maps::{CONNTRACK, CT_BUDGET, CT_SUMMARY, event};
+
+const BPF_NOEXIST: u64 = 1;
+const E2BIG: i32 = 7;
+/// Other client ports tried when the natural reply tuple is taken.
+const PORT_REWRITE_TRIES: u32 = 3;
+/// Age below which a reply entry without its forward entry is left alone.
+const ORPHAN_GRACE_NS: u64 = 1_000_000_000;
+
+/// Where a new connection goes.
+#[derive(Clone, Copy)]
+pub struct Target {
+    pub addr: Addr,
+    pub port: u16,
+    /// `CT_KIND_BACKEND` or `CT_KIND_ACTIVATOR`.
+    pub kind: u8,
+    pub app_id: u32,
+    pub slot: u32,
+}
+
+impl Target {
+    pub const NONE: Target = Target { addr: [0; 16], port: 0, kind: 0, app_id: u32::MAX, slot: 0 };
+}
+
+/// Why a connection was not tracked.
+pub enum Refused {
+    /// The table is full.
+    Full,
+    /// This CPU's budget of new connections for this second is spent.
+    RateLimited,
+    /// No free reply tuple (every client port tried is in use towards the target).
+    Clash,
+}
+
+/// The reply tuple of a connection: target -> client.
+#[inline(always)]
+pub fn reply_key(target: &Addr, target_port: u16, client: &Addr, client_port: u16, proto: u8) -> CtKey {
+    CtKey { src: *target, dst: *client, sport: target_port, dport: client_port, proto, dir: CT_DIR_REPLY, pad: [0; 2] }
+}
+
+/// The forward tuple a reply entry points at.
+#[inline(always)]
+pub fn forward_of_reply(key: &CtKey, rev: &CtEntry) -> CtKey {
+    CtKey {
+        src: key.dst,
+        dst: rev.addr,
+        sport: rev.client_port,
+        dport: rev.port,
+        proto: key.proto,
+        dir: CT_DIR_FORWARD,
+        pad: [0; 2],
+    }
+}
+
+/// Tracks a new connection from `fwd` (the client's tuple) to `target`:
+/// the forward entry, then a reply entry whose tuple no other connection
+/// uses (rewriting the client port if the natural one is taken, as a NAT
+/// does on a tuple clash). Returns the forward entry written.
+#[inline(always)]
+pub fn create(cfg: &Config, fwd: &CtKey, target: &Target, now: u64) -> Result<CtEntry, Refused> {
+    take_budget(cfg, now)?;
+    let mut entry = CtEntry {
+        addr: target.addr,
+        port: target.port,
+        client_port: fwd.sport,
+        app_id: target.app_id,
+        slot: target.slot,
+        kind: target.kind,
+        state: if fwd.proto == IPPROTO_TCP { CT_STATE_SYN_SENT } else { CT_STATE_UDP },
+        flags: 0,
+        created_ns: now,
+        last_seen_ns: now,
+    };
+    let rev = CtEntry {
+        addr: fwd.dst,
+        port: fwd.dport,
+        client_port: fwd.sport,
+        app_id: target.app_id,
+        kind: CT_KIND_REPLY,
+        created_ns: now,
+        ..CtEntry::default()
+    };
+    for attempt in 0..=PORT_REWRITE_TRIES {
+        if attempt > 0 {
+            // An ephemeral port (32768..=60999), unpredictable to the client.
+            entry.client_port = ((32768 + unsafe { bpf_get_prandom_u32() } % 28232) as u16).to_be();
+        }
+        let reply = reply_key(&target.addr, target.port, &fwd.src, entry.client_port, fwd.proto);
+        match CONNTRACK.insert(&reply, &rev, BPF_NOEXIST) {
+            Ok(()) => {
+                if let Err(e) = CONNTRACK.insert(fwd, &entry, BPF_NOEXIST) {
+                    let _ = CONNTRACK.remove(&reply);
+                    return Err(if e == -E2BIG { Refused::Full } else { Refused::Clash });
+                }
+                event(CtEvent::Created);
+                if attempt > 0 {
+                    event(CtEvent::PortRewritten);
+                }
+                return Ok(entry);
+            }
+            Err(e) if e == -E2BIG => return Err(Refused::Full),
+            Err(_) => {}
+        }
+    }
+    Err(Refused::Clash)
+}
+
+/// Removes a connection: its reply entry (if it still points back at this
+/// connection), then its forward entry.
+#[inline(always)]
+pub fn remove(fwd: &CtKey, entry: &CtEntry) {
+    let reply = reply_key(&entry.addr, entry.port, &fwd.src, entry.client_port, fwd.proto);
+    // SAFETY: a map value, read in place (no copy on the stack).
+    if let Some(rev) = unsafe { CONNTRACK.get(&reply) }
+        && points_back(rev, fwd)
+    {
+        let _ = CONNTRACK.remove(&reply);
+    }
+    let _ = CONNTRACK.remove(fwd);
+}
+
+/// Re-creates a connection's reply entry if it is missing (it cannot be
+/// evicted, but a restore, a manual delete or a bug must not leave a
+/// connection whose replies leave untranslated). Called at most once per
+/// second per connection, when `last_seen_ns` is refreshed.
+#[inline(always)]
+pub fn repair_reply(fwd: &CtKey, entry: &CtEntry, now: u64) {
+    let reply = reply_key(&entry.addr, entry.port, &fwd.src, entry.client_port, fwd.proto);
+    if CONNTRACK.get_ptr(&reply).is_some() {
+        return;
+    }
+    let rev = CtEntry {
+        addr: fwd.dst,
+        port: fwd.dport,
+        client_port: fwd.sport,
+        app_id: entry.app_id,
+        kind: CT_KIND_REPLY,
+        created_ns: now,
+        ..CtEntry::default()
+    };
+    if CONNTRACK.insert(&reply, &rev, BPF_NOEXIST).is_ok() {
+        event(CtEvent::ReplyRepaired);
+    }
+}
+
+/// Whether a reply entry belongs to the connection `fwd`.
+#[inline(always)]
+fn points_back(rev: &CtEntry, fwd: &CtKey) -> bool {
+    rev.kind == CT_KIND_REPLY && addr_eq(&rev.addr, &fwd.dst) && rev.port == fwd.dport && rev.client_port == fwd.sport
+}
+
+/// Updates a tracked connection for a packet travelling `dir`. Returns
+/// whether `last_seen_ns` was refreshed (at most once per `CT_REFRESH_NS`).
+#[inline(always)]
+pub fn observe(entry: *mut CtEntry, proto: u8, dir: u8, tcp_flags: u8, now: u64) -> bool {
+    // SAFETY: a map value pointer; concurrent updates from other CPUs can
+    // only lose a state step or a timestamp, never corrupt routing fields.
+    unsafe {
+        if proto == IPPROTO_TCP {
+            let (state, flags) = tcp_next((*entry).state, (*entry).flags, dir, tcp_flags);
+            if state != (*entry).state || flags != (*entry).flags {
+                (*entry).state = state;
+                (*entry).flags = flags;
+            }
+        }
+        if now.saturating_sub((*entry).last_seen_ns) >= CT_REFRESH_NS {
+            (*entry).last_seen_ns = now;
+            return true;
+        }
+    }
+    false
+}
+
+/// Flood guard: each CPU may track `ct_new_per_cpu_per_sec` new
+/// connections per second (Katran caps LRU inserts per CPU the same way).
+#[inline(always)]
+fn take_budget(cfg: &Config, now: u64) -> Result<(), Refused> {
+    let limit = cfg.ct_new_per_cpu_per_sec as u64;
+    if limit == 0 {
+        return Ok(());
+    }
+    let Some(budget) = CT_BUDGET.get_ptr_mut(0) else { return Ok(()) };
+    // SAFETY: per-CPU slot.
+    unsafe {
+        if now.saturating_sub((*budget).window_start_ns) >= 1_000_000_000 {
+            (*budget).window_start_ns = now;
+            (*budget).used = 0;
+        }
+        if (*budget).used >= limit {
+            return Err(Refused::RateLimited);
+        }
+        (*budget).used += 1;
+    }
+    Ok(())
+}
+
+struct Gc {
+    cfg: Config,
+    now: u64,
+    summary: CtSummary,
+}
+
+/// One garbage-collection pass over the whole table (Linux 5.13,
+/// bpf_for_each_map_elem, commit 69c087ba6225): expired connections lose
+/// both entries, reply entries whose connection is gone are removed.
+#[inline(always)]
+pub fn collect(cfg: &Config, now: u64) {
+    let mut gc = Gc { cfg: *cfg, now, summary: CtSummary { at_ns: now, ..CtSummary::default() } };
+    // SAFETY: the callback only casts its context back to `Gc`.
+    unsafe {
+        bpf_for_each_map_elem(
+            core::ptr::from_ref(&CONNTRACK).cast_mut().cast(),
+            gc_step as *mut c_void,
+            (&raw mut gc).cast(),
+            0,
+        );
+    }
+    let _ = CT_SUMMARY.set(0, &gc.summary, 0);
+    event(CtEvent::GcRuns);
+}
+
+extern "C" fn gc_step(_map: *mut c_void, key: *const CtKey, value: *const CtEntry, ctx: *mut c_void) -> c_long {
+    // SAFETY: the kernel passes this element's key and value, and our `Gc`.
+    let (key, entry, gc) = unsafe { (*key, *value, &mut *ctx.cast::<Gc>()) };
+    if key.dir == CT_DIR_REPLY {
+        let fwd = forward_of_reply(&key, &entry);
+        // SAFETY: copied out at once.
+        let alive = match unsafe { CONNTRACK.get(&fwd) }.copied() {
+            Some(f) => addr_eq(&f.addr, &key.src) && f.port == key.sport && f.client_port == key.dport,
+            None => false,
+        };
+        // A reply entry is written just before its forward entry: spare young ones.
+        if !alive && gc.now.saturating_sub(entry.created_ns) > ORPHAN_GRACE_NS {
+            let _ = CONNTRACK.remove(&key);
+            event(CtEvent::ReplyOrphanRemoved);
+            gc.summary.removed += 1;
+        } else {
+            gc.summary.replies += 1;
+        }
+    } else if expired(&gc.cfg, &entry, gc.now) {
+        remove(&key, &entry);
+        event(CtEvent::expiry(entry.state));
+        gc.summary.removed += 2;
+    } else if let Some(n) = gc.summary.by_state.get_mut((entry.state & 7) as usize) {
+        *n += 1;
+    }
+    0
+}

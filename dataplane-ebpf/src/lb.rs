@@ -1,0 +1,104 @@
+//! Load balancing: which app a VIP:port belongs to, and which of its pods a
+//! new connection goes to (rendezvous hashing under the cluster's key, so
+//! every node picks the same pod), or whether a tracked pod is still there.
+
+use aya_ebpf::{
+    cty::{c_long, c_void},
+    helpers::bpf_loop,
+};
+use serviceless_common::{
+    Addr, BACKEND_READY, BackendKey, CtKey, MAX_BACKENDS_PER_APP, addr_eq,
+    hash::{backend_hash, flow_hash, score},
+};
+
+use crate::maps::{APPS, BACKENDS};
+
+/// The slot holding `addr` (ready or draining), trying the remembered slot
+/// first: one lookup on the hot path, a search only after slots moved.
+#[inline(always)]
+pub fn find_backend(app_id: u32, addr: &Addr, hint: u32) -> Option<u32> {
+    // SAFETY: copied out at once; the agent may rewrite slots at any time.
+    if let Some(b) = unsafe { BACKENDS.get(BackendKey { app_id, slot: hint }) }
+        && addr_eq(&b.addr, addr)
+    {
+        return Some(hint);
+    }
+    let count = APPS.get(app_id)?.backend_count;
+    let mut search = FindBackend { app_id, addr: *addr, found: u32::MAX };
+    for_each_slot(count, find_backend_step, &mut search);
+    (search.found != u32::MAX).then_some(search.found)
+}
+
+struct FindBackend {
+    app_id: u32,
+    addr: Addr,
+    found: u32,
+}
+
+extern "C" fn find_backend_step(slot: u64, ctx: *mut c_void) -> c_long {
+    // SAFETY: `for_each_slot` passes the `FindBackend` it was given.
+    let search = unsafe { &mut *ctx.cast::<FindBackend>() };
+    let slot = slot as u32;
+    match unsafe { BACKENDS.get(BackendKey { app_id: search.app_id, slot }) } {
+        Some(b) if addr_eq(&b.addr, &search.addr) => {
+            search.found = slot;
+            LOOP_BREAK
+        }
+        _ => LOOP_CONTINUE,
+    }
+}
+
+/// Rendezvous hashing over the app's ready backends.
+#[inline(always)]
+pub fn choose_backend(app_id: u32, flow: &CtKey, count: u32, hash_key: &[u64; 2]) -> Option<(Addr, u32)> {
+    let mut choice = ChooseBackend {
+        app_id,
+        flow_hash: flow_hash(flow, hash_key),
+        best_score: 0,
+        best_slot: u32::MAX,
+        best_addr: [0; 16],
+    };
+    for_each_slot(count, choose_backend_step, &mut choice);
+    (choice.best_slot != u32::MAX).then_some((choice.best_addr, choice.best_slot))
+}
+
+struct ChooseBackend {
+    app_id: u32,
+    flow_hash: u64,
+    best_score: u64,
+    best_slot: u32,
+    best_addr: Addr,
+}
+
+extern "C" fn choose_backend_step(slot: u64, ctx: *mut c_void) -> c_long {
+    // SAFETY: `for_each_slot` passes the `ChooseBackend` it was given.
+    let choice = unsafe { &mut *ctx.cast::<ChooseBackend>() };
+    let slot = slot as u32;
+    let Some(b) = (unsafe { BACKENDS.get(BackendKey { app_id: choice.app_id, slot }) }) else {
+        return LOOP_CONTINUE;
+    };
+    if b.state == BACKEND_READY {
+        let s = score(choice.flow_hash, backend_hash(&b.addr));
+        if choice.best_slot == u32::MAX || s > choice.best_score {
+            choice.best_score = s;
+            choice.best_slot = slot;
+            choice.best_addr = b.addr;
+        }
+    }
+    LOOP_CONTINUE
+}
+
+const LOOP_CONTINUE: c_long = 0;
+const LOOP_BREAK: c_long = 1;
+
+/// Runs `step(slot, state)` for slots `0..count` (at most
+/// MAX_BACKENDS_PER_APP) through `bpf_loop` (Linux 5.17, commit e6f2dd0f8067),
+/// so the verifier checks the body once instead of once per iteration.
+#[inline(always)]
+fn for_each_slot<T>(count: u32, step: extern "C" fn(u64, *mut c_void) -> c_long, state: &mut T) {
+    let n = if count > MAX_BACKENDS_PER_APP { MAX_BACKENDS_PER_APP } else { count };
+    // SAFETY: `step` only casts the context back to `T`.
+    unsafe {
+        bpf_loop(n, step as *mut c_void, (state as *mut T).cast(), 0);
+    }
+}
