@@ -239,16 +239,20 @@ extern "C" fn gc_step(_map: *mut c_void, key: *const CtKey, value: *const CtEntr
     if key.dir == CT_DIR_REPLY {
         let fwd = forward_of_reply(&key, &entry);
         // SAFETY: copied out at once.
-        let alive = match unsafe { CONNTRACK.get(&fwd) }.copied() {
-            Some(f) => addr_eq(&f.addr, &key.src) && f.port == key.sport && f.client_port == key.dport,
-            None => false,
+        let (alive, expiring) = match unsafe { CONNTRACK.get(&fwd) }.copied() {
+            Some(f) => (
+                addr_eq(&f.addr, &key.src) && f.port == key.sport && f.client_port == key.dport,
+                expired(&gc.cfg, &f, gc.now),
+            ),
+            None => (false, false),
         };
         // A reply entry is written just before its forward entry: spare young ones.
         if !alive && gc.now.saturating_sub(entry.created_ns) > ORPHAN_GRACE_NS {
             let _ = CONNTRACK.remove(&key);
             event(CtEvent::ReplyOrphanRemoved);
             gc.summary.removed += 1;
-        } else {
+        } else if alive && !expiring {
+            // (An expiring connection's reply entry goes with it this pass.)
             gc.summary.replies += 1;
         }
     } else if expired(&gc.cfg, &entry, gc.now) {
