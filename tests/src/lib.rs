@@ -8,7 +8,9 @@ pub mod k8s;
 pub mod kube_env;
 pub mod netns;
 pub mod packet;
+pub mod scenario;
 pub mod topology;
+pub mod xdp_pass;
 
 use std::{
     collections::HashMap,

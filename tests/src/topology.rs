@@ -10,6 +10,7 @@
 
 use std::{
     io::{BufRead as _, BufReader, Read as _, Write as _},
+    os::fd::OwnedFd,
     net::{SocketAddr, TcpStream},
     path::{Path, PathBuf},
     time::{Duration, Instant},
@@ -17,7 +18,10 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
-use crate::netns::{Netns, Proc, ip, run};
+use crate::{
+    netns::{Netns, Proc, ip, run},
+    xdp_pass::Floor,
+};
 
 pub const CLIENT_IP: &str = "10.0.0.2";
 pub const UPLINK: &str = "up0";
@@ -59,6 +63,10 @@ pub struct Topology {
     pub work_dir: PathBuf,
     /// Map capacity (apps) the agent is started with.
     pub max_apps: u32,
+    /// Conntrack capacity (connections) the agent is started with.
+    pub max_connections: u32,
+    /// The XDP_PASS program on the client's interface (see `new`).
+    _client_xdp: OwnedFd,
     server_bin: PathBuf,
 }
 
@@ -84,6 +92,13 @@ impl Topology {
         if client.exec("ethtool", &["-K", "eth0", "tx", "off"]).is_err() {
             eprintln!("note: ethtool missing; client keeps checksum offload");
         }
+        // Frames the node's XDP program sends back (XDP_TX: RSTs for dead
+        // connections) reach a veth peer only if it runs XDP itself (veth
+        // flushes its XDP ring only then); a NIC needs nothing of the kind.
+        let client_xdp = client.run(|| -> anyhow::Result<OwnedFd> {
+            let index = if_index("eth0").context("client eth0")?;
+            Floor::load()?.attach(index)
+        })??;
         node.ip("addr add 10.0.0.1/24 dev up0")?;
         node.ip(&format!("link set {UPLINK} up"))?;
         node.exec("sysctl", &["-qw", "net.ipv4.ip_forward=1"])?;
@@ -110,6 +125,8 @@ impl Topology {
             bpf_dir,
             work_dir,
             max_apps: 1024,
+            max_connections: 65536,
+            _client_xdp: client_xdp,
             server_bin: server_bin.into(),
         };
         wait_http(&topo.node, ACTIVATOR)?;
@@ -171,7 +188,7 @@ impl Topology {
             "--max-backends".into(),
             (self.max_apps * 8).to_string(),
             "--max-connections".into(),
-            "65536".into(),
+            self.max_connections.to_string(),
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -223,6 +240,13 @@ impl Drop for Topology {
         let _ = run("umount", &[self.bpf_dir.to_str().unwrap_or_default()]);
         let _ = std::fs::remove_dir_all(&self.work_dir);
     }
+}
+
+fn if_index(name: &str) -> Option<u32> {
+    let c = std::ffi::CString::new(name).ok()?;
+    // SAFETY: valid C string.
+    let idx = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    (idx != 0).then_some(idx)
 }
 
 /// A veth pair between two namespaces, with final names.
@@ -280,6 +304,11 @@ impl Conn {
     pub fn open(addr: SocketAddr) -> anyhow::Result<Self> {
         let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))
             .with_context(|| format!("connecting to {addr}"))?;
+        Self::from_stream(stream)
+    }
+
+    /// A connection made elsewhere (for example from a chosen client port).
+    pub fn from_stream(stream: TcpStream) -> anyhow::Result<Self> {
         stream.set_read_timeout(Some(Duration::from_secs(3)))?;
         let peer = stream.peer_addr()?;
         Ok(Self { stream: BufReader::new(stream), peer })
@@ -293,7 +322,9 @@ impl Conn {
         let conn = if keep_alive { "keep-alive" } else { "close" };
         write!(self.stream.get_mut(), "GET {path} HTTP/1.1\r\nHost: test\r\nConnection: {conn}\r\n\r\n")?;
         let mut status_line = String::new();
-        self.stream.read_line(&mut status_line)?;
+        if self.stream.read_line(&mut status_line)? == 0 {
+            return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into());
+        }
         let status: u16 = status_line.split_whitespace().nth(1).context("no status")?.parse()?;
         let mut len = 0usize;
         loop {

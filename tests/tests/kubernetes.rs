@@ -13,6 +13,7 @@ use std::{
 use serviceless_tests::{
     kernel_tests_enabled,
     kube_env::KubeEnv,
+    scenario::wait_until,
     topology::{Topology, http_get},
 };
 
@@ -20,14 +21,6 @@ const VIP: &str = "10.96.0.10:80";
 
 fn server_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_svl-test-server"))
-}
-
-fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
-        thread::sleep(Duration::from_millis(50));
-    }
 }
 
 fn deployment(name: &str, ns: &str, host: &str, vip: &str, replicas: u32) -> String {

@@ -4,17 +4,18 @@
 
 use std::{
     collections::HashMap,
-    path::{Path, PathBuf},
+    path::PathBuf,
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, AtomicU32, Ordering},
     },
     thread,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use serviceless_tests::{
     kernel_tests_enabled,
+    scenario::{backend_states, inspect, wait_until, write_apps, write_raw},
     topology::{Topology, agent_binary},
 };
 
@@ -22,60 +23,6 @@ const VIP: &str = "10.96.0.10:80";
 
 fn server_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_svl-test-server"))
-}
-
-/// (name, ip, ready)
-type PodState<'a> = (&'a str, &'a str, bool);
-
-/// Writes the desired-state file atomically (the agent never sees half a file).
-fn write_apps(path: &Path, apps: &[(&str, &str, &[PodState])]) {
-    let mut yaml = String::from("apps:\n");
-    for (host, vip, pods) in apps {
-        yaml.push_str(&format!("  - hostname: {host}\n    vip: {vip}\n    ports: [{{ port: 80, targetPort: 8080 }}]\n    pods:\n"));
-        if pods.is_empty() {
-            yaml.truncate(yaml.len() - "    pods:\n".len());
-        }
-        for (name, ip, ready) in pods.iter() {
-            yaml.push_str(&format!("      - {{ name: {name}, ip: {ip}, ready: {ready} }}\n"));
-        }
-    }
-    write_raw(path, &yaml);
-}
-
-fn write_raw(path: &Path, text: &str) {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, text).expect("write desired state");
-    std::fs::rename(&tmp, path).expect("rename desired state");
-}
-
-fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
-        thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// `serviceless inspect --json` against the topology's pins.
-fn inspect(topo: &Topology) -> serde_json::Value {
-    let out = std::process::Command::new(agent_binary().expect("agent binary"))
-        .args(["inspect", "--json", "--pin-dir"])
-        .arg(topo.pin_dir())
-        .output()
-        .expect("run inspect");
-    assert!(out.status.success(), "inspect failed: {}", String::from_utf8_lossy(&out.stderr));
-    serde_json::from_slice(&out.stdout).expect("inspect JSON")
-}
-
-fn backend_states(topo: &Topology, host: &str) -> Vec<(String, String)> {
-    inspect(topo)["apps"]
-        .as_array()
-        .expect("apps")
-        .iter()
-        .filter(|a| a["hostname"] == host)
-        .flat_map(|a| a["backends"].as_array().cloned().unwrap_or_default())
-        .map(|b| (b["ip"].as_str().unwrap_or("").to_string(), b["state"].as_str().unwrap_or("").to_string()))
-        .collect()
 }
 
 struct Setup {

@@ -6,8 +6,7 @@
 //! from empty), real traffic through network namespaces, and memory. Writes
 //! `results.json` and `results.md` into `--out`. Never asserts numbers.
 
-#[path = "bench/floor.rs"]
-mod floor;
+use serviceless_tests::xdp_pass as floor;
 #[path = "bench/rules.rs"]
 mod rules;
 #[path = "bench/traffic.rs"]

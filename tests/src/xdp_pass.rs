@@ -1,5 +1,7 @@
-//! The floor: a two-instruction XDP program (`r0 = XDP_PASS; exit`) loaded
-//! straight through bpf(2), run with BPF_PROG_TEST_RUN like ours.
+//! A two-instruction XDP program (`r0 = XDP_PASS; exit`) loaded straight
+//! through bpf(2): the benchmark's floor (run with BPF_PROG_TEST_RUN like
+//! ours), and what a test attaches to a veth peer so frames sent back with
+//! XDP_TX reach it (veth delivers those only to a peer with an XDP program).
 
 use std::os::fd::AsRawFd as _;
 use std::os::fd::{FromRawFd as _, OwnedFd};
@@ -8,7 +10,9 @@ use anyhow::bail;
 
 const BPF_PROG_LOAD: libc::c_long = 5;
 const BPF_PROG_TEST_RUN: libc::c_long = 10;
+const BPF_LINK_CREATE: libc::c_long = 28;
 const BPF_PROG_TYPE_XDP: u32 = 6;
+const BPF_XDP: u64 = 37;
 
 pub struct Floor {
     fd: OwnedFd,
@@ -47,6 +51,21 @@ impl Floor {
         Ok(Self {
             fd: unsafe { OwnedFd::from_raw_fd(fd as i32) },
         })
+    }
+
+    /// Attaches it to interface `ifindex` of the calling thread's network
+    /// namespace through a bpf_link; detached when the returned fd closes.
+    pub fn attach(&self, ifindex: u32) -> anyhow::Result<OwnedFd> {
+        let mut attr = [0u64; 16];
+        // prog_fd | target_ifindex, then attach_type | flags
+        attr[0] = self.fd.as_raw_fd() as u64 | (u64::from(ifindex) << 32);
+        attr[1] = BPF_XDP;
+        let fd = bpf(BPF_LINK_CREATE, &mut attr);
+        if fd < 0 {
+            bail!("attaching the XDP_PASS program to ifindex {ifindex}: {}", std::io::Error::last_os_error());
+        }
+        // SAFETY: a fresh fd we own.
+        Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
     }
 
     /// Average ns per run over `repeat` runs, as the kernel reports it.
