@@ -44,6 +44,6 @@ fn forward_later_inner(ctx: &XdpContext, p: &Parsed) -> (Verdict, u32) {
     if nat::dnat(ctx, p, &to.addr, 0, 0).is_err() {
         return ingress::MALFORMED;
     }
-    ingress::record_activity(to.app_id, (p.ip_end - p.l3) as u64, to.seen_ns);
+    ingress::record_activity(to.app_id, (p.ip_end() - p.l3()) as u64, to.seen_ns);
     (Verdict::FragmentTranslated, XDP_PASS)
 }

@@ -87,7 +87,7 @@ pub fn error4(ctx: &XdpContext, s: &mut Scratch) -> u64 {
 
 #[inline(always)]
 fn error4_inner(ctx: &XdpContext, s: &mut Scratch) -> Result<(Verdict, u32), ()> {
-    let (l3, l4) = (s.parsed.l3, s.parsed.l4);
+    let (l3, l4) = (s.parsed.l3(), s.parsed.l4());
     let icmp = ptr_at::<[u8; ICMP_ERROR_HLEN]>(ctx, l4)?;
     // SAFETY: bounds checked by ptr_at.
     let icmp = unsafe { &mut *icmp };
@@ -139,7 +139,7 @@ pub fn error6(ctx: &XdpContext, s: &mut Scratch) -> u64 {
 
 #[inline(always)]
 fn error6_inner(ctx: &XdpContext, s: &mut Scratch) -> Result<(Verdict, u32), ()> {
-    let (l3, l4) = (s.parsed.l3, s.parsed.l4);
+    let (l3, l4) = (s.parsed.l3(), s.parsed.l4());
     let icmp = ptr_at::<[u8; ICMP_ERROR_HLEN]>(ctx, l4)?;
     // SAFETY: bounds checked by ptr_at.
     let icmp = unsafe { &mut *icmp };

@@ -322,7 +322,7 @@ fn forward(ctx: &XdpContext, p: &Parsed, entry: &CtEntry, verdict: Verdict, now:
     if nat::dnat(ctx, p, &entry.addr, entry.port, entry.client_port).is_err() {
         return MALFORMED;
     }
-    record_activity(entry.app_id, (p.ip_end - p.l3) as u64, now);
+    record_activity(entry.app_id, (p.ip_end() - p.l3()) as u64, now);
     if p.frag == Frag::First {
         frag::remember_forward(p, &entry.addr, entry.app_id, now);
     }

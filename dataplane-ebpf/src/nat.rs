@@ -28,7 +28,7 @@ pub fn set_check(check: &mut [u8; 2], acc: u32) {
 pub fn dnat(ctx: &XdpContext, p: &Parsed, addr: &Addr, port: u16, client_port: u16) -> Result<(), ()> {
     let acc = if p.v4 {
         let new4 = as_ipv4(addr).ok_or(())?;
-        let ip = ptr_at::<Ipv4Hdr>(ctx, p.l3)?;
+        let ip = ptr_at::<Ipv4Hdr>(ctx, p.l3())?;
         // SAFETY: bounds checked by ptr_at.
         let ip = unsafe { &mut *ip };
         let acc = csum::diff_addr4(0, ip.dst, new4);
@@ -36,7 +36,7 @@ pub fn dnat(ctx: &XdpContext, p: &Parsed, addr: &Addr, port: u16, client_port: u
         ip.dst = new4;
         acc
     } else {
-        let ip = ptr_at::<Ipv6Hdr>(ctx, p.l3)?;
+        let ip = ptr_at::<Ipv6Hdr>(ctx, p.l3())?;
         // SAFETY: bounds checked by ptr_at.
         let ip = unsafe { &mut *ip };
         let acc = csum::diff_addr16(0, &ip.dst, addr);
@@ -46,12 +46,12 @@ pub fn dnat(ctx: &XdpContext, p: &Parsed, addr: &Addr, port: u16, client_port: u
     if p.frag == Frag::Later || (p.proto != IPPROTO_TCP && p.proto != IPPROTO_UDP) {
         return Ok(());
     }
-    if p.l4 > MAX_L4_OFFSET {
+    if p.l4() > MAX_L4_OFFSET {
         return Err(());
     }
     let udp = p.proto == IPPROTO_UDP;
-    let ports = ptr_at::<Ports>(ctx, p.l4)?;
-    let check = ptr_at::<[u8; 2]>(ctx, p.l4 + if udp { UDP_CSUM_OFFSET } else { TCP_CSUM_OFFSET })?;
+    let ports = ptr_at::<Ports>(ctx, p.l4())?;
+    let check = ptr_at::<[u8; 2]>(ctx, p.l4() + if udp { UDP_CSUM_OFFSET } else { TCP_CSUM_OFFSET })?;
     // SAFETY: bounds checked by ptr_at.
     unsafe {
         let old_dport = (*ports).dst;
@@ -83,16 +83,16 @@ pub fn answer_rst(ctx: &XdpContext, p: &Parsed) -> Result<u32, ()> {
     if p.tcp_flags & TCP_RST != 0 {
         return Ok(XDP_DROP);
     }
-    let (hlen, tcp_off) = if p.v4 { (20, p.l3 + 20) } else { (IPV6_HLEN, p.l3 + IPV6_HLEN) };
+    let (hlen, tcp_off) = if p.v4 { (20, p.l3() + 20) } else { (IPV6_HLEN, p.l3() + IPV6_HLEN) };
     // IPv4 options and IPv6 extension headers: not worth echoing; drop.
-    if p.l4 != tcp_off || p.l3 > ETH_HLEN + 4 {
+    if p.l4() != tcp_off || p.l3() > ETH_HLEN + 4 {
         return Ok(XDP_DROP);
     }
     let tcp = ptr_at::<TcpHdr>(ctx, tcp_off)?;
     // SAFETY: bounds checked by ptr_at.
     let tcp = unsafe { &mut *tcp };
     let doff = (tcp.doff >> 4) as u32 * 4;
-    let payload = (p.ip_end - p.l4) as u32 - doff;
+    let payload = (p.ip_end() - p.l4()) as u32 - doff;
     let (seq, ack, flags) = if p.tcp_flags & TCP_ACK != 0 {
         (u32::from_be_bytes(tcp.ack), 0, TCP_RST)
     } else {
@@ -120,7 +120,7 @@ pub fn answer_rst(ctx: &XdpContext, p: &Parsed) -> Result<u32, ()> {
     let mut sum = csum::add_words(0, tcp_bytes);
     sum += IPPROTO_TCP as u32 + 20;
     if p.v4 {
-        let ip = ptr_at::<Ipv4Hdr>(ctx, p.l3)?;
+        let ip = ptr_at::<Ipv4Hdr>(ctx, p.l3())?;
         // SAFETY: bounds checked by ptr_at.
         let ip = unsafe { &mut *ip };
         let (src, dst) = (ip.src, ip.dst);
@@ -140,7 +140,7 @@ pub fn answer_rst(ctx: &XdpContext, p: &Parsed) -> Result<u32, ()> {
         sum = csum::add_words(sum, &src);
         sum = csum::add_words(sum, &dst);
     } else {
-        let ip = ptr_at::<Ipv6Hdr>(ctx, p.l3)?;
+        let ip = ptr_at::<Ipv6Hdr>(ctx, p.l3())?;
         // SAFETY: bounds checked by ptr_at.
         let ip = unsafe { &mut *ip };
         let (src, dst) = (ip.src, ip.dst);
@@ -163,7 +163,7 @@ pub fn answer_rst(ctx: &XdpContext, p: &Parsed) -> Result<u32, ()> {
         (*eth).src = dst;
         (*eth).dst = src;
     }
-    let keep = (p.l3 + hlen + 20) as i32;
+    let keep = (p.l3() + hlen + 20) as i32;
     // SAFETY: plain helper calls on our context. (The length comes from the
     // helper: the verifier allows no arithmetic on the packet-end pointer.)
     let len = unsafe { bpf_xdp_get_buff_len(ctx.ctx) } as i32;

@@ -13,11 +13,11 @@ use crate::packet::*;
 pub struct Parsed {
     pub v4: bool,
     /// Offset of the IP header.
-    pub l3: usize,
+    l3: u16,
     /// Offset of the L4 header.
-    pub l4: usize,
+    l4: u16,
     /// Offset of the end of the IP packet (frame padding excluded).
-    pub ip_end: usize,
+    ip_end: u16,
     pub proto: u8,
     pub src: Addr,
     pub dst: Addr,
@@ -43,7 +43,33 @@ pub enum Frag {
     V6,
 }
 
+// This struct lives in a map (the per-CPU scratch), and a value read back
+// from a map is unknown to the verifier. The header offsets are masked to
+// their largest possible values on the way out (a no-op for every value
+// `parse` stores: l3 <= 18, l4 <= MAX_L4_OFFSET), which bounds them for
+// packet-pointer arithmetic on every kernel: 6.1's verifier forgets bounds
+// learned by a comparison when the compiler reloads the value from the
+// stack, and accepts a variable packet offset only well below 64 KiB.
+const L3_MASK: u16 = 0x1f;
+const L4_MASK: u16 = 0x3ff;
+const _: () = assert!(ETH_HLEN + 4 <= L3_MASK as usize && MAX_L4_OFFSET <= L4_MASK as usize);
+
 impl Parsed {
+    #[inline(always)]
+    pub fn l3(&self) -> usize {
+        (self.l3 & L3_MASK) as usize
+    }
+
+    #[inline(always)]
+    pub fn l4(&self) -> usize {
+        (self.l4 & L4_MASK) as usize
+    }
+
+    #[inline(always)]
+    pub fn ip_end(&self) -> usize {
+        self.ip_end as usize
+    }
+
     pub const EMPTY: Parsed = Parsed {
         v4: false,
         l3: 0,
@@ -121,9 +147,9 @@ fn ipv4(ctx: &XdpContext, cfg: &Config, l3: usize, p: &mut Parsed) -> Parse {
         Frag::None
     };
     p.v4 = true;
-    p.l3 = l3;
-    p.l4 = l3 + hdr_len;
-    p.ip_end = l3 + total;
+    p.l3 = l3 as u16;
+    p.l4 = (l3 + hdr_len) as u16;
+    p.ip_end = (l3 + total) as u16;
     p.proto = ip.proto;
     p.src = ipv4_mapped(ip.src);
     p.dst = dst;
@@ -181,9 +207,9 @@ fn ipv6(ctx: &XdpContext, cfg: &Config, l3: usize, p: &mut Parsed) -> Parse {
         }
     }
     p.v4 = false;
-    p.l3 = l3;
-    p.l4 = l4;
-    p.ip_end = hdr_end + payload;
+    p.l3 = l3 as u16;
+    p.l4 = l4 as u16;
+    p.ip_end = (hdr_end + payload) as u16;
     p.proto = next;
     p.src = ip.src;
     p.dst = ip.dst;
@@ -191,7 +217,7 @@ fn ipv6(ctx: &XdpContext, cfg: &Config, l3: usize, p: &mut Parsed) -> Parse {
     if frag == Frag::V6 {
         return Parse::Vip;
     }
-    if l4 > p.ip_end || l4_header(ctx, p).is_err() {
+    if l4 > p.ip_end() || l4_header(ctx, p).is_err() {
         return Parse::Malformed;
     }
     Parse::Vip
@@ -203,13 +229,13 @@ fn ipv6(ctx: &XdpContext, cfg: &Config, l3: usize, p: &mut Parsed) -> Parse {
 /// (for a first fragment, only the header must fit).
 #[inline(always)]
 fn l4_header(ctx: &XdpContext, p: &mut Parsed) -> Result<(), ()> {
-    if p.l4 > MAX_L4_OFFSET {
+    if p.l4() > MAX_L4_OFFSET || p.l4() > p.ip_end() {
         return Err(());
     }
-    let l4_len = p.ip_end - p.l4;
+    let l4_len = p.ip_end() - p.l4();
     match p.proto {
         IPPROTO_TCP => {
-            let tcp = ptr_at::<[u8; TCP_MIN_HLEN]>(ctx, p.l4)?;
+            let tcp = ptr_at::<[u8; TCP_MIN_HLEN]>(ctx, p.l4())?;
             // SAFETY: bounds checked by ptr_at.
             let tcp = unsafe { &*tcp };
             let doff = (tcp[TCP_DOFF_OFFSET] >> 4) as usize * 4;
@@ -221,7 +247,7 @@ fn l4_header(ctx: &XdpContext, p: &mut Parsed) -> Result<(), ()> {
             p.tcp_flags = tcp[TCP_FLAGS_OFFSET];
         }
         IPPROTO_UDP => {
-            let udp = ptr_at::<[u8; UDP_HLEN]>(ctx, p.l4)?;
+            let udp = ptr_at::<[u8; UDP_HLEN]>(ctx, p.l4())?;
             // SAFETY: bounds checked by ptr_at.
             let udp = unsafe { &*udp };
             let len = be16([udp[4], udp[5]]) as usize;
