@@ -74,6 +74,8 @@ const HOST_PACKAGES: &[&str] = &[
 
 /// Where the packet-fixture test binary is copied in the guest for [`FIXTURE_CHECKS`].
 pub const GUEST_FIXTURES: &str = "/svl/bin/packet_fixtures";
+/// Where the conntrack-fixture test binary goes (GC, XDP_TX, fragments).
+pub const GUEST_CT_FIXTURES: &str = "/svl/bin/conntrack_fixtures";
 
 /// Where the benchmark binary goes in the guest.
 pub const GUEST_BENCH: &str = "/svl/bin/serviceless-bench";
@@ -89,9 +91,9 @@ svl_step bench svl_bench
 "#;
 
 /// The kernel-level packet tests: check that bpffs is mounted at /sys/fs/bpf
-/// exactly as the tests look for it, then run the `packet_fixtures` test
-/// binary (BPF_PROG_TEST_RUN on every program, loaded by aya through this
-/// kernel's verifier). A run in which any test printed "SKIP" (not root, no
+/// exactly as the tests look for it, then run the `packet_fixtures` and
+/// `conntrack_fixtures` test binaries (BPF_PROG_TEST_RUN on every program,
+/// loaded by aya through this kernel's verifier). A run in which any test printed "SKIP" (not root, no
 /// bpffs) fails: the step cannot pass vacuously. Runs before [`EBPF_CHECKS`],
 /// which ends the script.
 pub const FIXTURE_CHECKS: &str = r#"
@@ -104,8 +106,12 @@ svl_bpffs() {
 
 svl_fixtures() {
 	{
-		/svl/bin/packet_fixtures --test-threads=1 2>&1
-		echo "$?" >/tmp/fixtures.rc
+		_all=0
+		for _bin in /svl/bin/packet_fixtures /svl/bin/conntrack_fixtures; do
+			[ -x "$_bin" ] || continue
+			"$_bin" --test-threads=1 2>&1 || _all=1
+		done
+		echo "$_all" >/tmp/fixtures.rc
 	} | tee /tmp/fixtures.log
 	_rc=$(cat /tmp/fixtures.rc)
 	if grep -q '^SKIP' /tmp/fixtures.log; then
@@ -652,6 +658,9 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         };
         println!("packet fixtures: {}", fixtures.display());
         files.push((fixtures, GUEST_FIXTURES));
+        if args.fixtures.is_none() {
+            files.push((build::test_binary("serviceless-tests", "conntrack_fixtures")?, GUEST_CT_FIXTURES));
+        }
         script.push_str(FIXTURE_CHECKS);
     }
     if !args.no_bench {
@@ -805,8 +814,8 @@ fn per_packet_ratios(step: Option<&StepResult>) -> Vec<(String, f64, f64)> {
         .collect()
 }
 
-/// "N passed / M failed" from libtest's "test result:" line in the
-/// fixtures step, or why there is none.
+/// "N passed / M failed" summed over libtest's "test result:" lines in the
+/// fixtures step (one per test binary), or why there are none.
 fn fixture_result(step: Option<&StepResult>) -> String {
     let Some(step) = step else {
         return "did not run".to_owned();
@@ -819,19 +828,14 @@ fn fixture_result(step: Option<&StepResult>) -> String {
             .and_then(|w| w[0].parse().ok())
     };
     let skipped = step.output.iter().any(|l| l.starts_with("SKIP"));
-    let result = step
-        .output
-        .iter()
-        .rev()
-        .find(|l| l.starts_with("test result: "));
-    let mut text = match result {
-        Some(l) => format!(
-            "{} passed / {} failed",
-            count(l, "passed").unwrap_or(0),
-            count(l, "failed").unwrap_or(0)
-        ),
-        None if step.status.is_none() => "did not finish".to_owned(),
-        None => "no test result".to_owned(),
+    let results: Vec<&String> = step.output.iter().filter(|l| l.starts_with("test result: ")).collect();
+    let sum = |what: &str| results.iter().map(|l| count(l, what).unwrap_or(0)).sum::<u32>();
+    let mut text = if !results.is_empty() {
+        format!("{} passed / {} failed", sum("passed"), sum("failed"))
+    } else if step.status.is_none() {
+        "did not finish".to_owned()
+    } else {
+        "no test result".to_owned()
     };
     if skipped {
         text.push_str(" (SKIPPED: counted as failure)");
