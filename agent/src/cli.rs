@@ -33,7 +33,7 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Run the node daemon: attach the programs and keep the maps up to date.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Show apps, backends, connections and counters from the pinned maps (works while the daemon is down).
     Inspect(InspectArgs),
     /// Remove the programs from an interface and unpin every map (drops all connections).

@@ -22,7 +22,7 @@ fn main() -> std::process::ExitCode {
             .enable_all()
             .build()
             .map_err(anyhow::Error::from)
-            .and_then(|rt| rt.block_on(run::run(args))),
+            .and_then(|rt| rt.block_on(run::run(*args))),
         Command::Inspect(args) => inspect::run(&args),
         Command::Detach(args) => dataplane::detach(&dataplane::Pins::new(&args.pin_dir), &args.iface),
     };
