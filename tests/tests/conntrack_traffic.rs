@@ -6,7 +6,7 @@
 
 use std::{
     io::ErrorKind,
-    net::{Ipv4Addr, SocketAddr},
+    net::SocketAddr,
     path::PathBuf,
     sync::{
         Arc,
@@ -17,8 +17,8 @@ use std::{
 };
 
 use serviceless_tests::{
+    flood::{Flood, syn_flood},
     kernel_tests_enabled,
-    packet::Packet,
     scenario::{inspect, wait_until, write_apps},
     topology::{Conn, Topology, http_get},
 };
@@ -90,38 +90,6 @@ fn an_idle_keep_alive_connection_outlives_a_flood_of_new_connections() {
     assert!(counter(&report, "conntrack_events", "expired_closing") > 100, "closed connections expired: {report}");
 }
 
-/// Sends `count` TCP SYNs to `vip` from spoofed sources in 198.18.0.0/15
-/// through a raw socket (IP_HDRINCL), inside the client namespace, in
-/// bursts of 1,000 every 10 ms (so it lasts long enough to overlap other
-/// traffic), and for at most 10 s.
-fn syn_flood(topo: &Topology, vip: SocketAddr, count: u32) -> u32 {
-    let client = topo.client.name.clone();
-    thread::spawn(move || {
-        serviceless_tests::netns::enter(&client).expect("client namespace");
-        let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::RAW, Some(socket2::Protocol::from(libc::IPPROTO_RAW)))
-            .expect("raw socket");
-        let dst = socket2::SockAddr::from(vip);
-        let mut sent = 0;
-        let deadline = Instant::now() + Duration::from_secs(10);
-        for i in 0..count {
-            if i % 1000 == 999 {
-                thread::sleep(Duration::from_millis(10));
-                if Instant::now() > deadline {
-                    break;
-                }
-            }
-            let src = Ipv4Addr::new(198, 18 + (i >> 16) as u8 % 2, (i >> 8) as u8, i as u8).to_string();
-            let syn = Packet::tcp(&src, 1024 + (i % 60000) as u16, &vip.ip().to_string(), vip.port()).with(|p| p.payload.clear());
-            if sock.send_to(&syn.ip_bytes(), &dst).is_ok() {
-                sent += 1;
-            }
-        }
-        sent
-    })
-    .join()
-    .expect("flood thread")
-}
-
 #[test]
 fn a_spoofed_syn_flood_does_not_break_established_connections() {
     if !kernel_tests_enabled("conntrack traffic: syn flood") {
@@ -147,7 +115,9 @@ fn a_spoofed_syn_flood_does_not_break_established_connections() {
         })
     };
     let started = Instant::now();
-    let sent = syn_flood(&topo, VIP.parse().expect("vip"), 100_000);
+    // 100,000 SYNs in bursts of 1,000 every 10 ms (about 2 s), at most 10 s.
+    let flood = Flood { count: 100_000, max: Duration::from_secs(10), pause_per_1000: Duration::from_millis(10) };
+    let sent = syn_flood(&topo.client.name, VIP.parse().expect("vip"), flood).expect("flood");
     eprintln!("syn flood: {sent} spoofed SYNs in {:?}", started.elapsed());
     thread::sleep(Duration::from_millis(300));
     stop.store(true, Ordering::Relaxed);

@@ -28,7 +28,11 @@ use serviceless_agent::{
     model::{AppSpec, BackendSpec, PortSpec, Protocol},
 };
 use serviceless_tests::{
-    TestDataplane, ensure_bpffs, netns::Netns, packet::Packet, topology::Topology,
+    TestDataplane, ensure_bpffs,
+    flood::{Flood, syn_flood},
+    netns::Netns,
+    packet::Packet,
+    topology::Topology,
 };
 
 const VIP_BASE: u32 = u32::from_be_bytes([10, 96, 0, 1]);
@@ -283,7 +287,7 @@ fn run() -> anyhow::Result<()> {
             .as_ref()
             .and_then(|r| r.mem_per_app.and_then(single));
         mem.note = format!(
-            "ours: memlock of the app-sized maps (services, apps, activity, backends) from /proc/self/fdinfo, sized to N; all maps incl. 64k-flow tables: {:.0} B/app; baselines: Slab+VmallocUsed+Percpu delta in /proc/meminfo{}",
+            "ours: memlock of the app-sized maps (services, apps, activity, backends) from /proc/self/fdinfo, sized to N; all maps incl. a 64k-connection conntrack table: {:.0} B/app; baselines: Slab+VmallocUsed+Percpu delta in /proc/meminfo{}",
             ours.all_bytes_per_app,
             if n < 1000 {
                 " (meaningless below 1000 apps: noise)"
@@ -292,6 +296,10 @@ fn run() -> anyhow::Result<()> {
             }
         );
         rows.push(mem);
+        let mut ct = Row::new("memory", "kernel bytes per tracked connection", n, "B/conn");
+        ct.ours = single(ours.ct_bytes_per_connection);
+        ct.note = "memlock of svl_ct_v1 (preallocated hash map, two entries per connection: forward and reply) / --max-connections; independent of N".into();
+        rows.push(ct);
 
         write_outputs(&opts, &rows, &skipped, started.elapsed())?;
 
@@ -333,12 +341,16 @@ fn pod(i: usize) -> Ipv4Addr {
 }
 
 fn bench_app(host: String, vip: Ipv4Addr, pods: &[(Ipv4Addr, bool)]) -> AppSpec {
+    bench_app_to(host, vip, pods, 8080)
+}
+
+fn bench_app_to(host: String, vip: Ipv4Addr, pods: &[(Ipv4Addr, bool)], target_port: u16) -> AppSpec {
     AppSpec {
         hostname: host,
         vip: IpAddr::V4(vip),
         ports: vec![PortSpec {
             port: 80,
-            target_port: 8080,
+            target_port,
             protocol: Protocol::Tcp,
         }],
         backends: pods
@@ -352,21 +364,27 @@ fn bench_app(host: String, vip: Ipv4Addr, pods: &[(Ipv4Addr, bool)]) -> AppSpec 
     }
 }
 
-/// N apps (one TCP port, one pod each), plus two probe apps: one with 8
-/// pods, one with none ready (activator).
+/// N apps (one TCP port, one pod each), plus probe apps for the per-packet
+/// paths (see `per_packet`): one with 8 pods, one with none ready
+/// (activator), and "mirrors" whose pods are other probes' VIPs.
 fn bench_apps(n: usize) -> Vec<AppSpec> {
     let mut apps: Vec<AppSpec> = (0..n)
         .map(|i| bench_app(format!("app-{i}.bench.example"), vip(i), &[(pod(i), true)]))
         .collect();
-    let eight: Vec<(Ipv4Addr, bool)> = (0..8)
-        .map(|k| (Ipv4Addr::new(10, 250, 0, 2 + k), true))
-        .collect();
-    apps.push(bench_app("probe-8.bench.example".into(), vip(n), &eight));
+    // probe-8's pods are the VIPs of eight mirrors whose pod is probe-8's VIP.
+    let eight: Vec<(Ipv4Addr, bool)> = (0..8).map(|k| (vip(n + 4 + k), true)).collect();
+    apps.push(bench_app_to("probe-8.bench.example".into(), vip(n), &eight, 80));
     apps.push(bench_app(
         "probe-idle.bench.example".into(),
         vip(n + 1),
         &[(Ipv4Addr::new(10, 250, 1, 2), false)],
     ));
+    // ping's pod is pong's VIP and the other way round.
+    apps.push(bench_app_to("probe-ping.bench.example".into(), vip(n + 2), &[(vip(n + 3), true)], 80));
+    apps.push(bench_app_to("probe-pong.bench.example".into(), vip(n + 3), &[(vip(n + 2), true)], 80));
+    for k in 0..8 {
+        apps.push(bench_app_to(format!("probe-8-mirror-{k}.bench.example"), vip(n + 4 + k), &[(vip(n), true)], 80));
+    }
     apps
 }
 
@@ -383,7 +401,15 @@ fn trials(
     Ok(out)
 }
 
+/// The traffic load measured while a SYN flood runs.
+struct Flooded {
+    load: traffic::Load,
+    syns_per_s: f64,
+}
+
 struct Ours {
+    /// Kernel bytes of the conntrack table per connection it can hold.
+    ct_bytes_per_connection: f64,
     change_us: Vec<f64>,
     full_ms: Vec<f64>,
     map_bytes_per_app: f64,
@@ -427,7 +453,7 @@ fn ours_at(
         Ok(took.as_secs_f64() * 1e3)
     })?;
 
-    let (map_bytes, all_bytes) = map_memory()?;
+    let (map_bytes, all_bytes, ct_bytes) = map_memory()?;
 
     // One backend change: the last app's pod alternates between two IPs.
     let last = apps[n - 1].clone();
@@ -455,6 +481,7 @@ fn ours_at(
 
     per_packet(&dp, floor, n, b, rows)?;
     Ok(Ours {
+        ct_bytes_per_connection: ct_bytes as f64 / f64::from(sizes.connections),
         change_us,
         full_ms,
         map_bytes_per_app: map_bytes as f64 / n as f64,
@@ -462,6 +489,47 @@ fn ours_at(
     })
 }
 
+/// Runs `runs()` and proves it took the path it names: the verdict
+/// counters must move by exactly `expected` on `verdicts` (and by nothing
+/// else). Returns the samples and the proof for the row's note.
+fn proven(
+    dp: &TestDataplane,
+    verdicts: &[serviceless_common::Verdict],
+    expected: u64,
+    runs: impl FnOnce() -> anyhow::Result<Vec<f64>>,
+) -> anyhow::Result<(Vec<f64>, String)> {
+    let before = dp.verdicts();
+    let samples = runs()?;
+    let after = dp.verdicts();
+    let moved: Vec<String> = after
+        .iter()
+        .filter(|(k, v)| before[k] != **v)
+        .map(|(k, v)| format!("{} +{}", k.name(), v - before[k]))
+        .collect();
+    let on_path: u64 = verdicts.iter().map(|v| after[v] - before[v]).sum();
+    let total: u64 = after.iter().map(|(k, v)| v - before[k]).sum();
+    let ok = on_path == expected && total == expected;
+    let proof = format!(
+        "{} verdicts: {} (expected {expected} on {})",
+        if ok { "PROVEN" } else { "NOT PROVEN" },
+        moved.join(", "),
+        verdicts.iter().map(|v| v.name()).collect::<Vec<_>>().join("+")
+    );
+    if !ok {
+        eprintln!("warning: a per-packet row did not take its path: {proof}");
+    }
+    Ok((samples, proof))
+}
+
+/// Per-packet cost. BPF_PROG_TEST_RUN's `repeat` runs the program again on
+/// the buffer it has already rewritten, so a repeated row is only honest
+/// when the rewrite leads back onto the same path: the established rows
+/// use "mirror" apps whose pods are each other's VIPs (client -> ping VIP
+/// becomes client -> pong VIP, which becomes client -> ping VIP again), so
+/// every run is an established-connection hit; non-VIP traffic is never
+/// rewritten. Every other path is sampled one run at a time (`repeat=1`,
+/// timer overhead included; compare with the floor at repeat=1). Every row
+/// checks the verdict counters moved by exactly its number of runs.
 fn per_packet(
     dp: &TestDataplane,
     floor: &floor::Floor,
@@ -469,11 +537,10 @@ fn per_packet(
     b: &Budget,
     rows: &mut Vec<Row>,
 ) -> anyhow::Result<()> {
+    use serviceless_common::Verdict as V;
     let client = "10.1.0.1";
-    let hit1 = Packet::tcp(client, 40000, &vip(n - 1).to_string(), 80).frame();
-    let hit8 = Packet::tcp(client, 40000, &vip(n).to_string(), 80).frame();
-    let idle = Packet::tcp(client, 40000, &vip(n + 1).to_string(), 80).frame();
-    let unknown = Packet::tcp(client, 40000, UNKNOWN_VIP, 80).frame();
+    let ack = |dst: Ipv4Addr| Packet::tcp(client, 40000, &dst.to_string(), 80).flags(serviceless_tests::packet::ACK).frame();
+    let syn = |dst: Ipv4Addr| Packet::tcp(client, 40000, &dst.to_string(), 80).frame();
     let pass = Packet::tcp(client, 40000, "192.168.50.1", 80).frame();
 
     let mut add = |path: &str, samples: Vec<f64>, note: String| {
@@ -482,86 +549,61 @@ fn per_packet(
         r.note = note;
         rows.push(r);
     };
-    let repeat = b.pkt_repeat;
-    let floor_runs: Vec<f64> = (0..b.pkt_trials)
-        .map(|_| floor.run(&pass, repeat))
-        .collect::<anyhow::Result<_>>()?;
-    add(
-        "floor: XDP_PASS program",
-        floor_runs,
-        format!("{} trials x repeat {repeat}", b.pkt_trials),
-    );
-    let paths: [(&str, &Vec<u8>); 5] = [
-        ("hit, 1 backend, established", &hit1),
-        ("hit, 8 backends, established", &hit8),
-        ("activator (no ready pod), established", &idle),
-        ("unknown VIP (activator)", &unknown),
-        ("non-VIP pass-through", &pass),
-    ];
-    for (path, frame) in paths {
-        let (action, _) = dp.ingress(frame)?; // the first run inserts the flow
-        let runs: Vec<f64> = (0..b.pkt_trials)
-            .map(|_| {
-                dp.ingress_repeat(frame, repeat)
-                    .map(|(_, _, d)| d.as_nanos() as f64)
-            })
-            .collect::<anyhow::Result<_>>()?;
-        add(
-            path,
-            runs,
-            format!(
-                "XDP action {action}; {} trials x repeat {repeat}",
-                b.pkt_trials
-            ),
-        );
-    }
-
-    // New flows: every run a distinct 5-tuple, so repeat = 1 per run; the
-    // kernel's timer then dominates, so the same-run references are at repeat 1 too.
-    let s = b.r1_samples;
-    let r1 = |frame: &[u8]| {
-        dp.ingress_repeat(frame, 1)
-            .map(|(_, _, d)| d.as_nanos() as f64)
+    let (repeat, trials) = (b.pkt_repeat, b.pkt_trials);
+    let floor_runs: Vec<f64> = (0..trials).map(|_| floor.run(&pass, repeat)).collect::<anyhow::Result<_>>()?;
+    add("floor: XDP_PASS program", floor_runs, format!("{trials} trials x repeat {repeat}"));
+    let repeated = |frame: &[u8]| -> anyhow::Result<Vec<f64>> {
+        (0..trials).map(|_| dp.ingress_repeat(frame, repeat).map(|(_, _, d)| d.as_nanos() as f64)).collect()
     };
+    // Open both mirror connections (ping <-> pong; probe-8 <-> its mirror).
+    for dst in [vip(n + 2), vip(n)] {
+        let (_, out) = dp.ingress(&syn(dst))?;
+        dp.ingress(&out)?;
+    }
+    let runs = u64::from(repeat) * trials as u64;
+    for (path, dst) in [("hit, 1 backend, established", vip(n + 2)), ("hit, 8 backends, established", vip(n))] {
+        let frame = ack(dst);
+        let (samples, proof) = proven(dp, &[V::BackendEstablished], runs, || repeated(&frame))?;
+        add(path, samples, format!("{trials} trials x repeat {repeat}, alternating between two mirror connections; {proof}"));
+    }
+    let (samples, proof) = proven(dp, &[V::PassNotVip], runs, || repeated(&pass))?;
+    add("non-VIP pass-through", samples, format!("{trials} trials x repeat {repeat}; {proof}"));
+
+    // One run at a time.
+    let s = b.r1_samples;
+    let r1 = |frame: &[u8]| dp.ingress_repeat(frame, 1).map(|(_, _, d)| d.as_nanos() as f64);
+    let floor_r1: Vec<f64> = (0..s).map(|_| floor.run(&pass, 1)).collect::<anyhow::Result<_>>()?;
+    add("floor at repeat=1", floor_r1, format!("{s} runs; timer overhead included"));
+    let hit = Packet::tcp(client, 40001, &vip(n - 1).to_string(), 80);
+    dp.ingress(&hit.frame())?;
+    let hit = hit.flags(serviceless_tests::packet::ACK).frame();
+    let (samples, proof) = proven(dp, &[V::BackendEstablished], s as u64, || (0..s).map(|_| r1(&hit)).collect())?;
+    add("hit, 1 backend, established, repeat=1", samples, format!("{s} runs; {proof}"));
+    let idle = Packet::tcp(client, 40002, &vip(n + 1).to_string(), 80);
+    dp.ingress(&idle.frame())?;
+    let idle = idle.flags(serviceless_tests::packet::ACK).frame();
+    let (samples, proof) = proven(dp, &[V::ActivatorNoBackend], s as u64, || (0..s).map(|_| r1(&idle)).collect())?;
+    add("activator (no ready pod), established, repeat=1", samples, format!("{s} runs; {proof}"));
     let fresh = |k: usize, dst: Ipv4Addr| {
         let src = format!("10.2.{}.{}", (k >> 8) & 255, k & 255);
         Packet::tcp(&src, 1024 + (k >> 16) as u16, &dst.to_string(), 80).frame()
     };
-    let floor_r1: Vec<f64> = (0..s)
-        .map(|_| floor.run(&pass, 1))
-        .collect::<anyhow::Result<_>>()?;
-    add(
-        "floor at repeat=1",
-        floor_r1,
-        format!("{s} runs; timer overhead included"),
-    );
-    let est_r1: Vec<f64> = (0..s).map(|_| r1(&hit1)).collect::<anyhow::Result<_>>()?;
-    add(
-        "hit, 1 backend, established, repeat=1",
-        est_r1,
-        format!("{s} runs"),
-    );
-    for (path, dst) in [
-        ("new flow, 1 backend, repeat=1", vip(n - 1)),
-        ("new flow, 8 backends, repeat=1", vip(n)),
+    for (path, dst, verdict) in [
+        ("new connection, 1 backend, repeat=1", vip(n - 1), V::BackendNewFlow),
+        ("new connection, 8 backends, repeat=1", vip(n), V::BackendNewFlow),
+        ("unknown VIP (activator), new connection, repeat=1", UNKNOWN_VIP.parse()?, V::ActivatorUnknownService),
     ] {
         let frames: Vec<Vec<u8>> = (0..s).map(|k| fresh(k, dst)).collect();
-        let runs: Vec<f64> = frames
-            .iter()
-            .map(|f| r1(f))
-            .collect::<anyhow::Result<_>>()?;
-        add(
-            path,
-            runs,
-            format!("{s} distinct 5-tuples; compare with the repeat=1 references"),
-        );
+        let (samples, proof) = proven(dp, &[verdict], s as u64, || frames.iter().map(|f| r1(f)).collect())?;
+        add(path, samples, format!("{s} distinct 5-tuples (conntrack entries created); {proof}"));
         dp.clear_conntrack()?;
     }
     Ok(())
 }
 
-/// (bytes of the app-sized maps, bytes of all our maps), from fdinfo memlock.
-fn map_memory() -> anyhow::Result<(u64, u64)> {
+/// (bytes of the app-sized maps, bytes of all our maps, bytes of the
+/// conntrack table), from fdinfo memlock.
+fn map_memory() -> anyhow::Result<(u64, u64, u64)> {
     let names = bpftool_names();
     let mut seen = HashMap::new();
     for entry in std::fs::read_dir("/proc/self/fd")? {
@@ -590,9 +632,13 @@ fn map_memory() -> anyhow::Result<(u64, u64)> {
     anyhow::ensure!(!seen.is_empty(), "no BPF map fds found in /proc/self/fd");
     let mut app_sized = 0;
     let mut all = 0;
+    let mut ct = 0;
     for (id, memlock) in &seen {
         all += memlock;
         let name = names.get(id).map(String::as_str).unwrap_or("");
+        if name == serviceless_common::map_names::CONNTRACK {
+            ct += memlock;
+        }
         if ["svl_services", "svl_apps", "svl_activity", "svl_backends"]
             .iter()
             .any(|p| name.starts_with(p))
@@ -604,7 +650,7 @@ fn map_memory() -> anyhow::Result<(u64, u64)> {
         eprintln!("note: bpftool gave no map names; counting all maps as app-sized");
         app_sized = all;
     }
-    Ok((app_sized, all))
+    Ok((app_sized, all, ct))
 }
 
 fn bpftool_names() -> HashMap<u64, String> {
@@ -845,7 +891,18 @@ impl TrafficBed {
         // The target is the last service: the worst case for iptables' linear KUBE-SERVICES.
         let target = SocketAddr::new(IpAddr::V4(svcs[n - 1].vip), 80);
         let node = self.topo.node.name.clone();
-        let (ours, rss) = self.ours(n, &svcs, target, b.traffic_secs)?;
+        let (ours, flooded, rss) = self.ours(n, &svcs, target, b.traffic_secs)?;
+        let mut under = Row::new("traffic", "new connections/s under a SYN flood", n, "conn/s");
+        under.lower_better = false;
+        under.ours = single(flooded.load.conns_per_s);
+        under.note = format!(
+            "the same load while {:.0} spoofed SYNs/s hit the same VIP (flood guard: --ct-new-per-cpu default); without the flood {:.0} conn/s ({:.0}% kept); errors during the flood {}",
+            flooded.syns_per_s,
+            ours.conns_per_s,
+            100.0 * flooded.load.conns_per_s / ours.conns_per_s.max(1.0),
+            flooded.load.errors
+        );
+        rows.push(under);
         let run_base = |ipt: bool| -> anyhow::Result<traffic::Load> {
             let load = if ipt {
                 rules::iptables_restore(&node, &rules::iptables_full(&svcs), true)?;
@@ -906,7 +963,7 @@ impl TrafficBed {
         svcs: &[Svc],
         target: SocketAddr,
         secs: Duration,
-    ) -> anyhow::Result<(traffic::Load, Option<f64>)> {
+    ) -> anyhow::Result<(traffic::Load, Flooded, Option<f64>)> {
         let file = self.topo.work_dir.join(format!("apps-{n}.json"));
         let apps: Vec<Value> = svcs
             .iter()
@@ -953,6 +1010,13 @@ impl TrafficBed {
             self.topo.wait_ready(Duration::from_secs(300))?;
             // Ready means the first full sync is written; check the VIP anyway.
             let load = self.load(target, secs)?;
+            // The same load while a spoofed SYN flood hits the same VIP.
+            let ns = self.topo.client.name.clone();
+            let flood = Flood { count: u32::MAX, max: secs, pause_per_1000: Duration::ZERO };
+            let flooder = std::thread::spawn(move || syn_flood(&ns, target, flood));
+            let during = self.load(target, secs)?;
+            let sent = flooder.join().map_err(|_| anyhow::anyhow!("flood thread panicked"))??;
+            let flooded = Flooded { load: during, syns_per_s: f64::from(sent) / secs.as_secs_f64() };
             let rss = std::fs::read_to_string(format!("/proc/{}/status", proc.pid()))
                 .ok()
                 .and_then(|s| {
@@ -961,7 +1025,7 @@ impl TrafficBed {
                         .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
                 })
                 .map(|kb| kb / 1024.0);
-            anyhow::Ok((load, rss))
+            anyhow::Ok((load, flooded, rss))
         })();
         proc.terminate();
         let _ = self
