@@ -423,7 +423,7 @@ fn ours_at(
     b: &Budget,
     rows: &mut Vec<Row>,
 ) -> anyhow::Result<Ours> {
-    let cap = (n as u32 + 8).max(64);
+    let cap = n as u32 + 64; // N apps and the probes
     let sizes = Sizes {
         services: cap,
         apps: cap,
