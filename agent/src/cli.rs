@@ -76,11 +76,16 @@ pub struct RunArgs {
     /// Capacity of the backend table (pods, all apps).
     #[arg(long, default_value_t = serviceless_common::default_capacity::BACKENDS)]
     pub max_backends: u32,
-    /// Connections the conntrack table holds. It never evicts a live
-    /// connection: when full, new connections are refused (counted as
-    /// `drop_ct_full`) until idle ones expire.
+    /// Established connections the conntrack table holds. Nothing evicts
+    /// them: when it is full, a newly completed handshake stays in the
+    /// new-connection table (counted as `promote_failed`) until room frees up.
     #[arg(long, default_value_t = serviceless_common::default_capacity::CONNTRACK / 2)]
     pub max_connections: u32,
+    /// New (half-open TCP) connections and UDP flows tracked. An LRU: a SYN
+    /// flood larger than this pushes out other connections that have not
+    /// completed their handshake (never established ones).
+    #[arg(long, default_value_t = serviceless_common::default_capacity::CT_NEW / 2)]
+    pub max_new_connections: u32,
     /// Conntrack: idle timeout of a half-open TCP connection (SYN seen, not established).
     #[arg(long, value_parser = humantime::parse_duration, default_value = "20s")]
     pub ct_syn_timeout: Duration,
@@ -96,7 +101,7 @@ pub struct RunArgs {
     /// Flood guard: new connections each CPU may track per second (0: no
     /// limit). Past it new connections are refused (`drop_ct_rate_limited`);
     /// established ones are never touched.
-    #[arg(long, default_value_t = 20_000)]
+    #[arg(long, default_value_t = serviceless_common::default_timeout::NEW_PER_CPU_PER_SEC)]
     pub ct_new_per_cpu: u32,
     /// How often the in-kernel conntrack garbage collector runs.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "3s")]

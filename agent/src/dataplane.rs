@@ -65,8 +65,10 @@ pub struct Sizes {
     pub services: u32,
     pub apps: u32,
     pub backends: u32,
-    /// Tracked connections (the conntrack table holds two entries each).
+    /// Established connections tracked (the table holds two entries each).
     pub connections: u32,
+    /// New (half-open) connections and UDP flows tracked (LRU, two entries each).
+    pub new_connections: u32,
 }
 
 impl Default for Sizes {
@@ -76,6 +78,7 @@ impl Default for Sizes {
             apps: default_capacity::APPS,
             backends: default_capacity::BACKENDS,
             connections: default_capacity::CONNTRACK / 2,
+            new_connections: default_capacity::CT_NEW / 2,
         }
     }
 }
@@ -83,6 +86,10 @@ impl Default for Sizes {
 impl Sizes {
     fn conntrack_entries(&self) -> u32 {
         self.connections.saturating_mul(2)
+    }
+
+    fn ct_new_entries(&self) -> u32 {
+        self.new_connections.saturating_mul(2)
     }
 }
 
@@ -133,7 +140,8 @@ pub fn load(pins: &Pins, sizes: Sizes) -> anyhow::Result<Loaded> {
         .map_max_entries(map_names::APPS, sizes.apps)
         .map_max_entries(map_names::ACTIVITY, sizes.apps)
         .map_max_entries(map_names::BACKENDS, sizes.backends)
-        .map_max_entries(map_names::CONNTRACK, sizes.conntrack_entries());
+        .map_max_entries(map_names::CONNTRACK, sizes.conntrack_entries())
+        .map_max_entries(map_names::CT_NEW, sizes.ct_new_entries());
     let mut ebpf = loader.load(EBPF_OBJECT).context(
         "loading the eBPF object (needs root or CAP_BPF+CAP_NET_ADMIN+CAP_PERFMON, and a kernel with BTF, >= 6.1)",
     )?;
@@ -154,6 +162,7 @@ pub fn load(pins: &Pins, sizes: Sizes) -> anyhow::Result<Loaded> {
             apps: sizes.apps,
             backends: sizes.backends,
             conntrack: sizes.conntrack_entries(),
+            ct_new: sizes.ct_new_entries(),
             fragments: have.fragments,
         };
         if have != want {

@@ -13,7 +13,7 @@ use serviceless_common::{
 use crate::{
     cli::InspectArgs,
     conntrack::monotonic_coarse_ns,
-    maps::{Capacities, DataplaneMaps},
+    maps::{Capacities, CtTable, DataplaneMaps},
     model::{Protocol, from_addr},
     reconcile::stored_hostname,
 };
@@ -75,6 +75,8 @@ pub struct BackendReport {
 
 #[derive(Debug, Serialize)]
 pub struct ConnectionReport {
+    /// "established" (handshake completed, never evicted) or "new" (half-open TCP, UDP).
+    pub table: CtTable,
     pub client: String,
     pub vip: String,
     pub protocol: String,
@@ -148,7 +150,7 @@ pub fn report(maps: &DataplaneMaps, connection_limit: usize, only: Option<&str>)
     }
     let wanted_ids: Option<Vec<u32>> = only.map(|_| apps.iter().map(|a| a.id).collect());
     let mut connections = Vec::new();
-    for (key, entry) in maps.conntrack() {
+    for (table, key, entry) in maps.conntrack() {
         if connections.len() >= connection_limit {
             break;
         }
@@ -156,6 +158,7 @@ pub fn report(maps: &DataplaneMaps, connection_limit: usize, only: Option<&str>)
             continue;
         }
         connections.push(ConnectionReport {
+            table,
             client: endpoint(&key.src, key.sport),
             vip: endpoint(&key.dst, key.dport),
             protocol: Protocol::from_ip_proto(key.proto).map(|p| p.to_string()).unwrap_or_default(),
@@ -219,7 +222,7 @@ pub fn render_table(r: &Report) -> String {
         r.connections_total,
         if by_state.is_empty() { "none".to_string() } else { by_state.join(" ") }
     );
-    let _ = writeln!(out, "{:<5} {:<44} {:<44} {:<44} {:<9} {:<11} {:>8} {:>8}", "PROTO", "CLIENT", "VIP", "TO", "KIND", "STATE", "AGE", "IDLE");
+    let _ = writeln!(out, "{:<5} {:<44} {:<44} {:<44} {:<9} {:<11} {:<11} {:>8} {:>8}", "PROTO", "CLIENT", "VIP", "TO", "KIND", "STATE", "TABLE", "AGE", "IDLE");
     for c in &r.connections {
         let to = match c.client_port_rewritten {
             Some(p) => format!("{} (client port {p})", c.to),
@@ -227,8 +230,16 @@ pub fn render_table(r: &Report) -> String {
         };
         let _ = writeln!(
             out,
-            "{:<5} {:<44} {:<44} {:<44} {:<9} {:<11} {:>7.0}s {:>7.0}s",
-            c.protocol, c.client, c.vip, to, c.kind, c.state, c.age_seconds, c.idle_seconds
+            "{:<5} {:<44} {:<44} {:<44} {:<9} {:<11} {:<11} {:>7.0}s {:>7.0}s",
+            c.protocol,
+            c.client,
+            c.vip,
+            to,
+            c.kind,
+            c.state,
+            if c.table == CtTable::Established { "established" } else { "new" },
+            c.age_seconds,
+            c.idle_seconds
         );
     }
     let _ = writeln!(out, "\nCOUNTERS (packets)");
@@ -245,13 +256,14 @@ pub fn render_table(r: &Report) -> String {
     }
     let _ = writeln!(
         out,
-        "\nCONFIG  activator4={} activator6={}  capacity: apps={} services={} backends={} conntrack entries={}",
+        "\nCONFIG  activator4={} activator6={}  capacity: apps={} services={} backends={} conntrack entries: established={} new={}",
         r.config.activator4.as_deref().unwrap_or("-"),
         r.config.activator6.as_deref().unwrap_or("-"),
         r.capacity.apps,
         r.capacity.services,
         r.capacity.backends,
-        r.capacity.conntrack
+        r.capacity.conntrack,
+        r.capacity.ct_new
     );
     let ids: Vec<String> = r.map_ids.iter().map(|(n, id)| format!("{n}={id}")).collect();
     let _ = writeln!(out, "MAP IDS {}  (bpftool map dump id <id>)", ids.join(" "));

@@ -13,6 +13,16 @@ use serviceless_common::{
     ServiceValue, Verdict, map_names as names,
 };
 
+/// The two conntrack tables (see `serviceless_common::conntrack`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CtTable {
+    /// `svl_ct_v1`: handshake completed; never evicted.
+    Established,
+    /// `svl_ct_new_v1`: half-open TCP connections and UDP flows (LRU).
+    New,
+}
+
 /// A failed map operation, with what a person needs to act on it.
 #[derive(Debug, thiserror::Error)]
 pub enum MapWriteError {
@@ -53,6 +63,7 @@ pub struct DataplaneMaps {
     backends: HashMap<MapData, BackendKey, Backend>,
     activity: PerCpuArray<MapData, Activity>,
     conntrack: HashMap<MapData, CtKey, CtEntry>,
+    ct_new: HashMap<MapData, CtKey, CtEntry>,
     verdicts: PerCpuArray<MapData, u64>,
     ct_events: PerCpuArray<MapData, u64>,
     ct_summary: Array<MapData, CtSummary>,
@@ -71,8 +82,10 @@ pub struct Capacities {
     pub services: u32,
     pub apps: u32,
     pub backends: u32,
-    /// Conntrack entries (two per connection).
+    /// Established-connection entries (two per connection).
     pub conntrack: u32,
+    /// New-connection entries (two per connection).
+    pub ct_new: u32,
     pub fragments: u32,
 }
 
@@ -118,6 +131,7 @@ impl DataplaneMaps {
         let backends: HashMap<_, _, _> = next(names::BACKENDS)?.try_into().map_err(layout(names::BACKENDS))?;
         let activity: PerCpuArray<_, _> = next(names::ACTIVITY)?.try_into().map_err(layout(names::ACTIVITY))?;
         let conntrack: HashMap<_, _, _> = next(names::CONNTRACK)?.try_into().map_err(layout(names::CONNTRACK))?;
+        let ct_new: HashMap<_, _, _> = next(names::CT_NEW)?.try_into().map_err(layout(names::CT_NEW))?;
         let fragments = into_data(names::FRAGMENTS, next(names::FRAGMENTS)?)?;
         let verdicts = next(names::VERDICTS)?.try_into().map_err(layout(names::VERDICTS))?;
         let ct_events = next(names::CT_EVENTS)?.try_into().map_err(layout(names::CT_EVENTS))?;
@@ -129,6 +143,7 @@ impl DataplaneMaps {
             apps: max_entries(apps.map()),
             backends: max_entries(backends.map()),
             conntrack: max_entries(conntrack.map()),
+            ct_new: max_entries(ct_new.map()),
             fragments: max_entries(&fragments),
         };
         Ok(Self {
@@ -137,6 +152,7 @@ impl DataplaneMaps {
             backends,
             activity,
             conntrack,
+            ct_new,
             verdicts,
             ct_events,
             ct_summary,
@@ -198,11 +214,18 @@ impl DataplaneMaps {
     }
 
     /// Writes a conntrack entry with `BPF_*` `flags`. Only the upgrade from
-    /// an earlier map layout does this; the kernel owns the table otherwise.
-    pub fn insert_conntrack(&mut self, key: &CtKey, entry: &CtEntry, flags: u64) -> Result<(), MapWriteError> {
-        self.conntrack
-            .insert(key, entry, flags)
-            .map_err(|e| classify(e, names::CONNTRACK, self.capacity.conntrack, "--max-connections"))
+    /// an earlier map layout does this; the kernel owns the tables otherwise.
+    pub fn insert_conntrack(&mut self, table: CtTable, key: &CtKey, entry: &CtEntry, flags: u64) -> Result<(), MapWriteError> {
+        match table {
+            CtTable::Established => self
+                .conntrack
+                .insert(key, entry, flags)
+                .map_err(|e| classify(e, names::CONNTRACK, self.capacity.conntrack, "--max-connections")),
+            CtTable::New => self
+                .ct_new
+                .insert(key, entry, flags)
+                .map_err(|e| classify(e, names::CT_NEW, self.capacity.ct_new, "--max-new-connections")),
+        }
     }
 
     pub fn set_config(&mut self, config: &Config) -> Result<(), MapWriteError> {
@@ -239,14 +262,19 @@ impl DataplaneMaps {
         }))
     }
 
-    /// Every conntrack entry (two syscalls each: for `inspect`, not for hot loops).
-    pub fn conntrack(&self) -> impl Iterator<Item = (CtKey, CtEntry)> + '_ {
-        self.conntrack.iter().filter_map(Result::ok)
+    /// Every conntrack entry of both tables, with the table it is in (two
+    /// syscalls each: for `inspect`, not for hot loops).
+    pub fn conntrack(&self) -> impl Iterator<Item = (CtTable, CtKey, CtEntry)> + '_ {
+        let established = self.conntrack.iter().filter_map(Result::ok).map(|(k, v)| (CtTable::Established, k, v));
+        established.chain(self.ct_new.iter().filter_map(Result::ok).map(|(k, v)| (CtTable::New, k, v)))
     }
 
-    /// One conntrack entry.
-    pub fn conntrack_entry(&self, key: &CtKey) -> Option<CtEntry> {
-        self.conntrack.get(key, 0).ok()
+    /// One conntrack entry, from whichever table holds it.
+    pub fn conntrack_entry(&self, key: &CtKey) -> Option<(CtTable, CtEntry)> {
+        if let Ok(e) = self.conntrack.get(key, 0) {
+            return Some((CtTable::Established, e));
+        }
+        self.ct_new.get(key, 0).ok().map(|e| (CtTable::New, e))
     }
 
     /// What the last GC pass counted.
@@ -277,6 +305,7 @@ impl DataplaneMaps {
             (names::BACKENDS, id(self.backends.map())),
             (names::ACTIVITY, id(self.activity.map())),
             (names::CONNTRACK, id(self.conntrack.map())),
+            (names::CT_NEW, id(self.ct_new.map())),
             (names::FRAGMENTS, id(&self.fragments)),
             (names::VERDICTS, id(self.verdicts.map())),
             (names::CT_EVENTS, id(self.ct_events.map())),
@@ -295,7 +324,7 @@ fn sum_per_cpu(map: &PerCpuArray<MapData, u64>, index: u32) -> u64 {
 fn as_map(name: &str, data: MapData) -> Map {
     match name {
         names::SERVICES | names::BACKENDS | names::CONNTRACK => Map::HashMap(data),
-        names::FRAGMENTS => Map::LruHashMap(data),
+        names::FRAGMENTS | names::CT_NEW => Map::LruHashMap(data),
         names::ACTIVITY | names::VERDICTS | names::CT_EVENTS | names::CT_BUDGET => Map::PerCpuArray(data),
         _ => Map::Array(data),
     }

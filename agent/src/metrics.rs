@@ -187,13 +187,14 @@ impl Collector for DataplaneCollector {
             (map_names::BACKENDS, cap.backends),
             (map_names::ACTIVITY, cap.apps),
             (map_names::CONNTRACK, cap.conntrack),
+            (map_names::CT_NEW, cap.ct_new),
             (map_names::FRAGMENTS, cap.fragments),
         ] {
             ConstGauge::new(i64::from(n)).encode(family.encode_family(&MapLabel { map: map.into() })?)?;
         }
         let mut family = encoder.encode_descriptor(
             "conntrack_entries",
-            "Entries in the conntrack table (forward and reply), as of the last GC pass",
+            "Entries in the conntrack tables (forward and reply, both tables), as of the last GC pass",
             None,
             prometheus_client::metrics::MetricType::Gauge,
         )?;

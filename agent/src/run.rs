@@ -44,6 +44,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         apps: args.max_apps,
         backends: args.max_backends,
         connections: args.max_connections,
+        new_connections: args.max_new_connections,
     };
     let mut loaded = dataplane::load(&pins, sizes)?;
     match aya_log::EbpfLogger::init(&mut loaded.ebpf) {

@@ -22,7 +22,11 @@ use serviceless_common::{
 };
 use tracing::{info, warn};
 
-use crate::{conntrack::monotonic_coarse_ns, dataplane::Pins, maps::DataplaneMaps};
+use crate::{
+    conntrack::monotonic_coarse_ns,
+    dataplane::Pins,
+    maps::{CtTable, DataplaneMaps},
+};
 
 /// How long a migrated connection lives without traffic.
 pub const MIGRATED_IDLE: Duration = Duration::from_secs(600);
@@ -174,7 +178,10 @@ fn carry_flows(pins: &Pins, maps: &mut DataplaneMaps, cfg: &Config, previous: &m
             created_ns: now,
             ..CtEntry::default()
         };
-        if maps.insert_conntrack(&reply, &rev, BPF_NOEXIST).is_err() {
+        // TCP connections were established (the old tables kept no state to
+        // tell); UDP flows belong in the new-connection table.
+        let table = if tcp { CtTable::Established } else { CtTable::New };
+        if maps.insert_conntrack(table, &reply, &rev, BPF_NOEXIST).is_err() {
             previous.skipped += 1;
             continue;
         }
@@ -186,11 +193,11 @@ fn carry_flows(pins: &Pins, maps: &mut DataplaneMaps, cfg: &Config, previous: &m
             slot: v.slot,
             kind: if v.kind == FLOW_TO_ACTIVATOR_V1 { CT_KIND_ACTIVATOR } else { CT_KIND_BACKEND },
             state: if tcp { CT_STATE_ESTABLISHED } else { CT_STATE_UDP },
-            flags: 0,
             created_ns: now,
             last_seen_ns: if tcp { now.saturating_sub(idle_credit) } else { now },
+            ..CtEntry::default()
         };
-        maps.insert_conntrack(&fwd, &entry, BPF_NOEXIST)?;
+        maps.insert_conntrack(table, &fwd, &entry, BPF_NOEXIST)?;
         previous.connections += 1;
     }
     Ok(())

@@ -1,7 +1,8 @@
 //! Connection tracking in the kernel: creating a connection's two entries
-//! (forward and reply, see `serviceless_common::conntrack`), updating its
-//! state from packets in both directions, removing it, and the garbage
-//! collector the agent runs.
+//! (forward and reply, see `serviceless_common::conntrack`) in the
+//! new-connection table, moving them to the established table when the
+//! client completes the TCP handshake, updating state from packets in both
+//! directions, removing them, and the garbage collector the agent runs.
 
 use aya_ebpf::{
     cty::{c_long, c_void},
@@ -12,7 +13,7 @@ use serviceless_common::{
     CT_STATE_UDP, Config, CtEntry, CtEvent, CtKey, CtSummary, IPPROTO_TCP, addr_eq, expired, tcp_next,
 };
 
-use crate::maps::{CONNTRACK, CT_BUDGET, CT_SUMMARY, event};
+use crate::maps::{CONNTRACK, CT_BUDGET, CT_NEW, CT_SUMMARY, event};
 
 const BPF_NOEXIST: u64 = 1;
 const E2BIG: i32 = 7;
@@ -20,6 +21,51 @@ const E2BIG: i32 = 7;
 const PORT_REWRITE_TRIES: u32 = 3;
 /// Age below which a reply entry without its forward entry is left alone.
 const ORPHAN_GRACE_NS: u64 = 1_000_000_000;
+
+/// Which of the two tables an entry lives in.
+#[derive(Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Table {
+    /// `svl_ct_v1`: handshake completed; never evicted.
+    Established = 0,
+    /// `svl_ct_new_v1`: half-open TCP and UDP; an LRU.
+    New = 1,
+}
+
+impl Table {
+    #[inline(always)]
+    pub fn get_ptr_mut(self, key: &CtKey) -> Option<*mut CtEntry> {
+        match self {
+            Table::Established => CONNTRACK.get_ptr_mut(key),
+            Table::New => CT_NEW.get_ptr_mut(key),
+        }
+    }
+
+    #[inline(always)]
+    pub fn insert(self, key: &CtKey, value: &CtEntry, flags: u64) -> Result<(), i32> {
+        match self {
+            Table::Established => CONNTRACK.insert(key, value, flags),
+            Table::New => CT_NEW.insert(key, value, flags),
+        }
+    }
+
+    #[inline(always)]
+    pub fn remove(self, key: &CtKey) {
+        let _ = match self {
+            Table::Established => CONNTRACK.remove(key),
+            Table::New => CT_NEW.remove(key),
+        };
+    }
+}
+
+/// The entry for `key`, established table first (where the hot path hits).
+#[inline(always)]
+pub fn lookup(key: &CtKey) -> Option<(Table, *mut CtEntry)> {
+    if let Some(e) = CONNTRACK.get_ptr_mut(key) {
+        return Some((Table::Established, e));
+    }
+    CT_NEW.get_ptr_mut(key).map(|e| (Table::New, e))
+}
 
 /// Where a new connection goes.
 #[derive(Clone, Copy)]
@@ -38,7 +84,7 @@ impl Target {
 
 /// Why a connection was not tracked.
 pub enum Refused {
-    /// The table is full.
+    /// The new-connection table would not take it.
     Full,
     /// This CPU's budget of new connections for this second is spent.
     RateLimited,
@@ -66,10 +112,25 @@ pub fn forward_of_reply(key: &CtKey, rev: &CtEntry) -> CtKey {
     }
 }
 
-/// Tracks a new connection from `fwd` (the client's tuple) to `target`:
-/// the forward entry, then a reply entry whose tuple no other connection
-/// uses (rewriting the client port if the natural one is taken, as a NAT
-/// does on a tuple clash). Returns the forward entry written.
+/// The reply entry of the connection `fwd` -> `entry`.
+#[inline(always)]
+fn reply_entry(fwd: &CtKey, entry: &CtEntry, now: u64) -> CtEntry {
+    CtEntry {
+        addr: fwd.dst,
+        port: fwd.dport,
+        client_port: fwd.sport,
+        app_id: entry.app_id,
+        kind: CT_KIND_REPLY,
+        created_ns: now,
+        ..CtEntry::default()
+    }
+}
+
+/// Tracks a new connection from `fwd` (the client's tuple) to `target` in
+/// the new-connection table: the forward entry, and a reply entry whose
+/// tuple no other connection uses in either table (rewriting the client
+/// port if the natural one is taken, as a NAT does on a tuple clash).
+/// Returns the forward entry written.
 #[inline(always)]
 pub fn create(cfg: &Config, fwd: &CtKey, target: &Target, now: u64) -> Result<CtEntry, Refused> {
     take_budget(cfg, now)?;
@@ -81,30 +142,25 @@ pub fn create(cfg: &Config, fwd: &CtKey, target: &Target, now: u64) -> Result<Ct
         slot: target.slot,
         kind: target.kind,
         state: if fwd.proto == IPPROTO_TCP { CT_STATE_SYN_SENT } else { CT_STATE_UDP },
-        flags: 0,
         created_ns: now,
         last_seen_ns: now,
-    };
-    let rev = CtEntry {
-        addr: fwd.dst,
-        port: fwd.dport,
-        client_port: fwd.sport,
-        app_id: target.app_id,
-        kind: CT_KIND_REPLY,
-        created_ns: now,
         ..CtEntry::default()
     };
+    let rev = reply_entry(fwd, &entry, now);
     for attempt in 0..=PORT_REWRITE_TRIES {
         if attempt > 0 {
             // An ephemeral port (32768..=60999), unpredictable to the client.
             entry.client_port = ((32768 + unsafe { bpf_get_prandom_u32() } % 28232) as u16).to_be();
         }
         let reply = reply_key(&target.addr, target.port, &fwd.src, entry.client_port, fwd.proto);
-        match CONNTRACK.insert(&reply, &rev, BPF_NOEXIST) {
+        if CONNTRACK.get_ptr(&reply).is_some() {
+            continue;
+        }
+        match CT_NEW.insert(&reply, &rev, BPF_NOEXIST) {
             Ok(()) => {
-                if let Err(e) = CONNTRACK.insert(fwd, &entry, BPF_NOEXIST) {
-                    let _ = CONNTRACK.remove(&reply);
-                    return Err(if e == -E2BIG { Refused::Full } else { Refused::Clash });
+                if CT_NEW.insert(fwd, &entry, 0).is_err() {
+                    let _ = CT_NEW.remove(&reply);
+                    return Err(Refused::Full);
                 }
                 event(CtEvent::Created);
                 if attempt > 0 {
@@ -119,40 +175,54 @@ pub fn create(cfg: &Config, fwd: &CtKey, target: &Target, now: u64) -> Result<Ct
     Err(Refused::Clash)
 }
 
-/// Removes a connection: its reply entry (if it still points back at this
-/// connection), then its forward entry.
+/// Moves a connection whose handshake just completed from the new table to
+/// the established one (reply entry first, so a reply never finds the
+/// forward entry without it). A full established table leaves it where it
+/// is, still working, and counts it.
 #[inline(always)]
-pub fn remove(fwd: &CtKey, entry: &CtEntry) {
+pub fn promote(fwd: &CtKey, entry: &CtEntry, now: u64) {
     let reply = reply_key(&entry.addr, entry.port, &fwd.src, entry.client_port, fwd.proto);
-    // SAFETY: a map value, read in place (no copy on the stack).
-    if let Some(rev) = unsafe { CONNTRACK.get(&reply) }
-        && points_back(rev, fwd)
-    {
-        let _ = CONNTRACK.remove(&reply);
-    }
-    let _ = CONNTRACK.remove(fwd);
-}
-
-/// Re-creates a connection's reply entry if it is missing (it cannot be
-/// evicted, but a restore, a manual delete or a bug must not leave a
-/// connection whose replies leave untranslated). Called at most once per
-/// second per connection, when `last_seen_ns` is refreshed.
-#[inline(always)]
-pub fn repair_reply(fwd: &CtKey, entry: &CtEntry, now: u64) {
-    let reply = reply_key(&entry.addr, entry.port, &fwd.src, entry.client_port, fwd.proto);
-    if CONNTRACK.get_ptr(&reply).is_some() {
+    let rev = reply_entry(fwd, entry, now);
+    if CONNTRACK.insert(&reply, &rev, BPF_NOEXIST).is_err() {
+        event(CtEvent::PromoteFailed);
         return;
     }
-    let rev = CtEntry {
-        addr: fwd.dst,
-        port: fwd.dport,
-        client_port: fwd.sport,
-        app_id: entry.app_id,
-        kind: CT_KIND_REPLY,
-        created_ns: now,
-        ..CtEntry::default()
-    };
-    if CONNTRACK.insert(&reply, &rev, BPF_NOEXIST).is_ok() {
+    if CONNTRACK.insert(fwd, entry, BPF_NOEXIST).is_err() {
+        let _ = CONNTRACK.remove(&reply);
+        event(CtEvent::PromoteFailed);
+        return;
+    }
+    let _ = CT_NEW.remove(fwd);
+    let _ = CT_NEW.remove(&reply);
+    event(CtEvent::Promoted);
+}
+
+/// Removes a connection from `table`: its reply entry (if it still points
+/// back at this connection), then its forward entry.
+#[inline(always)]
+pub fn remove(table: Table, fwd: &CtKey, entry: &CtEntry) {
+    let reply = reply_key(&entry.addr, entry.port, &fwd.src, entry.client_port, fwd.proto);
+    if let Some(rev) = table.get_ptr_mut(&reply)
+        // SAFETY: a map value, read in place (no copy on the stack).
+        && points_back(unsafe { &*rev }, fwd)
+    {
+        table.remove(&reply);
+    }
+    table.remove(fwd);
+}
+
+/// Re-creates a connection's reply entry if it is missing (the established
+/// table never evicts, but a restore, a manual delete or a bug must not leave
+/// a connection whose replies leave untranslated; in the new table an LRU
+/// may take one entry of a pair). Called at most once per second per
+/// connection, when `last_seen_ns` is refreshed.
+#[inline(always)]
+pub fn repair_reply(table: Table, fwd: &CtKey, entry: &CtEntry, now: u64) {
+    let reply = reply_key(&entry.addr, entry.port, &fwd.src, entry.client_port, fwd.proto);
+    if table.get_ptr_mut(&reply).is_some() {
+        return;
+    }
+    if table.insert(&reply, &reply_entry(fwd, entry, now), BPF_NOEXIST).is_ok() {
         event(CtEvent::ReplyRepaired);
     }
 }
@@ -211,23 +281,24 @@ fn take_budget(cfg: &Config, now: u64) -> Result<(), Refused> {
 struct Gc {
     cfg: Config,
     now: u64,
+    table: Table,
     summary: CtSummary,
 }
 
-/// One garbage-collection pass over the whole table (Linux 5.13,
+/// One garbage-collection pass over both tables (Linux 5.13,
 /// bpf_for_each_map_elem, commit 69c087ba6225): expired connections lose
 /// both entries, reply entries whose connection is gone are removed.
 #[inline(always)]
 pub fn collect(cfg: &Config, now: u64) {
-    let mut gc = Gc { cfg: *cfg, now, summary: CtSummary { at_ns: now, ..CtSummary::default() } };
+    let mut gc = Gc { cfg: *cfg, now, table: Table::Established, summary: CtSummary { at_ns: now, ..CtSummary::default() } };
     // SAFETY: the callback only casts its context back to `Gc`.
     unsafe {
-        bpf_for_each_map_elem(
-            core::ptr::from_ref(&CONNTRACK).cast_mut().cast(),
-            gc_step as *mut c_void,
-            (&raw mut gc).cast(),
-            0,
-        );
+        bpf_for_each_map_elem(core::ptr::from_ref(&CONNTRACK).cast_mut().cast(), gc_step as *mut c_void, (&raw mut gc).cast(), 0);
+    }
+    gc.table = Table::New;
+    // SAFETY: as above.
+    unsafe {
+        bpf_for_each_map_elem(core::ptr::from_ref(&CT_NEW).cast_mut().cast(), gc_step as *mut c_void, (&raw mut gc).cast(), 0);
     }
     let _ = CT_SUMMARY.set(0, &gc.summary, 0);
     event(CtEvent::GcRuns);
@@ -238,17 +309,19 @@ extern "C" fn gc_step(_map: *mut c_void, key: *const CtKey, value: *const CtEntr
     let (key, entry, gc) = unsafe { (*key, *value, &mut *ctx.cast::<Gc>()) };
     if key.dir == CT_DIR_REPLY {
         let fwd = forward_of_reply(&key, &entry);
-        // SAFETY: copied out at once.
-        let (alive, expiring) = match unsafe { CONNTRACK.get(&fwd) }.copied() {
-            Some(f) => (
-                addr_eq(&f.addr, &key.src) && f.port == key.sport && f.client_port == key.dport,
-                expired(&gc.cfg, &f, gc.now),
-            ),
+        let (alive, expiring) = match gc.table.get_ptr_mut(&fwd) {
+            // SAFETY: a map value, read in place.
+            Some(f) => unsafe {
+                (
+                    addr_eq(&(*f).addr, &key.src) && (*f).port == key.sport && (*f).client_port == key.dport,
+                    expired(&gc.cfg, &*f, gc.now),
+                )
+            },
             None => (false, false),
         };
         // A reply entry is written just before its forward entry: spare young ones.
         if !alive && gc.now.saturating_sub(entry.created_ns) > ORPHAN_GRACE_NS {
-            let _ = CONNTRACK.remove(&key);
+            gc.table.remove(&key);
             event(CtEvent::ReplyOrphanRemoved);
             gc.summary.removed += 1;
         } else if alive && !expiring {
@@ -256,7 +329,7 @@ extern "C" fn gc_step(_map: *mut c_void, key: *const CtKey, value: *const CtEntr
             gc.summary.replies += 1;
         }
     } else if expired(&gc.cfg, &entry, gc.now) {
-        remove(&key, &entry);
+        remove(gc.table, &key, &entry);
         event(CtEvent::expiry(entry.state));
         gc.summary.removed += 2;
     } else if let Some(n) = gc.summary.by_state.get_mut((entry.state & 7) as usize) {

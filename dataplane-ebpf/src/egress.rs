@@ -9,14 +9,14 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use serviceless_common::{
-    Addr, CT_DIR_REPLY, CtEntry, CtKey, FragValue, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP,
+    Addr, CT_DIR_REPLY, CT_STATE_SYN_SENT, CtEntry, CtKey, FragValue, TCP_ACK, TCP_SYN, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP,
     IPPROTO_UDP, Verdict, addr_eq, as_ipv4, csum, ipv4_mapped,
 };
 
 use crate::{
     conntrack::{self, forward_of_reply, reply_key},
     frag,
-    maps::{CONNTRACK, FRAGMENTS, count},
+    maps::{FRAGMENTS, count},
     packet::*,
 };
 
@@ -58,29 +58,48 @@ fn translate(ctx: &TcContext) -> Result<Verdict, ()> {
 /// entry whose forward entry is gone (or belongs to another connection now)
 /// is stale: removed, and the packet passes untranslated.
 #[inline(always)]
-fn reply_connection(key: &CtKey, tcp_flags: u8) -> Result<Option<CtEntry>, Verdict> {
+fn reply_connection(key: &CtKey, tcp: &TcpInfo) -> Result<Option<CtEntry>, Verdict> {
+    let Some((table, rev)) = conntrack::lookup(key) else { return Ok(None) };
     // SAFETY: copied out at once.
-    let Some(rev) = (unsafe { CONNTRACK.get(key) }).copied() else { return Ok(None) };
+    let rev = unsafe { *rev };
     let fwd = forward_of_reply(key, &rev);
-    let Some(entry) = CONNTRACK.get_ptr_mut(&fwd) else {
-        let _ = CONNTRACK.remove(key);
+    let Some(entry) = table.get_ptr_mut(&fwd) else {
+        table.remove(key);
         return Err(Verdict::EgressStaleReply);
     };
     // SAFETY: a map value pointer; routing fields never change in place.
-    let (addr, port, client_port) = unsafe { ((*entry).addr, (*entry).port, (*entry).client_port) };
+    let (addr, port, client_port, state) = unsafe { ((*entry).addr, (*entry).port, (*entry).client_port, (*entry).state) };
     if !addr_eq(&addr, &key.src) || port != key.sport || client_port != key.dport {
-        let _ = CONNTRACK.remove(key);
+        table.remove(key);
         return Err(Verdict::EgressStaleReply);
     }
+    if state == CT_STATE_SYN_SENT && tcp.flags & (TCP_SYN | TCP_ACK) == (TCP_SYN | TCP_ACK) {
+        // The backend's ISN: the client's ACK must acknowledge it to establish.
+        // SAFETY: a map value pointer.
+        unsafe { (*entry).server_isn = tcp.seq };
+    }
     let now = unsafe { bpf_ktime_get_coarse_ns() };
-    let _ = conntrack::observe(entry, key.proto, CT_DIR_REPLY, tcp_flags, now);
+    let _ = conntrack::observe(entry, key.proto, CT_DIR_REPLY, tcp.flags, now);
     Ok(Some(rev))
 }
 
-/// The TCP flags of a segment at `l4` (zero for UDP).
+/// What the state machine needs of a reply's TCP header.
+struct TcpInfo {
+    flags: u8,
+    /// Sequence number, host order.
+    seq: u32,
+}
+
+/// The TCP flags and sequence number of a segment at `l4` (zeros for UDP).
 #[inline(always)]
-fn tcp_flags(ctx: &TcContext, l4: usize, proto: u8) -> u8 {
-    if proto == IPPROTO_TCP { ctx.load::<u8>(l4 + TCP_FLAGS_OFFSET).unwrap_or(0) } else { 0 }
+fn tcp_info(ctx: &TcContext, l4: usize, proto: u8) -> TcpInfo {
+    if proto != IPPROTO_TCP {
+        return TcpInfo { flags: 0, seq: 0 };
+    }
+    TcpInfo {
+        flags: ctx.load::<u8>(l4 + TCP_FLAGS_OFFSET).unwrap_or(0),
+        seq: ctx.load::<[u8; 4]>(l4 + 4).map(u32::from_be_bytes).unwrap_or(0),
+    }
 }
 
 /// Rewrites the reply's ports: source becomes the VIP port, destination
@@ -121,7 +140,7 @@ fn reply4(ctx: &TcContext, off: usize) -> Result<Verdict, ()> {
         IPPROTO_TCP | IPPROTO_UDP => {
             let ports: Ports = ctx.load(l4).map_err(drop)?;
             let key = reply_key(&ipv4_mapped(ip.src), ports.src, &ipv4_mapped(ip.dst), ports.dst, ip.proto);
-            let rev = match reply_connection(&key, tcp_flags(ctx, l4, ip.proto)) {
+            let rev = match reply_connection(&key, &tcp_info(ctx, l4, ip.proto)) {
                 Ok(Some(rev)) => rev,
                 Ok(None) => return Ok(Verdict::EgressPass),
                 Err(verdict) => return Ok(verdict),
@@ -194,7 +213,7 @@ fn icmp4_error(ctx: &TcContext, off: usize, ip: &Ipv4Hdr, l4: usize) -> Result<V
     // The quoted packet went client -> backend; its reply tuple is the reverse.
     let key = reply_key(&ipv4_mapped(inner.dst), ports.dst, &ipv4_mapped(inner.src), ports.src, inner.proto);
     // SAFETY: copied out at once.
-    let Some(rev) = (unsafe { CONNTRACK.get(&key) }).copied() else { return Ok(Verdict::EgressPass) };
+    let Some(rev) = conntrack::lookup(&key).map(|(_, rev)| unsafe { *rev }) else { return Ok(Verdict::EgressPass) };
     let vip = as_ipv4(&rev.addr).ok_or(())?;
     let icmp_check = l4 + ICMP_CSUM_OFFSET;
 
@@ -288,7 +307,7 @@ fn reply6(ctx: &TcContext, off: usize) -> Result<Verdict, ()> {
         IPPROTO_TCP | IPPROTO_UDP => {
             let ports: Ports = ctx.load(l4).map_err(drop)?;
             let key = reply_key(&ip.src, ports.src, &ip.dst, ports.dst, proto);
-            let rev = match reply_connection(&key, tcp_flags(ctx, l4, proto)) {
+            let rev = match reply_connection(&key, &tcp_info(ctx, l4, proto)) {
                 Ok(Some(rev)) => rev,
                 Ok(None) => return Ok(Verdict::EgressPass),
                 Err(verdict) => return Ok(verdict),
@@ -324,7 +343,7 @@ fn icmp6_error(ctx: &TcContext, off: usize, ip: &Ipv6Hdr, l4: usize) -> Result<V
     let ports: Ports = ctx.load(ports_off).map_err(drop)?;
     let key = reply_key(&inner.dst, ports.dst, &inner.src, ports.src, inner.next_hdr);
     // SAFETY: copied out at once.
-    let Some(rev) = (unsafe { CONNTRACK.get(&key) }).copied() else { return Ok(Verdict::EgressPass) };
+    let Some(rev) = conntrack::lookup(&key).map(|(_, rev)| unsafe { *rev }) else { return Ok(Verdict::EgressPass) };
     let icmp_check = l4 + ICMP_CSUM_OFFSET;
     let inner_diff = addr_diff(&inner.dst, &rev.addr)?;
     ctx.l4_csum_replace(icmp_check, 0, inner_diff, 0).map_err(drop)?;

@@ -14,7 +14,8 @@ use serviceless_common::{
 
 use crate::{
     ingress::pack,
-    maps::{CONNTRACK, Scratch},
+    conntrack,
+    maps::Scratch,
     nat::set_check,
     packet::*,
 };
@@ -28,10 +29,10 @@ const NO_CONNECTION: (Verdict, u32) = (Verdict::IcmpErrorNoConnection, XDP_DROP)
 #[inline(always)]
 fn connection(s: &mut Scratch, vip: &Addr, client: &Addr, vport: u16, cport: u16, proto: u8) -> bool {
     s.key = CtKey { src: *client, dst: *vip, sport: cport, dport: vport, proto, dir: CT_DIR_FORWARD, pad: [0; 2] };
-    // SAFETY: copied out at once.
-    match unsafe { CONNTRACK.get(&s.key) } {
-        Some(entry) => {
-            s.entry = *entry;
+    match conntrack::lookup(&s.key) {
+        Some((_, entry)) => {
+            // SAFETY: copied out at once.
+            s.entry = unsafe { *entry };
             true
         }
         None => false,

@@ -15,15 +15,16 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use serviceless_common::{
-    CT_DIR_FORWARD, CT_KIND_ACTIVATOR, CT_KIND_BACKEND, CT_STATE_SYN_SENT, CONFIG_F_ACTIVATOR4, CONFIG_F_ACTIVATOR6,
+    CT_DIR_FORWARD, CT_KIND_ACTIVATOR, CT_KIND_BACKEND, CT_STATE_SYN_RECV, CT_STATE_SYN_SENT, TCP_ACK,
+    completes_handshake, CONFIG_F_ACTIVATOR4, CONFIG_F_ACTIVATOR6,
     Config, CtEntry, CtEvent, CtKey, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP,
     SERVICE_F_ACTIVATOR_ONLY, ServiceKey, Verdict, syn_reopens, tcp_may_open,
 };
 
 use crate::{
-    conntrack::{self, Refused, Target},
+    conntrack::{self, Refused, Table, Target},
     frag, icmp, lb,
-    maps::{ACTIVITY, APPS, CONFIG, CONNTRACK, SCRATCH, SERVICES, Scratch, count, event},
+    maps::{ACTIVITY, APPS, CONFIG, SCRATCH, SERVICES, Scratch, count, event},
     nat,
     parse::{self, Frag, Parse, Parsed},
 };
@@ -126,8 +127,8 @@ pub fn unpack(packed: u64) -> (Verdict, u32) {
 }
 
 #[inline(never)]
-fn follow_call(s: &mut Scratch, entry: *mut CtEntry, now: u64) -> u64 {
-    match follow(s, entry, now) {
+fn follow_call(s: &mut Scratch, table: Table, entry: *mut CtEntry, now: u64) -> u64 {
+    match follow(s, table, entry, now) {
         Follow::Forward(verdict) => pack(verdict, XDP_PASS),
         Follow::Reopen => REOPEN,
         Follow::MoveFromActivator => MOVE_FROM_ACTIVATOR,
@@ -191,8 +192,8 @@ fn rst_call(ctx: &XdpContext, p: &Parsed, verdict: Verdict) -> u64 {
 fn connection(ctx: &XdpContext, cfg: &Config, s: &mut Scratch) -> u64 {
     let now = unsafe { bpf_ktime_get_coarse_ns() };
     let mut moved = false;
-    if let Some(entry) = CONNTRACK.get_ptr_mut(&s.key) {
-        match follow_call(s, entry, now) {
+    if let Some((table, entry)) = conntrack::lookup(&s.key) {
+        match follow_call(s, table, entry, now) {
             REOPEN => {}
             MOVE_FROM_ACTIVATOR => moved = true,
             BACKEND_GONE => return rst_call(ctx, &s.parsed, Verdict::RstBackendGone),
@@ -223,21 +224,21 @@ fn no_connection(ctx: &XdpContext, p: &Parsed, verdict: Verdict) -> (Verdict, u3
 }
 
 #[inline(always)]
-fn follow(s: &mut Scratch, ptr: *mut CtEntry, now: u64) -> Follow {
+fn follow(s: &mut Scratch, table: Table, ptr: *mut CtEntry, now: u64) -> Follow {
     // SAFETY: copied out at once; routing fields never change in place.
     s.entry = unsafe { *ptr };
     let (p, key, entry) = (&s.parsed, &s.key, &s.entry);
     let tcp = p.proto == IPPROTO_TCP;
     if tcp && tcp_may_open(p.tcp_flags) && syn_reopens(entry.state) {
         // The client reuses the port of a closed connection: a new one.
-        conntrack::remove(key, entry);
+        conntrack::remove(table, key, entry);
         event(CtEvent::Reopened);
         return Follow::Reopen;
     }
     if entry.kind == CT_KIND_BACKEND {
         let Some(slot) = lb::find_backend(entry.app_id, &entry.addr, entry.slot) else {
             // Its pod is gone: never hand a mid-stream segment to another pod.
-            conntrack::remove(key, entry);
+            conntrack::remove(table, key, entry);
             event(CtEvent::BackendGone);
             if !tcp || tcp_may_open(p.tcp_flags) {
                 return Follow::Reopen;
@@ -248,9 +249,7 @@ fn follow(s: &mut Scratch, ptr: *mut CtEntry, now: u64) -> Follow {
             // SAFETY: a map value pointer.
             unsafe { (*ptr).slot = slot };
         }
-        if conntrack::observe(ptr, p.proto, CT_DIR_FORWARD, p.tcp_flags, now) {
-            conntrack::repair_reply(key, entry, now);
-        }
+        track(table, key, ptr, entry, p, now);
         return Follow::Forward(Verdict::BackendEstablished);
     }
     // A flow the activator holds but never answered (any UDP flow; a TCP
@@ -259,13 +258,35 @@ fn follow(s: &mut Scratch, ptr: *mut CtEntry, now: u64) -> Follow {
     // SYN must not move it mid-stream.
     let unanswered = !tcp || (tcp_may_open(p.tcp_flags) && entry.state == CT_STATE_SYN_SENT);
     if entry.kind == CT_KIND_ACTIVATOR && unanswered && app_has_ready_pods(p) {
-        conntrack::remove(key, entry);
+        conntrack::remove(table, key, entry);
         return Follow::MoveFromActivator;
     }
-    if conntrack::observe(ptr, p.proto, CT_DIR_FORWARD, p.tcp_flags, now) {
-        conntrack::repair_reply(key, entry, now);
-    }
+    track(table, key, ptr, entry, p, now);
     Follow::Forward(if entry.app_id == u32::MAX { Verdict::ActivatorUnknownService } else { Verdict::ActivatorNoBackend })
+}
+
+/// Updates the connection for a client packet. In the new-connection table
+/// a TCP connection is established only by the ACK that acknowledges the
+/// backend's SYN-ACK (a blind spoofer cannot produce it), and then moves to
+/// the established table.
+#[inline(always)]
+fn track(table: Table, key: &CtKey, ptr: *mut CtEntry, entry: &CtEntry, p: &Parsed, now: u64) {
+    let mut flags = p.tcp_flags;
+    let mut establishes = false;
+    if table == Table::New && p.proto == IPPROTO_TCP && entry.state == CT_STATE_SYN_RECV && flags & TCP_ACK != 0 {
+        establishes = completes_handshake(entry.state, entry.server_isn, flags, p.tcp_ack);
+        if !establishes {
+            event(CtEvent::HandshakeMismatch);
+            flags &= !TCP_ACK;
+        }
+    }
+    if conntrack::observe(ptr, p.proto, CT_DIR_FORWARD, flags, now) {
+        conntrack::repair_reply(table, key, entry, now);
+    }
+    if establishes {
+        // SAFETY: a map value pointer; the entry as `observe` left it.
+        conntrack::promote(key, &unsafe { *ptr }, now);
+    }
 }
 
 /// Whether the VIP:port now belongs to an uncontested app with a ready pod.

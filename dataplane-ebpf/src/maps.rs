@@ -23,10 +23,16 @@ pub static BACKENDS: HashMap<BackendKey, Backend, { cap::BACKENDS as usize }> = 
 #[btf_map(name = "svl_activity_v2")]
 pub static ACTIVITY: PerCpuArray<Activity, { cap::APPS as usize }> = PerCpuArray::new();
 
-/// A plain hash map, not an LRU: an entry leaves only when the garbage
-/// collector finds it expired, so no flood can evict a live connection.
+/// Established connections. A plain hash map, not an LRU: an entry leaves
+/// only when the garbage collector finds it expired, so no flood can evict
+/// a live connection.
 #[btf_map(name = "svl_ct_v1")]
 pub static CONNTRACK: HashMap<CtKey, CtEntry, { cap::CONNTRACK as usize }> = HashMap::new();
+
+/// New connections (half-open TCP) and UDP flows. An LRU: a flood pushes
+/// out only other entries that nothing has confirmed.
+#[btf_map(name = "svl_ct_new_v1")]
+pub static CT_NEW: LruHashMap<CtKey, CtEntry, { cap::CT_NEW as usize }> = LruHashMap::new();
 
 /// LRU: losing an entry only loses the rest of one in-flight datagram.
 #[btf_map(name = "svl_frags_v1")]

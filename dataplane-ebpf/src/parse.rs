@@ -26,6 +26,8 @@ pub struct Parsed {
     pub dport: u16,
     /// TCP flags byte (zero for UDP).
     pub tcp_flags: u8,
+    /// TCP acknowledgment number (host order; zero for UDP).
+    pub tcp_ack: u32,
     /// IPv4 fragmentation.
     pub frag: Frag,
     /// IPv4 identification, network order (for fragments).
@@ -81,6 +83,7 @@ impl Parsed {
         sport: 0,
         dport: 0,
         tcp_flags: 0,
+        tcp_ack: 0,
         frag: Frag::None,
         ip_id: 0,
     };
@@ -245,6 +248,7 @@ fn l4_header(ctx: &XdpContext, p: &mut Parsed) -> Result<(), ()> {
             p.sport = u16::from_ne_bytes([tcp[0], tcp[1]]);
             p.dport = u16::from_ne_bytes([tcp[2], tcp[3]]);
             p.tcp_flags = tcp[TCP_FLAGS_OFFSET];
+            p.tcp_ack = u32::from_be_bytes([tcp[8], tcp[9], tcp[10], tcp[11]]);
         }
         IPPROTO_UDP => {
             let udp = ptr_at::<[u8; UDP_HLEN]>(ctx, p.l4())?;

@@ -24,7 +24,7 @@ use anyhow::Context as _;
 use aya::programs::{SchedClassifier, TestRun as _, TestRunOptions, Xdp};
 use serviceless_agent::{
     dataplane::{self, Loaded, Pins, Sizes},
-    maps::DataplaneMaps,
+    maps::{CtTable, DataplaneMaps},
     metrics::Metrics,
     model::{AppSpec, BackendSpec, PortSpec, Protocol, VipRange, to_addr},
     reconcile::{Outcome, Reconciler},
@@ -85,7 +85,7 @@ impl Drop for PinDir {
 }
 
 /// Small tables: fixtures need a handful of entries, not a million.
-pub const TEST_SIZES: Sizes = Sizes { services: 64, apps: 64, backends: 256, connections: 4096 };
+pub const TEST_SIZES: Sizes = Sizes { services: 64, apps: 64, backends: 256, connections: 4096, new_connections: 4096 };
 
 pub const VIP_RANGE4: &str = "10.96.0.0/16";
 pub const VIP_RANGE6: &str = "fd00:96::/64";
@@ -214,31 +214,47 @@ impl TestDataplane {
         self.maps().verdicts().into_iter().collect()
     }
 
-    /// Empties the conntrack table (as if every connection had expired).
+    /// A conntrack table, writable.
+    fn ct_table(&self, table: CtTable) -> anyhow::Result<aya::maps::HashMap<aya::maps::MapData, CtKey, CtEntry>> {
+        let (name, kind): (&str, fn(aya::maps::MapData) -> aya::maps::Map) = match table {
+            CtTable::Established => (serviceless_common::map_names::CONNTRACK, aya::maps::Map::HashMap),
+            CtTable::New => (serviceless_common::map_names::CT_NEW, aya::maps::Map::LruHashMap),
+        };
+        let data = aya::maps::MapData::from_pin(self.pins.path.join(name))?;
+        Ok(aya::maps::HashMap::try_from(kind(data))?)
+    }
+
+    /// Empties both conntrack tables (as if every connection had expired).
     pub fn clear_conntrack(&self) -> anyhow::Result<()> {
-        let data = aya::maps::MapData::from_pin(self.pins.path.join(serviceless_common::map_names::CONNTRACK))?;
-        let mut map: aya::maps::HashMap<_, CtKey, CtEntry> = aya::maps::HashMap::try_from(aya::maps::Map::HashMap(data))?;
-        let keys: Vec<_> = map.keys().filter_map(Result::ok).collect();
-        for k in keys {
-            let _ = map.remove(&k);
+        for table in [CtTable::Established, CtTable::New] {
+            let mut map = self.ct_table(table)?;
+            let keys: Vec<_> = map.keys().filter_map(Result::ok).collect();
+            for k in keys {
+                let _ = map.remove(&k);
+            }
         }
         Ok(())
     }
 
-    /// Deletes one conntrack entry (to simulate a lost entry).
+    /// Deletes one conntrack entry from whichever table holds it (to
+    /// simulate a lost entry).
     pub fn delete_conntrack(&self, key: &CtKey) -> anyhow::Result<()> {
-        let data = aya::maps::MapData::from_pin(self.pins.path.join(serviceless_common::map_names::CONNTRACK))?;
-        let mut map: aya::maps::HashMap<_, CtKey, CtEntry> = aya::maps::HashMap::try_from(aya::maps::Map::HashMap(data))?;
-        map.remove(key)?;
+        let (table, _) = self.maps().conntrack_entry(key).context("no such conntrack entry")?;
+        self.ct_table(table)?.remove(key)?;
         Ok(())
     }
 
-    /// Writes one conntrack entry (to age or corrupt state on purpose).
+    /// Overwrites one conntrack entry in the table that holds it (to age or
+    /// corrupt state on purpose).
     pub fn put_conntrack(&self, key: &CtKey, entry: &CtEntry) -> anyhow::Result<()> {
-        let data = aya::maps::MapData::from_pin(self.pins.path.join(serviceless_common::map_names::CONNTRACK))?;
-        let mut map: aya::maps::HashMap<_, CtKey, CtEntry> = aya::maps::HashMap::try_from(aya::maps::Map::HashMap(data))?;
-        map.insert(key, entry, 0)?;
+        let (table, _) = self.maps().conntrack_entry(key).context("no such conntrack entry")?;
+        self.ct_table(table)?.insert(key, entry, 0)?;
         Ok(())
+    }
+
+    /// The table a conntrack entry is in, if any.
+    pub fn conntrack_table(&self, key: &CtKey) -> Option<CtTable> {
+        self.maps().conntrack_entry(key).map(|(t, _)| t)
     }
 
     /// A restarted agent: a new reconciler adopting what the pinned maps hold.
@@ -249,9 +265,9 @@ impl TestDataplane {
         Ok(())
     }
 
-    /// Every conntrack entry.
+    /// Every conntrack entry, of both tables.
     pub fn conntrack(&self) -> Vec<(CtKey, CtEntry)> {
-        self.maps().conntrack().collect()
+        self.maps().conntrack().map(|(_, k, e)| (k, e)).collect()
     }
 
     /// Runs one pass of the in-kernel conntrack garbage collector.

@@ -6,9 +6,10 @@
 
 use std::{net::IpAddr, thread, time::Duration};
 
+use serviceless_agent::maps::CtTable;
 use serviceless_common::{
-    CT_DIR_FORWARD, CT_DIR_REPLY, CT_KIND_ACTIVATOR, CT_STATE_CLOSING, CT_STATE_ESTABLISHED, CtEvent,
-    CtKey, Verdict, ipv4_mapped,
+    CT_DIR_FORWARD, CT_DIR_REPLY, CT_KIND_ACTIVATOR, CT_STATE_CLOSING, CT_STATE_ESTABLISHED,
+    CT_STATE_SYN_RECV, CtEvent, CtKey, Verdict, ipv4_mapped,
 };
 use serviceless_tests::{
     TEST_SIZES, TestDataplane, app, kernel_tests_enabled,
@@ -102,7 +103,8 @@ fn handshake(dp: &TestDataplane, client: &str, sport: u16, vip: &str, pod: &str)
     assert_eq!(a, XDP_PASS);
     let synack = Packet::tcp(pod, 8080, client, sport).flags(SYN | ACK);
     egress(dp, "syn-ack", &synack.frame(), &synack.nat(Some((vip, 80)), None).frame(), Verdict::ReplyTranslated);
-    let ack = syn.clone().flags(ACK);
+    // The client acknowledges the pod's initial sequence number.
+    let ack = syn.clone().flags(ACK).with(|p| p.ack = synack.seq + 1);
     let (a, _) = dp.ingress(&ack.frame()).expect("ack");
     assert_eq!(a, XDP_PASS);
 }
@@ -119,6 +121,7 @@ fn a_connection_is_one_truth_and_a_lost_reply_entry_is_rebuilt() {
     let table = dp.conntrack();
     let entry = table.iter().find(|(k, _)| *k == fwd).map(|(_, e)| *e).expect("forward entry");
     assert_eq!(entry.state, CT_STATE_ESTABLISHED, "handshake seen from both directions: {entry:?}");
+    assert_eq!(dp.conntrack_table(&fwd), Some(CtTable::Established), "the completed handshake moved it");
     assert!(table.iter().any(|(k, _)| *k == rev), "reply entry");
     assert_eq!(table.len(), 2, "exactly two entries per connection: {table:?}");
 
@@ -532,19 +535,74 @@ fn the_flood_guard_refuses_new_connections_and_never_touches_established_ones() 
     let data = Packet::tcp(CLIENT, 50500, VIP, 80).flags(ACK);
     ingress(&dp, "established during the flood", &data.frame(), XDP_PASS, &data.nat(None, Some((POD, 8080))).frame(), Verdict::BackendEstablished);
 
-    // A full table refuses new connections and keeps every tracked one.
-    let mut small = TestDataplane::new(serviceless_agent::dataplane::Sizes { connections: 4, ..TEST_SIZES }).expect("load");
-    small.apply(vec![app("live.example.com", VIP, &[(POD, true)])]);
-    for port in 52000..52004 {
-        let (a, _) = small.ingress(&Packet::tcp(CLIENT, port, VIP, 80).frame()).expect("syn");
-        assert_eq!(a, XDP_PASS);
+}
+
+#[test]
+fn half_open_floods_churn_only_the_new_table_and_established_connections_stay() {
+    if !kernel_tests_enabled("conntrack: half-open flood") {
+        return;
     }
-    let syn = Packet::tcp(CLIENT, 52004, VIP, 80);
-    ingress(&small, "syn into a full table", &syn.frame(), XDP_DROP, &syn.frame(), Verdict::DropCtFull);
+    // Room for 8 established and 16 new connections.
+    let sizes = serviceless_agent::dataplane::Sizes { connections: 8, new_connections: 16, ..TEST_SIZES };
+    let mut dp = TestDataplane::new(sizes).expect("load");
+    dp.apply(vec![app("live.example.com", VIP, &[(POD, true)])]);
+    for port in 52000..52004 {
+        handshake(&dp, CLIENT, port, VIP, POD);
+        assert_eq!(dp.conntrack_table(&forward_key(CLIENT, port, VIP, 80, 6)), Some(CtTable::Established));
+    }
+    // A SYN flood 30 times the new-connection table, from spoofed sources.
+    for i in 0..500u32 {
+        let src = format!("198.18.{}.{}", i >> 8, i & 255);
+        dp.ingress(&Packet::tcp(&src, 1024 + i as u16, VIP, 80).frame()).expect("flood");
+    }
     for port in 52000..52004 {
         let data = Packet::tcp(CLIENT, port, VIP, 80).flags(ACK);
-        ingress(&small, "tracked connection", &data.frame(), XDP_PASS, &data.nat(None, Some((POD, 8080))).frame(), Verdict::BackendEstablished);
+        ingress(&dp, "established during the flood", &data.frame(), XDP_PASS, &data.nat(None, Some((POD, 8080))).frame(), Verdict::BackendEstablished);
     }
+    // A real client's handshake right after the flood completes and is kept.
+    let before = dp.ct_events();
+    handshake(&dp, CLIENT, 52010, VIP, POD);
+    assert_eq!(event_delta(&dp, &before, CtEvent::Promoted), 1);
+    // Fill the established table: the next completed handshake stays in the
+    // new table, counted, and still works.
+    for port in 52011..52014 {
+        handshake(&dp, CLIENT, port, VIP, POD);
+    }
+    let before = dp.ct_events();
+    handshake(&dp, CLIENT, 52020, VIP, POD);
+    assert_eq!(event_delta(&dp, &before, CtEvent::PromoteFailed), 1, "the ninth connection does not fit");
+    assert_eq!(dp.conntrack_table(&forward_key(CLIENT, 52020, VIP, 80, 6)), Some(CtTable::New));
+    let data = Packet::tcp(CLIENT, 52020, VIP, 80).flags(ACK);
+    ingress(&dp, "connection left in the new table", &data.frame(), XDP_PASS, &data.nat(None, Some((POD, 8080))).frame(), Verdict::BackendEstablished);
+}
+
+#[test]
+fn a_blind_spoofed_handshake_is_never_established() {
+    if !kernel_tests_enabled("conntrack: blind handshake") {
+        return;
+    }
+    let dp = dataplane();
+    let spoofer = "203.0.113.66";
+    let syn = Packet::tcp(spoofer, 54000, VIP, 80);
+    dp.ingress(&syn.frame()).expect("syn");
+    // The pod answers the spoofed address; the spoofer never sees its ISN.
+    let synack = Packet::tcp(POD, 8080, spoofer, 54000).flags(SYN | ACK).with(|p| p.seq = 777_000);
+    dp.egress(&synack.frame()).expect("syn-ack");
+    let fwd = forward_key(spoofer, 54000, VIP, 80, 6);
+    let before = dp.ct_events();
+    for guess in [1001, 777_000, 778_000] {
+        let ack = syn.clone().flags(ACK).with(|p| p.ack = guess);
+        ingress(&dp, "guessed ack", &ack.frame(), XDP_PASS, &ack.nat(None, Some((POD, 8080))).frame(), Verdict::BackendEstablished);
+    }
+    assert_eq!(event_delta(&dp, &before, CtEvent::HandshakeMismatch), 3);
+    assert_eq!(event_delta(&dp, &before, CtEvent::Promoted), 0);
+    assert_eq!(dp.conntrack_table(&fwd), Some(CtTable::New), "still only a new connection");
+    let state = dp.conntrack().into_iter().find(|(k, _)| *k == fwd).map(|(_, e)| e.state);
+    assert_eq!(state, Some(CT_STATE_SYN_RECV));
+    // The real ack (ISN + 1) establishes it.
+    dp.ingress(&syn.clone().flags(ACK).with(|p| p.ack = 777_001).frame()).expect("ack");
+    assert_eq!(event_delta(&dp, &before, CtEvent::Promoted), 1);
+    assert_eq!(dp.conntrack_table(&fwd), Some(CtTable::Established));
 }
 
 #[test]

@@ -2,7 +2,7 @@
 //! of its logic (TCP state transitions, timeouts), shared by the kernel
 //! programs and the agent and unit-tested on the host.
 //!
-//! Every translated connection has exactly two entries in one table:
+//! Every translated connection has exactly two entries, in one of two tables:
 //! - the **forward** entry, keyed by the 5-tuple the client sends
 //!   (client -> VIP:port), holds the whole truth: where the connection goes,
 //!   its TCP state and when it was last seen (in either direction);
@@ -11,9 +11,15 @@
 //!   and points at the forward entry.
 //!
 //! Both are created together by a packet that may open a connection (a TCP
-//! SYN, any UDP datagram), never evicted by other traffic (the table is a
-//! plain hash map, not an LRU), and removed together by the garbage
-//! collector when the connection has been idle past its state's timeout.
+//! SYN, any UDP datagram) in the **new-connection table**, an LRU: a SYN
+//! flood churns it and pushes out only other unanswered connections. When
+//! the client completes the TCP handshake (its ACK acknowledges the pod's
+//! initial sequence number, which a blind spoofer never sees) the
+//! connection moves to the **established table**, a plain hash map nothing
+//! evicts (as Linux conntrack early-drops only unassured entries). Both
+//! entries leave together when the garbage collector finds the connection
+//! idle past its state's timeout. UDP flows stay in the new-connection
+//! table: a flood can push one out, and its next datagram opens it again.
 
 use crate::{Addr, Config};
 
@@ -90,6 +96,10 @@ pub struct CtEntry {
     pub state: u8,
     /// `CT_F_*` bits (forward entries).
     pub flags: u16,
+    /// TCP forward entries: the backend's initial sequence number, from its
+    /// SYN-ACK; the client's ACK must acknowledge it to establish.
+    pub server_isn: u32,
+    pub pad: u32,
     /// CLOCK_MONOTONIC nanoseconds when the entry was created.
     pub created_ns: u64,
     /// CLOCK_MONOTONIC (coarse) nanoseconds of the last packet, either
@@ -110,7 +120,9 @@ pub mod default_timeout {
     pub const CLOSE: u32 = 10;
     pub const UDP: u32 = 60;
     /// New tracked connections per CPU per second.
-    pub const NEW_PER_CPU_PER_SEC: u32 = 50_000;
+    /// Well above what one CPU's pods accept; past it, new state costs CPU
+    /// rather than protecting anything (the LRU holds the flood).
+    pub const NEW_PER_CPU_PER_SEC: u32 = 200_000;
 }
 
 /// The TCP flags the state machine reads.
@@ -152,6 +164,15 @@ pub const fn tcp_next(state: u8, flags: u16, dir: u8, tcp_flags: u8) -> (u8, u16
         state = CT_STATE_FIN_WAIT;
     }
     (state, flags)
+}
+
+/// Whether a client segment completes the handshake of a connection in
+/// `state`: an ACK (no SYN, no RST) acknowledging the backend's SYN-ACK.
+#[inline(always)]
+pub const fn completes_handshake(state: u8, server_isn: u32, tcp_flags: u8, ack: u32) -> bool {
+    state == CT_STATE_SYN_RECV
+        && tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST) == TCP_ACK
+        && ack == server_isn.wrapping_add(1)
 }
 
 /// Whether a bare SYN on a tracked tuple starts a new connection (the old
@@ -206,12 +227,20 @@ pub enum CtEvent {
     GcRuns = 9,
     /// A missing reply entry was re-created from its forward entry.
     ReplyRepaired = 10,
+    /// A connection completed its handshake and moved to the established table.
+    Promoted = 11,
+    /// A completed handshake found the established table full: the
+    /// connection stays in the new-connection table (raise --max-connections).
+    PromoteFailed = 12,
+    /// An ACK in the handshake that did not acknowledge the backend's SYN-ACK
+    /// (a blind spoofer's guess): not established.
+    HandshakeMismatch = 13,
 }
 
 impl CtEvent {
     pub const COUNT: u32 = 16;
 
-    pub const ALL: [CtEvent; 11] = [
+    pub const ALL: [CtEvent; 14] = [
         CtEvent::Created,
         CtEvent::Reopened,
         CtEvent::PortRewritten,
@@ -223,6 +252,9 @@ impl CtEvent {
         CtEvent::BackendGone,
         CtEvent::GcRuns,
         CtEvent::ReplyRepaired,
+        CtEvent::Promoted,
+        CtEvent::PromoteFailed,
+        CtEvent::HandshakeMismatch,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -238,6 +270,9 @@ impl CtEvent {
             CtEvent::BackendGone => "backend_gone",
             CtEvent::GcRuns => "gc_runs",
             CtEvent::ReplyRepaired => "reply_repaired",
+            CtEvent::Promoted => "promoted",
+            CtEvent::PromoteFailed => "promote_failed",
+            CtEvent::HandshakeMismatch => "handshake_mismatch",
         }
     }
 
@@ -331,6 +366,12 @@ mod tests {
         assert_ne!(flags & CT_F_REPLY_SEEN, 0);
         // A spoofed ACK before any reply does not establish.
         assert_eq!(walk(&[(F, TCP_ACK)]).0, CT_STATE_SYN_SENT);
+        // Completing the handshake takes the backend's ISN + 1.
+        assert!(completes_handshake(CT_STATE_SYN_RECV, 41, TCP_ACK, 42));
+        assert!(completes_handshake(CT_STATE_SYN_RECV, u32::MAX, TCP_ACK, 0), "wraps");
+        assert!(!completes_handshake(CT_STATE_SYN_RECV, 41, TCP_ACK, 43), "a guessed ack");
+        assert!(!completes_handshake(CT_STATE_SYN_SENT, 41, TCP_ACK, 42), "no SYN-ACK seen");
+        assert!(!completes_handshake(CT_STATE_SYN_RECV, 41, TCP_ACK | TCP_RST, 42));
     }
 
     #[test]

@@ -31,8 +31,12 @@ pub mod map_names {
     pub const BACKENDS: &str = "svl_backends_v1";
     /// app id -> last-seen time, packets, bytes (per-CPU array, written by the kernel).
     pub const ACTIVITY: &str = "svl_activity_v2";
-    /// Connection tracking: one forward and one reply entry per translated connection.
+    /// Connection tracking, established TCP connections: one forward and one
+    /// reply entry per connection. A plain hash map: nothing evicts them.
     pub const CONNTRACK: &str = "svl_ct_v1";
+    /// Connection tracking, new connections (half-open TCP) and UDP flows:
+    /// an LRU, so a SYN flood churns it and never reaches `CONNTRACK`.
+    pub const CT_NEW: &str = "svl_ct_new_v1";
     /// Translations of IP fragments without ports, by datagram id (LRU).
     pub const FRAGMENTS: &str = "svl_frags_v1";
     /// verdict -> packet count (per-CPU array).
@@ -47,9 +51,9 @@ pub mod map_names {
     pub const CONFIG: &str = "svl_config_v2";
 
     /// Every map the agent pins, in the order `inspect` reports them.
-    pub const ALL: [&str; 11] = [
-        SERVICES, APPS, BACKENDS, ACTIVITY, CONNTRACK, FRAGMENTS, VERDICTS, CT_EVENTS, CT_BUDGET, CT_SUMMARY,
-        CONFIG,
+    pub const ALL: [&str; 12] = [
+        SERVICES, APPS, BACKENDS, ACTIVITY, CONNTRACK, CT_NEW, FRAGMENTS, VERDICTS, CT_EVENTS, CT_BUDGET,
+        CT_SUMMARY, CONFIG,
     ];
 
     /// Maps of earlier layouts: an upgraded agent migrates what it can from
@@ -80,8 +84,10 @@ pub mod default_capacity {
     pub const SERVICES: u32 = 1 << 20;
     pub const APPS: u32 = 1 << 20;
     pub const BACKENDS: u32 = 1 << 21;
-    /// Conntrack entries: two per connection (forward and reply).
+    /// Established-connection entries: two per connection (forward and reply).
     pub const CONNTRACK: u32 = 1 << 21;
+    /// New-connection (half-open TCP, UDP) entries, two per connection.
+    pub const CT_NEW: u32 = 1 << 20;
     /// In-flight fragmented datagrams.
     pub const FRAGMENTS: u32 = 1 << 14;
 }
@@ -313,7 +319,7 @@ pub enum Verdict {
     PassMalformed = 8,
     /// Would go to the activator but none is configured for the family: dropped.
     DropNoActivator = 9,
-    /// New connection refused: the conntrack table is full (raise --max-connections).
+    /// New connection refused: the new-connection table would not take it.
     DropCtFull = 10,
     /// Reply from a backend or the activator rewritten to come from the VIP.
     ReplyTranslated = 11,
@@ -445,7 +451,7 @@ mod tests {
         assert_eq!(size_of::<Backend>(), 20);
         assert_eq!(size_of::<Activity>(), 24);
         assert_eq!(size_of::<CtKey>(), 40);
-        assert_eq!(size_of::<CtEntry>(), 48);
+        assert_eq!(size_of::<CtEntry>(), 56);
         assert_eq!(size_of::<FragKey>(), 40);
         assert_eq!(size_of::<FragValue>(), 32);
         assert_eq!(size_of::<CtBudget>(), 16);

@@ -429,6 +429,7 @@ fn ours_at(
         apps: cap,
         backends: cap + 64,
         connections: 1 << 16,
+        new_connections: 1 << 16,
     };
     let mut dp = TestDataplane::new(sizes)?;
     dp.configure_ranges(Some("10.245.0.2:8080"), None, VIP_RANGE, "fd00:96::/64")?;
