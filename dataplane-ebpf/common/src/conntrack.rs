@@ -119,10 +119,12 @@ pub mod default_timeout {
     pub const ESTABLISHED: u32 = 6 * 3600;
     pub const CLOSE: u32 = 10;
     pub const UDP: u32 = 60;
-    /// New tracked connections per CPU per second.
-    /// Well above what one CPU's pods accept; past it, new state costs CPU
-    /// rather than protecting anything (the LRU holds the flood).
-    pub const NEW_PER_CPU_PER_SEC: u32 = 200_000;
+    /// New tracked connections per CPU per second; 0: no limit. Off by
+    /// default: the new-connection table absorbs floods without touching
+    /// established connections, while a rate limit past its budget refuses
+    /// legitimate new connections along with the flood. Set it to cap the
+    /// CPU a flood can make the dataplane spend on new state.
+    pub const NEW_PER_CPU_PER_SEC: u32 = 0;
 }
 
 /// The TCP flags the state machine reads.
