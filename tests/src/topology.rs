@@ -162,7 +162,20 @@ impl Topology {
 
     /// Starts the agent with any source and extra environment.
     pub fn start_agent_with(&self, source: &str, log_name: &str, extra: &[&str], env: &[(&str, &str)]) -> anyhow::Result<Proc> {
-        let bin = agent_binary()?;
+        let mut args = vec!["--max-connections".to_string(), self.max_connections.to_string()];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        self.spawn_agent(&agent_binary()?, source, log_name, &args, env)
+    }
+
+    /// Starts an agent of the previous release (`bin`), with the flags it
+    /// knew, on the file source: the starting point of an upgrade.
+    pub fn start_previous_agent(&self, bin: &Path, desired_file: &Path, log_name: &str) -> anyhow::Result<Proc> {
+        let source = format!("file:{}", desired_file.display());
+        self.spawn_agent(bin, &source, log_name, &["--max-flows", "65536"], &[])
+    }
+
+    fn spawn_agent(&self, bin: &Path, source: &str, log_name: &str, extra: &[&str], env: &[(&str, &str)]) -> anyhow::Result<Proc> {
         let pin_dir = self.bpf_dir.join("serviceless");
         let state_file = self.work_dir.join("sources.json");
         let mut args = vec![
@@ -187,8 +200,6 @@ impl Topology {
             (self.max_apps * 4).to_string(),
             "--max-backends".into(),
             (self.max_apps * 8).to_string(),
-            "--max-connections".into(),
-            self.max_connections.to_string(),
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -316,6 +327,11 @@ impl Conn {
 
     pub fn get(&mut self) -> anyhow::Result<Response> {
         self.get_path("/", true)
+    }
+
+    /// The client's own address and port.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.stream.get_ref().local_addr().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
     }
 
     fn get_path(&mut self, path: &str, keep_alive: bool) -> anyhow::Result<Response> {

@@ -6,6 +6,7 @@ mod bench;
 mod build;
 mod demo;
 mod k8s;
+mod previous;
 mod setup;
 mod test;
 mod vm;

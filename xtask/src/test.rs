@@ -1,7 +1,7 @@
 //! `cargo xtask test`: everything CI runs. Kernel tests need root and skip
 //! with a message elsewhere.
 
-use crate::{bench, build, setup, vm};
+use crate::{bench, build, previous, setup, vm};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -23,7 +23,14 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     }
     // The traffic tests start the agent binary from the same target directory.
     build::cargo(&["build", "--quiet", "-p", "serviceless-agent", "-p", "serviceless-tests", "--bins"])?;
-    println!("xtask: unit tests, packet fixtures, network-namespace traffic tests");
+    // The upgrade test starts a node on the previous release's agent.
+    if setup::is_root()
+        && let Some(bin) = previous::agent()?
+    {
+        // SAFETY: single-threaded here; the variable is read by the test processes cargo starts.
+        unsafe { std::env::set_var("SERVICELESS_PREVIOUS_BIN", bin) };
+    }
+    println!("xtask: unit tests, packet fixtures, network-namespace traffic tests, upgrade");
     // One test at a time: the traffic tests time real connections on 2 cores.
     build::cargo(&["test", "--workspace", "--exclude", "dataplane-ebpf", "--", "--test-threads=1"])?;
     if setup::is_root() {
