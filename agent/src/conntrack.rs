@@ -125,8 +125,12 @@ pub fn hash_key(source: &HashKeySource, pinned: Option<[u64; 2]>) -> anyhow::Res
 }
 
 fn read_key_file(path: &Path) -> anyhow::Result<[u64; 2]> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("reading the flow hash key from {} (--flow-hash-key-file)", path.display()))?;
+    let text = std::fs::read_to_string(path).with_context(|| {
+        format!(
+            "reading the flow hash key from {} (--flow-hash-key-file); in Kubernetes create it once per cluster: kubectl -n kube-system create secret generic serviceless-flow-hash-key --from-literal=key=$(openssl rand -hex 16)",
+            path.display()
+        )
+    })?;
     parse_key(text.trim()).with_context(|| format!("flow hash key in {}", path.display()))
 }
 

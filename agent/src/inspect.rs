@@ -37,8 +37,10 @@ pub struct Report {
     pub apps: Vec<AppReport>,
     /// Tracked connections (up to `--connections` of them).
     pub connections: Vec<ConnectionReport>,
-    /// Connections in the table, and by state, as the last GC pass counted them.
+    /// Connections in the tables, and by state, as the last GC pass counted them.
     pub connections_total: u64,
+    /// Seconds since that GC pass (none yet: null).
+    pub connections_counted_seconds_ago: Option<f64>,
     pub connections_by_state: BTreeMap<&'static str, u64>,
     /// Packet verdicts.
     pub counters: BTreeMap<&'static str, u64>,
@@ -183,6 +185,7 @@ pub fn report(maps: &DataplaneMaps, connection_limit: usize, only: Option<&str>)
         apps,
         connections,
         connections_total: summary.by_state.iter().sum(),
+        connections_counted_seconds_ago: (summary.at_ns != 0).then(|| now.saturating_sub(summary.at_ns) as f64 / 1e9),
         connections_by_state: CT_STATES.iter().map(|(s, name)| (*name, summary.by_state[*s as usize])).collect(),
         counters: maps.verdicts().into_iter().map(|(v, n)| (v.name(), n)).collect(),
         conntrack_events: maps.ct_events().into_iter().map(|(e, n)| (e.name(), n)).collect(),
@@ -215,13 +218,15 @@ pub fn render_table(r: &Report) -> String {
     }
     let by_state: Vec<String> =
         r.connections_by_state.iter().filter(|(_, n)| **n > 0).map(|(s, n)| format!("{s}={n}")).collect();
-    let _ = writeln!(
-        out,
-        "\nCONNECTIONS ({} shown; {} tracked at the last GC pass: {})",
-        r.connections.len(),
-        r.connections_total,
-        if by_state.is_empty() { "none".to_string() } else { by_state.join(" ") }
-    );
+    let counted = match r.connections_counted_seconds_ago {
+        Some(ago) => format!(
+            "{} tracked at the last GC pass, {ago:.0}s ago: {}",
+            r.connections_total,
+            if by_state.is_empty() { "none".to_string() } else { by_state.join(" ") }
+        ),
+        None => "no GC pass yet to count them".to_string(),
+    };
+    let _ = writeln!(out, "\nCONNECTIONS ({} shown; {counted})", r.connections.len());
     let _ = writeln!(out, "{:<5} {:<44} {:<44} {:<44} {:<9} {:<11} {:<11} {:>8} {:>8}", "PROTO", "CLIENT", "VIP", "TO", "KIND", "STATE", "TABLE", "AGE", "IDLE");
     for c in &r.connections {
         let to = match c.client_port_rewritten {

@@ -55,7 +55,8 @@ fn main() -> anyhow::Result<()> {
     let out = Command::new(agent_binary()?).args(["inspect", "--pin-dir"]).arg(&pin_dir).output()?;
     print!("{}", String::from_utf8_lossy(&out.stdout));
 
-    for map in ["svl_services_v1", "svl_backends_v1"] {
+    use serviceless_common::map_names;
+    for map in [map_names::SERVICES, map_names::BACKENDS, map_names::CONNTRACK] {
         let pin: PathBuf = pin_dir.join(map);
         println!("\n== bpftool map dump pinned {}", pin.display());
         match netns::run("bpftool", &["map", "dump", "pinned", pin.to_str().context("path")?]) {
@@ -64,8 +65,8 @@ fn main() -> anyhow::Result<()> {
         }
         println!();
     }
-    println!("\n== bpftool map dump pinned {}/svl_apps_v1 key 0 (hostname lives here)", pin_dir.display());
-    let app0 = pin_dir.join("svl_apps_v1");
+    println!("\n== bpftool map lookup pinned {}/{} key 0 (hostname lives here)", pin_dir.display(), map_names::APPS);
+    let app0 = pin_dir.join(map_names::APPS);
     if let Ok(text) = netns::run("bpftool", &["map", "lookup", "pinned", app0.to_str().context("path")?, "key", "0", "0", "0", "0"]) {
         println!("{}", text.trim());
     }
@@ -76,6 +77,7 @@ fn main() -> anyhow::Result<()> {
         l.starts_with("serviceless_packets_total") && !l.ends_with(" 0")
             || l.starts_with("serviceless_apps_programmed")
             || l.starts_with("serviceless_programming_latency_seconds_count")
+            || l.starts_with("serviceless_conntrack_events_total") && !l.ends_with(" 0")
     }) {
         println!("  {line}");
     }
