@@ -17,19 +17,10 @@ use serviceless_tests::{
     pin_to_cpu0,
 };
 
-const XDP_DROP: u32 = 1;
-const XDP_PASS: u32 = 2;
-const XDP_TX: u32 = 3;
+use serviceless_tests::fixture::{ACT, CLIENT, CLIENT6, POD, POD6, VIP, VIP6, XDP_DROP, XDP_PASS, XDP_TX};
 
-const VIP: &str = "10.96.0.10";
 const ASLEEP: &str = "10.96.0.20";
 const UNUSED: &str = "10.96.9.9";
-const VIP6: &str = "fd00:96::10";
-const CLIENT: &str = "198.51.100.7";
-const CLIENT6: &str = "2001:db8::7";
-const POD: &str = "10.244.1.2";
-const POD6: &str = "fd00:244::2";
-const ACT: &str = "10.245.0.2";
 
 fn dataplane() -> TestDataplane {
     let mut dp = TestDataplane::new(TEST_SIZES).expect("load the dataplane");

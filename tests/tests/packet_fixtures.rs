@@ -9,19 +9,7 @@ use serviceless_tests::{
     packet::{ACK, L4, Packet, SYN, hex},
 };
 
-const XDP_ABORTED: u32 = 0;
-const XDP_DROP: u32 = 1;
-const XDP_PASS: u32 = 2;
-const TC_ACT_OK: i32 = 0;
-
-const VIP: &str = "10.96.0.10";
-const VIP6: &str = "fd00:96::10";
-const CLIENT: &str = "198.51.100.7";
-const CLIENT6: &str = "2001:db8::7";
-const POD: &str = "10.244.1.2";
-const POD6: &str = "fd00:244::2";
-const ACT: &str = "10.245.0.2";
-const ACT6: &str = "fd00:245::2";
+use serviceless_tests::fixture::*;
 
 /// What a fixture expects from the ingress program.
 enum Expect {

@@ -84,10 +84,12 @@ pub mod default_capacity {
     pub const SERVICES: u32 = 1 << 20;
     pub const APPS: u32 = 1 << 20;
     pub const BACKENDS: u32 = 1 << 21;
-    /// Established-connection entries: two per connection (forward and reply).
-    pub const CONNTRACK: u32 = 1 << 21;
+    /// Established-connection entries: two per connection (forward and
+    /// reply), about 320 B of kernel memory per connection, preallocated:
+    /// 256k connections, as Cilium's default TCP table (512k entries).
+    pub const CONNTRACK: u32 = 1 << 19;
     /// New-connection (half-open TCP, UDP) entries, two per connection.
-    pub const CT_NEW: u32 = 1 << 20;
+    pub const CT_NEW: u32 = 1 << 18;
     /// In-flight fragmented datagrams.
     pub const FRAGMENTS: u32 = 1 << 14;
 }
