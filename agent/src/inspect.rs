@@ -6,7 +6,7 @@ use std::{collections::BTreeMap, fmt::Write as _, net::IpAddr};
 use anyhow::Context as _;
 use serde::Serialize;
 use serviceless_common::{
-    BACKEND_READY, BackendKey, CT_DIR_FORWARD, CT_KIND_ACTIVATOR, CT_STATE_CLOSING, CT_STATE_ESTABLISHED,
+    BACKEND_READY, BackendKey, CT_DIR_FORWARD, CT_F_MIGRATED, CT_KIND_ACTIVATOR, CT_STATE_CLOSING, CT_STATE_ESTABLISHED,
     CT_STATE_FIN_WAIT, CT_STATE_SYN_RECV, CT_STATE_SYN_SENT, CT_STATE_UDP, SERVICE_F_ACTIVATOR_ONLY,
 };
 
@@ -90,6 +90,8 @@ pub struct ConnectionReport {
     pub app_id: Option<u32>,
     /// The client port the backend sees, when a reply-tuple clash made it differ.
     pub client_port_rewritten: Option<u16>,
+    /// Carried over from the previous map layout and not seen since (expires after 10 min idle).
+    pub migrated: bool,
     pub age_seconds: f64,
     pub idle_seconds: f64,
 }
@@ -169,6 +171,7 @@ pub fn report(maps: &DataplaneMaps, connection_limit: usize, only: Option<&str>)
             state: state_name(entry.state),
             app_id: (entry.app_id != u32::MAX).then_some(entry.app_id),
             client_port_rewritten: (entry.client_port != key.sport).then(|| u16::from_be(entry.client_port)),
+            migrated: entry.flags & CT_F_MIGRATED != 0,
             age_seconds: now.saturating_sub(entry.created_ns) as f64 / 1e9,
             idle_seconds: now.saturating_sub(entry.last_seen_ns) as f64 / 1e9,
         });

@@ -62,10 +62,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     };
     config.hash_key = conntrack::hash_key(&key_source, pinned_key)?;
     loaded.maps.set_config(&config).context("writing the dataplane config map")?;
-    let previous = upgrade::migrate(&pins, &mut loaded.maps, &config)?;
+    let previous = upgrade::migrate(&pins, &mut loaded.maps)?;
     dataplane::attach(&mut loaded, &pins, &args.iface, args.xdp_mode)?;
     if let Some(previous) = previous {
-        upgrade::finish(&pins, &mut loaded.maps, &config, previous)?;
+        upgrade::finish(&pins, &mut loaded.maps, previous)?;
     }
     health.set_attached();
     metrics.register_dataplane(pins.dir.clone());

@@ -8,16 +8,15 @@
 //! entries and activity; the programs are swapped in place; `finish` then
 //! carries over the flows the old programs created in between and unpins
 //! the old maps. Migrated TCP connections count as established and expire
-//! after `MIGRATED_IDLE` without traffic (the old tables did not know which
-//! flows had ended).
-
-use std::time::Duration;
+//! after `CT_F_MIGRATED`'s 10 minutes without traffic (the old tables did
+//! not know which flows had ended); their first packet gives them the normal
+//! lifetime.
 
 use anyhow::Context as _;
 use aya::maps::{Array, HashMap, Map, MapData};
 use serviceless_common::{
     Activity, Addr, AppValue, CT_DIR_FORWARD, CT_DIR_REPLY, CT_KIND_ACTIVATOR, CT_KIND_BACKEND,
-    CT_KIND_REPLY, CT_STATE_ESTABLISHED, CT_STATE_UDP, Config, CtEntry, CtKey, HOSTNAME_LEN,
+    CT_F_MIGRATED, CT_KIND_REPLY, CT_STATE_ESTABLISHED, CT_STATE_UDP, CtEntry, CtKey, HOSTNAME_LEN,
     IPPROTO_TCP, hash::name_hash, map_names::previous as v1,
 };
 use tracing::{info, warn};
@@ -27,9 +26,6 @@ use crate::{
     dataplane::Pins,
     maps::{CtTable, DataplaneMaps},
 };
-
-/// How long a migrated connection lives without traffic.
-pub const MIGRATED_IDLE: Duration = Duration::from_secs(600);
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
@@ -83,7 +79,7 @@ fn open(pins: &Pins, name: &str) -> Option<MapData> {
 
 /// First pass, before the new programs are attached. `None` when there is
 /// no previous layout to upgrade from.
-pub fn migrate(pins: &Pins, maps: &mut DataplaneMaps, cfg: &Config) -> anyhow::Result<Option<Previous>> {
+pub fn migrate(pins: &Pins, maps: &mut DataplaneMaps) -> anyhow::Result<Option<Previous>> {
     if !v1::ALL.iter().any(|n| pins.map(n).exists()) {
         return Ok(None);
     }
@@ -116,15 +112,15 @@ pub fn migrate(pins: &Pins, maps: &mut DataplaneMaps, cfg: &Config) -> anyhow::R
             previous.apps += 1;
         }
     }
-    carry_flows(pins, maps, cfg, &mut previous)?;
+    carry_flows(pins, maps, &mut previous)?;
     Ok(Some(previous))
 }
 
 /// Second pass, after the swap: flows the old programs created since the
 /// first pass; then the old maps are unpinned (and freed once the old
 /// programs are gone).
-pub fn finish(pins: &Pins, maps: &mut DataplaneMaps, cfg: &Config, mut previous: Previous) -> anyhow::Result<()> {
-    carry_flows(pins, maps, cfg, &mut previous)?;
+pub fn finish(pins: &Pins, maps: &mut DataplaneMaps, mut previous: Previous) -> anyhow::Result<()> {
+    carry_flows(pins, maps, &mut previous)?;
     for name in v1::ALL {
         let path = pins.map(name);
         if path.exists() {
@@ -148,12 +144,11 @@ pub fn finish(pins: &Pins, maps: &mut DataplaneMaps, cfg: &Config, mut previous:
 
 const BPF_NOEXIST: u64 = 1;
 
-fn carry_flows(pins: &Pins, maps: &mut DataplaneMaps, cfg: &Config, previous: &mut Previous) -> anyhow::Result<()> {
+fn carry_flows(pins: &Pins, maps: &mut DataplaneMaps, previous: &mut Previous) -> anyhow::Result<()> {
     let Some(data) = open(pins, v1::FLOWS_V1) else { return Ok(()) };
     let flows: HashMap<_, FlowKeyV1, FlowValueV1> =
         HashMap::try_from(Map::LruHashMap(data)).context("svl_flows_v1")?;
     let now = monotonic_coarse_ns();
-    let idle_credit = (cfg.ct_established_timeout_s as u64 * 1_000_000_000).saturating_sub(MIGRATED_IDLE.as_nanos() as u64);
     for (k, v) in flows.iter().filter_map(Result::ok) {
         let fwd = CtKey { src: k.src, dst: k.dst, sport: k.sport, dport: k.dport, proto: k.proto, dir: CT_DIR_FORWARD, pad: [0; 2] };
         if maps.conntrack_entry(&fwd).is_some() {
@@ -193,8 +188,9 @@ fn carry_flows(pins: &Pins, maps: &mut DataplaneMaps, cfg: &Config, previous: &m
             slot: v.slot,
             kind: if v.kind == FLOW_TO_ACTIVATOR_V1 { CT_KIND_ACTIVATOR } else { CT_KIND_BACKEND },
             state: if tcp { CT_STATE_ESTABLISHED } else { CT_STATE_UDP },
+            flags: CT_F_MIGRATED,
             created_ns: now,
-            last_seen_ns: if tcp { now.saturating_sub(idle_credit) } else { now },
+            last_seen_ns: now,
             ..CtEntry::default()
         };
         maps.insert_conntrack(table, &fwd, &entry, BPF_NOEXIST)?;

@@ -9,7 +9,7 @@ use aya_ebpf::{
     helpers::{bpf_for_each_map_elem, bpf_get_prandom_u32},
 };
 use serviceless_common::{
-    Addr, CT_DIR_FORWARD, CT_DIR_REPLY, CT_KIND_REPLY, CT_REFRESH_NS, CT_STATE_SYN_SENT,
+    Addr, CT_DIR_FORWARD, CT_DIR_REPLY, CT_F_MIGRATED, CT_KIND_REPLY, CT_REFRESH_NS, CT_STATE_SYN_SENT,
     CT_STATE_UDP, Config, CtEntry, CtEvent, CtKey, CtSummary, IPPROTO_TCP, addr_eq, expired, tcp_next,
 };
 
@@ -249,6 +249,8 @@ pub fn observe(entry: *mut CtEntry, proto: u8, dir: u8, tcp_flags: u8, now: u64)
         }
         if now.saturating_sub((*entry).last_seen_ns) >= CT_REFRESH_NS {
             (*entry).last_seen_ns = now;
+            // Traffic shows a migrated connection is alive: normal lifetime from now on.
+            (*entry).flags &= !CT_F_MIGRATED;
             return true;
         }
     }

@@ -39,8 +39,15 @@ pub fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool)
 
 /// `serviceless inspect --json` against the topology's pins.
 pub fn inspect(topo: &Topology) -> serde_json::Value {
+    inspect_with(topo, &[])
+}
+
+/// `serviceless inspect --json <extra>` against the topology's pins.
+pub fn inspect_with(topo: &Topology, extra: &[&str]) -> serde_json::Value {
     let out = std::process::Command::new(agent_binary().expect("agent binary"))
-        .args(["inspect", "--json", "--pin-dir"])
+        .args(["inspect", "--json"])
+        .args(extra)
+        .arg("--pin-dir")
         .arg(topo.pin_dir())
         .output()
         .expect("run inspect");

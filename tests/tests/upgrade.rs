@@ -16,7 +16,7 @@ use std::{
 
 use serviceless_tests::{
     kernel_tests_enabled,
-    scenario::{inspect, write_apps},
+    scenario::{inspect_with, write_apps},
     topology::{Topology, http_get},
 };
 
@@ -86,7 +86,7 @@ fn upgrading_from_the_previous_release_keeps_connections() {
     for old_map in serviceless_common::map_names::previous::ALL {
         assert!(!topo.pin_dir().join(old_map).exists(), "{old_map} unpinned");
     }
-    let report = inspect(&topo);
+    let report = inspect_with(&topo, &["--connections", "100000"]);
     let migrated = report["connections"]
         .as_array()
         .expect("connections")

@@ -72,6 +72,13 @@ pub const CT_F_FIN_BACKEND: u16 = 1 << 1;
 pub const CT_F_RST: u16 = 1 << 2;
 /// `CtEntry::flags`: the backend has answered at least once.
 pub const CT_F_REPLY_SEEN: u16 = 1 << 3;
+/// `CtEntry::flags`: carried over from an earlier map layout whose tables did
+/// not know whether the connection had ended; it lives `MIGRATED_TIMEOUT_S`
+/// unless a packet shows it is alive (which clears the flag).
+pub const CT_F_MIGRATED: u16 = 1 << 4;
+
+/// Idle timeout of a migrated connection that has seen no packet since.
+pub const MIGRATED_TIMEOUT_S: u32 = 600;
 
 /// Value of `svl_ct_v1`. Which fields mean what depends on `kind`.
 #[repr(C)]
@@ -200,7 +207,11 @@ pub fn timeout_ns(cfg: &Config, state: u8) -> u64 {
 /// Whether a forward entry has been idle past its state's timeout at `now`.
 #[inline(always)]
 pub fn expired(cfg: &Config, entry: &CtEntry, now: u64) -> bool {
-    now.saturating_sub(entry.last_seen_ns) > timeout_ns(cfg, entry.state)
+    let mut timeout = timeout_ns(cfg, entry.state);
+    if entry.flags & CT_F_MIGRATED != 0 && timeout > MIGRATED_TIMEOUT_S as u64 * 1_000_000_000 {
+        timeout = MIGRATED_TIMEOUT_S as u64 * 1_000_000_000;
+    }
+    now.saturating_sub(entry.last_seen_ns) > timeout
 }
 
 /// Conntrack lifecycle events; index of `svl_ct_events_v1`.
@@ -407,5 +418,10 @@ mod tests {
         assert!(expired(&cfg, &e(CT_STATE_CLOSING), 14 * s));
         assert!(expired(&cfg, &e(CT_STATE_UDP), 15 * s));
         assert!(!expired(&cfg, &e(CT_STATE_UDP), 5 * s), "a clock behind the entry never expires it");
+        let long = Config { ct_established_timeout_s: 3600, ..cfg };
+        let migrated = CtEntry { flags: CT_F_MIGRATED, ..e(CT_STATE_ESTABLISHED) };
+        assert!(!expired(&long, &e(CT_STATE_ESTABLISHED), 700 * s));
+        assert!(expired(&long, &migrated, (10 + 601) * s), "a migrated connection with no traffic goes after 10 min");
+        assert!(!expired(&long, &migrated, (10 + 599) * s));
     }
 }
