@@ -15,10 +15,10 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use serviceless_common::{
-    CT_DIR_FORWARD, CT_KIND_ACTIVATOR, CT_KIND_BACKEND, CT_STATE_SYN_RECV, CT_STATE_SYN_SENT, TCP_ACK,
-    completes_handshake, CONFIG_F_ACTIVATOR4, CONFIG_F_ACTIVATOR6,
-    Config, CtEntry, CtEvent, CtKey, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP,
-    SERVICE_F_ACTIVATOR_ONLY, ServiceKey, Verdict, syn_reopens, tcp_may_open,
+    CONFIG_F_ACTIVATOR4, CONFIG_F_ACTIVATOR6, CT_DIR_FORWARD, CT_KIND_ACTIVATOR, CT_KIND_BACKEND,
+    CT_STATE_SYN_RECV, CT_STATE_SYN_SENT, Config, CtEntry, CtEvent, CtKey, IPPROTO_ICMP,
+    IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, SERVICE_F_ACTIVATOR_ONLY, ServiceKey, TCP_ACK, Verdict,
+    completes_handshake, syn_reopens, tcp_may_open,
 };
 
 use crate::{

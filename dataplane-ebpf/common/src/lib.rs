@@ -464,6 +464,18 @@ mod tests {
         assert!(align_of::<Activity>() <= 8);
     }
 
+    /// The kernel turns a packed verdict back into a `Verdict` by value,
+    /// which is sound only if the discriminants are exactly 0..ALL.len().
+    #[test]
+    fn verdict_and_event_discriminants_are_dense() {
+        for (i, v) in Verdict::ALL.iter().enumerate() {
+            assert_eq!(*v as usize, i, "{}", v.name());
+        }
+        for (i, e) in CtEvent::ALL.iter().enumerate() {
+            assert_eq!(*e as usize, i, "{}", e.name());
+        }
+    }
+
     #[test]
     fn vip_range_matches_only_its_family_and_prefix() {
         let mut cfg = Config::default();
