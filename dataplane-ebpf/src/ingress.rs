@@ -51,8 +51,9 @@ fn route(ctx: &XdpContext) -> (Verdict, u32) {
         return NOT_VIP;
     };
     // SAFETY: this CPU's scratch slot; nothing else runs on it mid-packet.
+    // `parse` writes every field before it says Vip (and nothing before the
+    // VIP check: pass-through traffic never touches the scratch).
     let scratch = unsafe { &mut *scratch };
-    scratch.parsed = Parsed::EMPTY;
     match parse::parse(ctx, cfg, &mut scratch.parsed) {
         Parse::NotVip => NOT_VIP,
         Parse::Malformed => MALFORMED,
