@@ -559,11 +559,26 @@ fn per_packet(
     let repeated = |frame: &[u8]| -> anyhow::Result<Vec<f64>> {
         (0..trials).map(|_| dp.ingress_repeat(frame, repeat).map(|(_, _, d)| d.as_nanos() as f64)).collect()
     };
-    // Open both mirror connections (ping <-> pong; probe-8 <-> its mirror).
+    // Open both mirror connections (ping <-> pong; probe-8 <-> its mirror)
+    // with complete handshakes, so both live in the established table as
+    // real connections do: SYN through both VIPs, a SYN-ACK from each
+    // "pod" (the other VIP), the ACK of its ISN through both again.
+    use serviceless_tests::packet::{ACK as TCP_ACK_FLAG, SYN as TCP_SYN_FLAG};
+    let promoted_before = dp.ct_events()[&serviceless_common::CtEvent::Promoted];
     for dst in [vip(n + 2), vip(n)] {
         let (_, out) = dp.ingress(&syn(dst))?;
+        let mirror = Ipv4Addr::new(out[30], out[31], out[32], out[33]);
+        dp.ingress(&out)?;
+        for pod in [mirror, dst] {
+            let synack = Packet::tcp(&pod.to_string(), 80, client, 40000).flags(TCP_SYN_FLAG | TCP_ACK_FLAG).with(|p| p.seq = 5000);
+            dp.egress(&synack.frame())?;
+        }
+        let ack = Packet::tcp(client, 40000, &dst.to_string(), 80).flags(TCP_ACK_FLAG).with(|p| p.ack = 5001);
+        let (_, out) = dp.ingress(&ack.frame())?;
         dp.ingress(&out)?;
     }
+    let promoted = dp.ct_events()[&serviceless_common::CtEvent::Promoted] - promoted_before;
+    anyhow::ensure!(promoted == 4, "the mirror connections did not all reach the established table ({promoted} of 4)");
     let runs = u64::from(repeat) * trials as u64;
     for (path, dst) in [("hit, 1 backend, established", vip(n + 2)), ("hit, 8 backends, established", vip(n))] {
         let frame = ack(dst);
