@@ -71,6 +71,24 @@ impl Parsed {
     pub fn ip_end(&self) -> usize {
         self.ip_end as usize
     }
+
+    /// Written once a packet is known to be for a VIP (never for
+    /// pass-through traffic, which does not touch the scratch map).
+    const EMPTY: Parsed = Parsed {
+        v4: false,
+        l3: 0,
+        l4: 0,
+        ip_end: 0,
+        proto: 0,
+        src: [0; 16],
+        dst: [0; 16],
+        sport: 0,
+        dport: 0,
+        tcp_flags: 0,
+        tcp_ack: 0,
+        frag: Frag::None,
+        ip_id: 0,
+    };
 }
 
 pub enum Parse {
@@ -133,11 +151,8 @@ fn ipv4(ctx: &XdpContext, cfg: &Config, l3: usize, p: &mut Parsed) -> Parse {
     } else {
         Frag::None
     };
+    *p = Parsed::EMPTY;
     p.v4 = true;
-    p.sport = 0;
-    p.dport = 0;
-    p.tcp_flags = 0;
-    p.tcp_ack = 0;
     p.l3 = l3 as u16;
     p.l4 = (l3 + hdr_len) as u16;
     p.ip_end = (l3 + total) as u16;
@@ -197,12 +212,8 @@ fn ipv6(ctx: &XdpContext, cfg: &Config, l3: usize, p: &mut Parsed) -> Parse {
             _ => break,
         }
     }
+    *p = Parsed::EMPTY;
     p.v4 = false;
-    p.sport = 0;
-    p.dport = 0;
-    p.tcp_flags = 0;
-    p.tcp_ack = 0;
-    p.ip_id = 0;
     p.l3 = l3 as u16;
     p.l4 = l4 as u16;
     p.ip_end = (hdr_end + payload) as u16;
