@@ -15,9 +15,9 @@
 use anyhow::Context as _;
 use aya::maps::{Array, HashMap, Map, MapData};
 use serviceless_common::{
-    Activity, Addr, AppValue, CT_DIR_FORWARD, CT_DIR_REPLY, CT_KIND_ACTIVATOR, CT_KIND_BACKEND,
-    CT_F_MIGRATED, CT_KIND_REPLY, CT_STATE_ESTABLISHED, CT_STATE_UDP, CtEntry, CtKey, HOSTNAME_LEN,
-    IPPROTO_TCP, hash::name_hash, map_names::previous as v1,
+    Activity, Addr, AppValue, CT_DIR_FORWARD, CT_F_MIGRATED, CT_KIND_ACTIVATOR, CT_KIND_BACKEND,
+    CT_STATE_ESTABLISHED, CT_STATE_UDP, CtEntry, CtKey, HOSTNAME_LEN, IPPROTO_TCP, hash::name_hash,
+    map_names::previous as v1, reply_entry, reply_key,
 };
 use tracing::{info, warn};
 
@@ -155,31 +155,6 @@ fn carry_flows(pins: &Pins, maps: &mut DataplaneMaps, previous: &mut Previous) -
             continue;
         }
         let tcp = k.proto == IPPROTO_TCP;
-        let reply = CtKey {
-            src: v.backend,
-            dst: k.src,
-            sport: v.backend_port,
-            dport: k.sport,
-            proto: k.proto,
-            dir: CT_DIR_REPLY,
-            pad: [0; 2],
-        };
-        let rev = CtEntry {
-            addr: k.dst,
-            port: k.dport,
-            client_port: k.sport,
-            app_id: v.app_id,
-            kind: CT_KIND_REPLY,
-            created_ns: now,
-            ..CtEntry::default()
-        };
-        // TCP connections were established (the old tables kept no state to
-        // tell); UDP flows belong in the new-connection table.
-        let table = if tcp { CtTable::Established } else { CtTable::New };
-        if maps.insert_conntrack(table, &reply, &rev, BPF_NOEXIST).is_err() {
-            previous.skipped += 1;
-            continue;
-        }
         let entry = CtEntry {
             addr: v.backend,
             port: v.backend_port,
@@ -193,6 +168,14 @@ fn carry_flows(pins: &Pins, maps: &mut DataplaneMaps, previous: &mut Previous) -
             last_seen_ns: now,
             ..CtEntry::default()
         };
+        let reply = reply_key(&entry.addr, entry.port, &fwd.src, entry.client_port, fwd.proto);
+        // TCP connections were established (the old tables kept no state to
+        // tell); UDP flows belong in the new-connection table.
+        let table = if tcp { CtTable::Established } else { CtTable::New };
+        if maps.insert_conntrack(table, &reply, &reply_entry(&fwd, &entry, now), BPF_NOEXIST).is_err() {
+            previous.skipped += 1;
+            continue;
+        }
         maps.insert_conntrack(table, &fwd, &entry, BPF_NOEXIST)?;
         previous.connections += 1;
     }

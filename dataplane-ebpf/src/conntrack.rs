@@ -9,9 +9,12 @@ use aya_ebpf::{
     helpers::{bpf_for_each_map_elem, bpf_get_prandom_u32},
 };
 use serviceless_common::{
-    Addr, CT_DIR_FORWARD, CT_DIR_REPLY, CT_F_MIGRATED, CT_KIND_REPLY, CT_REFRESH_NS, CT_STATE_SYN_SENT,
+    Addr, CT_DIR_REPLY, CT_F_MIGRATED, CT_KIND_REPLY, CT_REFRESH_NS, CT_STATE_SYN_SENT,
     CT_STATE_UDP, Config, CtEntry, CtEvent, CtKey, CtSummary, IPPROTO_TCP, addr_eq, expired, tcp_next,
 };
+
+pub use serviceless_common::{forward_of_reply, reply_key};
+use serviceless_common::reply_entry;
 
 use crate::maps::{CONNTRACK, CT_BUDGET, CT_NEW, CT_SUMMARY, event};
 
@@ -90,40 +93,6 @@ pub enum Refused {
     RateLimited,
     /// No free reply tuple (every client port tried is in use towards the target).
     Clash,
-}
-
-/// The reply tuple of a connection: target -> client.
-#[inline(always)]
-pub fn reply_key(target: &Addr, target_port: u16, client: &Addr, client_port: u16, proto: u8) -> CtKey {
-    CtKey { src: *target, dst: *client, sport: target_port, dport: client_port, proto, dir: CT_DIR_REPLY, pad: [0; 2] }
-}
-
-/// The forward tuple a reply entry points at.
-#[inline(always)]
-pub fn forward_of_reply(key: &CtKey, rev: &CtEntry) -> CtKey {
-    CtKey {
-        src: key.dst,
-        dst: rev.addr,
-        sport: rev.client_port,
-        dport: rev.port,
-        proto: key.proto,
-        dir: CT_DIR_FORWARD,
-        pad: [0; 2],
-    }
-}
-
-/// The reply entry of the connection `fwd` -> `entry`.
-#[inline(always)]
-fn reply_entry(fwd: &CtKey, entry: &CtEntry, now: u64) -> CtEntry {
-    CtEntry {
-        addr: fwd.dst,
-        port: fwd.dport,
-        client_port: fwd.sport,
-        app_id: entry.app_id,
-        kind: CT_KIND_REPLY,
-        created_ns: now,
-        ..CtEntry::default()
-    }
 }
 
 /// Tracks a new connection from `fwd` (the client's tuple) to `target` in

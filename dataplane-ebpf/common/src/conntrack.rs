@@ -134,6 +134,40 @@ pub mod default_timeout {
     pub const NEW_PER_CPU_PER_SEC: u32 = 0;
 }
 
+/// The reply tuple of a connection: target -> client.
+#[inline(always)]
+pub fn reply_key(target: &Addr, target_port: u16, client: &Addr, client_port: u16, proto: u8) -> CtKey {
+    CtKey { src: *target, dst: *client, sport: target_port, dport: client_port, proto, dir: CT_DIR_REPLY, pad: [0; 2] }
+}
+
+/// The forward tuple a reply entry points at.
+#[inline(always)]
+pub fn forward_of_reply(key: &CtKey, rev: &CtEntry) -> CtKey {
+    CtKey {
+        src: key.dst,
+        dst: rev.addr,
+        sport: rev.client_port,
+        dport: rev.port,
+        proto: key.proto,
+        dir: CT_DIR_FORWARD,
+        pad: [0; 2],
+    }
+}
+
+/// The reply entry of the connection `fwd` -> `entry`.
+#[inline(always)]
+pub fn reply_entry(fwd: &CtKey, entry: &CtEntry, now: u64) -> CtEntry {
+    CtEntry {
+        addr: fwd.dst,
+        port: fwd.dport,
+        client_port: fwd.sport,
+        app_id: entry.app_id,
+        kind: CT_KIND_REPLY,
+        created_ns: now,
+        ..CtEntry::default()
+    }
+}
+
 /// The TCP flags the state machine reads.
 pub const TCP_FIN: u8 = 0x01;
 pub const TCP_SYN: u8 = 0x02;
