@@ -8,7 +8,7 @@ use std::{
 
 use anyhow::Context as _;
 use serviceless_common::{
-    CONFIG_F_ACTIVATOR4, CONFIG_F_ACTIVATOR6, CONFIG_F_VIP4, CONFIG_F_VIP6, Config,
+    CONFIG_F_ACTIVATOR4, CONFIG_F_ACTIVATOR6, CONFIG_F_UPGRADING, CONFIG_F_VIP4, CONFIG_F_VIP6, Config,
 };
 use tokio::{io::unix::AsyncFd, signal::unix::SignalKind};
 use tracing::{info, warn};
@@ -61,11 +61,20 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         None => HashKeySource::NodeLocal,
     };
     config.hash_key = conntrack::hash_key(&key_source, pinned_key)?;
+    let upgrading = upgrade::pending(&pins);
+    if upgrading {
+        config.flags |= CONFIG_F_UPGRADING;
+    }
     loaded.maps.set_config(&config).context("writing the dataplane config map")?;
     let previous = upgrade::migrate(&pins, &mut loaded.maps)?;
     dataplane::attach(&mut loaded, &pins, &args.iface, args.xdp_mode)?;
     if let Some(previous) = previous {
         upgrade::finish(&pins, &mut loaded.maps, previous)?;
+    }
+    if upgrading {
+        // Every connection is carried over: segments without state get RSTs again.
+        config.flags &= !CONFIG_F_UPGRADING;
+        loaded.maps.set_config(&config).context("writing the dataplane config map")?;
     }
     health.set_attached();
     metrics.register_dataplane(pins.dir.clone());

@@ -77,10 +77,15 @@ fn open(pins: &Pins, name: &str) -> Option<MapData> {
     path.exists().then(|| MapData::from_pin(&path).ok()).flatten()
 }
 
+/// Whether maps of the previous layout are pinned (an upgrade is due).
+pub fn pending(pins: &Pins) -> bool {
+    v1::ALL.iter().any(|n| pins.map(n).exists())
+}
+
 /// First pass, before the new programs are attached. `None` when there is
 /// no previous layout to upgrade from.
 pub fn migrate(pins: &Pins, maps: &mut DataplaneMaps) -> anyhow::Result<Option<Previous>> {
-    if !v1::ALL.iter().any(|n| pins.map(n).exists()) {
+    if !pending(pins) {
         return Ok(None);
     }
     info!(dir = %pins.dir.display(), "maps of the previous layout (v1) found: upgrading in place");

@@ -15,7 +15,7 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use serviceless_common::{
-    CONFIG_F_ACTIVATOR4, CONFIG_F_ACTIVATOR6, CT_DIR_FORWARD, CT_KIND_ACTIVATOR, CT_KIND_BACKEND,
+    CONFIG_F_ACTIVATOR4, CONFIG_F_ACTIVATOR6, CONFIG_F_UPGRADING, CT_DIR_FORWARD, CT_KIND_ACTIVATOR, CT_KIND_BACKEND,
     CT_STATE_SYN_RECV, CT_STATE_SYN_SENT, Config, CtEntry, CtEvent, CtKey, IPPROTO_ICMP,
     IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, SERVICE_F_ACTIVATOR_ONLY, ServiceKey, TCP_ACK, Verdict,
     completes_handshake, syn_reopens, tcp_may_open,
@@ -201,6 +201,9 @@ fn connection(ctx: &XdpContext, cfg: &Config, s: &mut Scratch) -> u64 {
             follow => return forward_call(ctx, s, unpack(follow).0, now),
         }
     } else if s.parsed.proto == IPPROTO_TCP && !tcp_may_open(s.parsed.tcp_flags) {
+        if cfg.flags & CONFIG_F_UPGRADING != 0 {
+            return pack(Verdict::DropNoConnection, XDP_DROP);
+        }
         return rst_call(ctx, &s.parsed, Verdict::RstNoConnection);
     }
     let mut opening = Opening { target: Target::NONE, verdict: Verdict::Aborted, now };

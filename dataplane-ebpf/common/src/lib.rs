@@ -222,6 +222,10 @@ pub const CONFIG_F_ACTIVATOR6: u32 = 1 << 1;
 pub const CONFIG_F_VIP4: u32 = 1 << 2;
 /// `Config::flags`: the IPv6 VIP range is set.
 pub const CONFIG_F_VIP6: u32 = 1 << 3;
+/// `Config::flags`: the agent is carrying connections over from an earlier
+/// map layout; a segment without state may belong to one not carried yet,
+/// so it is dropped (the client retransmits) rather than reset.
+pub const CONFIG_F_UPGRADING: u32 = 1 << 4;
 
 /// Single entry of `svl_config_v2`. A map rather than load-time globals so a
 /// restarted agent can change it without replacing the attached programs.
