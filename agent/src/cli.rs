@@ -1,7 +1,7 @@
 //! Command line. Every option has a default a single node can run with.
 
 use std::{
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     path::PathBuf,
     str::FromStr,
     time::Duration,
@@ -112,6 +112,33 @@ pub struct RunArgs {
     /// kept for this node.
     #[arg(long, env = "SERVICELESS_FLOW_HASH_KEY_FILE")]
     pub flow_hash_key_file: Option<PathBuf>,
+    /// This node's address: pods whose node (`status.hostIP`) is another
+    /// address are reached by encapsulating to that node, which answers the
+    /// client directly. Default: the first IPv4 address of --iface. In a
+    /// DaemonSet, set it from the downward API (`status.hostIP`).
+    #[arg(long, env = "SERVICELESS_NODE_ADDRESS")]
+    pub node_address: Option<IpAddr>,
+    /// How pods on other nodes are reached. `dsr`: encapsulated (UDP) to
+    /// their node, which owns the connection and replies to the client
+    /// directly, so pods see the client's address. `route`: translated
+    /// here and handed to the kernel's routing; works only where the pod's
+    /// replies are routed back through this node.
+    #[arg(long, value_enum, env = "SERVICELESS_REMOTE_MODE", default_value_t = RemoteMode::Dsr)]
+    pub remote_mode: RemoteMode,
+    /// UDP port of the node-to-node encapsulation (open it between nodes).
+    #[arg(long, env = "SERVICELESS_ENCAP_PORT", default_value_t = 6080)]
+    pub encap_port: u16,
+    /// Largest packet the node-to-node network carries. Default: the MTU of
+    /// --iface. TCP SYNs to VIPs are clamped to fit it once encapsulated.
+    #[arg(long, env = "SERVICELESS_FABRIC_MTU")]
+    pub fabric_mtu: Option<u16>,
+    /// Send a new connection to a ready pod on this node when there is one
+    /// (no node-to-node hop), instead of the same pod every node would pick.
+    #[arg(long, env = "SERVICELESS_PREFER_LOCAL")]
+    pub prefer_local: bool,
+    /// Other nodes the node table can hold.
+    #[arg(long, default_value_t = serviceless_common::default_capacity::NODES)]
+    pub max_nodes: u32,
     /// On exit, detach the programs and unpin the maps (default: leave traffic flowing).
     #[arg(long)]
     pub detach_on_exit: bool,
@@ -124,6 +151,15 @@ pub struct RunArgs {
     /// Where the agent records which pods back each app, for `inspect`.
     #[arg(long, env = "SERVICELESS_STATE_FILE", default_value = DEFAULT_STATE_FILE)]
     pub state_file: PathBuf,
+}
+
+/// How pods on other nodes are reached (`--remote-mode`).
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RemoteMode {
+    /// Encapsulate to the pod's node; it replies to the client directly.
+    Dsr,
+    /// Hand the translated packet to the kernel's routing.
+    Route,
 }
 
 /// Pod names per app, written by `run`, read by `inspect`.

@@ -69,6 +69,8 @@ pub struct Sizes {
     pub connections: u32,
     /// New (half-open) connections and UDP flows tracked (LRU, two entries each).
     pub new_connections: u32,
+    /// Other nodes backends can be on.
+    pub nodes: u32,
 }
 
 impl Default for Sizes {
@@ -79,6 +81,7 @@ impl Default for Sizes {
             backends: default_capacity::BACKENDS,
             connections: default_capacity::CONNTRACK / 2,
             new_connections: default_capacity::CT_NEW / 2,
+            nodes: default_capacity::NODES,
         }
     }
 }
@@ -141,7 +144,8 @@ pub fn load(pins: &Pins, sizes: Sizes) -> anyhow::Result<Loaded> {
         .map_max_entries(map_names::ACTIVITY, sizes.apps)
         .map_max_entries(map_names::BACKENDS, sizes.backends)
         .map_max_entries(map_names::CONNTRACK, sizes.conntrack_entries())
-        .map_max_entries(map_names::CT_NEW, sizes.ct_new_entries());
+        .map_max_entries(map_names::CT_NEW, sizes.ct_new_entries())
+        .map_max_entries(map_names::NODES, sizes.nodes);
     let mut ebpf = loader.load(EBPF_OBJECT).context(
         "loading the eBPF object (needs root or CAP_BPF+CAP_NET_ADMIN+CAP_PERFMON, and a kernel with BTF, >= 6.1)",
     )?;
@@ -164,6 +168,7 @@ pub fn load(pins: &Pins, sizes: Sizes) -> anyhow::Result<Loaded> {
             conntrack: sizes.conntrack_entries(),
             ct_new: sizes.ct_new_entries(),
             fragments: have.fragments,
+            nodes: sizes.nodes,
         };
         if have != want {
             warn!(

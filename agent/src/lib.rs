@@ -5,12 +5,14 @@
 pub mod cli;
 pub mod conntrack;
 pub mod dataplane;
+pub mod fabric;
 pub mod health;
 pub mod http;
 pub mod inspect;
 pub mod maps;
 pub mod metrics;
 pub mod model;
+pub mod nodes;
 pub mod reconcile;
 pub mod run;
 pub mod source;

@@ -9,8 +9,8 @@ use aya::{
     maps::{Array, HashMap, IterableMap as _, Map, MapData, MapError, PerCpuArray, PerCpuValues},
 };
 use serviceless_common::{
-    Activity, AppValue, Backend, BackendKey, Config, CtEntry, CtEvent, CtKey, CtSummary, ServiceKey,
-    ServiceValue, Verdict, map_names as names,
+    Activity, AppValue, Backend, BackendKey, Config, CtEntry, CtEvent, CtKey, CtSummary, Fabric, NodeValue,
+    ServiceKey, ServiceValue, Verdict, map_names as names,
 };
 
 /// The two conntrack tables (see `serviceless_common::conntrack`).
@@ -68,6 +68,8 @@ pub struct DataplaneMaps {
     ct_events: PerCpuArray<MapData, u64>,
     ct_summary: Array<MapData, CtSummary>,
     config: Array<MapData, Config>,
+    nodes: Array<MapData, NodeValue>,
+    fabric: Array<MapData, Fabric>,
     /// Maps the agent never reads or writes, held for `ids()`.
     fragments: MapData,
     ct_budget: MapData,
@@ -87,6 +89,7 @@ pub struct Capacities {
     /// New-connection entries (two per connection).
     pub ct_new: u32,
     pub fragments: u32,
+    pub nodes: u32,
 }
 
 fn layout(name: &'static str) -> impl FnOnce(MapError) -> OpenError {
@@ -138,6 +141,8 @@ impl DataplaneMaps {
         let ct_budget = into_data(names::CT_BUDGET, next(names::CT_BUDGET)?)?;
         let ct_summary = next(names::CT_SUMMARY)?.try_into().map_err(layout(names::CT_SUMMARY))?;
         let config = next(names::CONFIG)?.try_into().map_err(layout(names::CONFIG))?;
+        let nodes: Array<_, _> = next(names::NODES)?.try_into().map_err(layout(names::NODES))?;
+        let fabric = next(names::FABRIC)?.try_into().map_err(layout(names::FABRIC))?;
         let capacity = Capacities {
             services: max_entries(services.map()),
             apps: max_entries(apps.map()),
@@ -145,6 +150,7 @@ impl DataplaneMaps {
             conntrack: max_entries(conntrack.map()),
             ct_new: max_entries(ct_new.map()),
             fragments: max_entries(&fragments),
+            nodes: max_entries(nodes.map()),
         };
         Ok(Self {
             services,
@@ -157,6 +163,8 @@ impl DataplaneMaps {
             ct_events,
             ct_summary,
             config,
+            nodes,
+            fabric,
             fragments,
             ct_budget,
             capacity,
@@ -234,7 +242,39 @@ impl DataplaneMaps {
             .map_err(|source| MapWriteError::Syscall { map: names::CONFIG, source })
     }
 
+    /// Writes node `id`'s entry (`NodeValue::default()` frees it).
+    pub fn put_node(&mut self, id: u16, value: &NodeValue) -> Result<(), MapWriteError> {
+        if id as u32 >= self.capacity.nodes {
+            return Err(MapWriteError::Full { map: names::NODES, capacity: self.capacity.nodes, flag: "--max-nodes" });
+        }
+        self.nodes
+            .set(id as u32, value, 0)
+            .map_err(|source| MapWriteError::Syscall { map: names::NODES, source })
+    }
+
+    pub fn set_fabric(&mut self, fabric: &Fabric) -> Result<(), MapWriteError> {
+        self.fabric
+            .set(0, fabric, 0)
+            .map_err(|source| MapWriteError::Syscall { map: names::FABRIC, source })
+    }
+
     // --- reads ---
+
+    /// Node entries in use, by id.
+    pub fn nodes(&self) -> impl Iterator<Item = (u16, NodeValue)> + '_ {
+        (0..self.capacity.nodes.min(u16::MAX as u32 + 1)).filter_map(|id| {
+            let v = self.nodes.get(&id, 0).ok()?;
+            (v.flags & serviceless_common::NODE_F_PRESENT != 0).then_some((id as u16, v))
+        })
+    }
+
+    pub fn node(&self, id: u16) -> Option<NodeValue> {
+        self.nodes.get(&(id as u32), 0).ok().filter(|v| v.flags & serviceless_common::NODE_F_PRESENT != 0)
+    }
+
+    pub fn fabric(&self) -> Option<Fabric> {
+        self.fabric.get(&0, 0).ok()
+    }
 
     pub fn services(&self) -> impl Iterator<Item = (ServiceKey, ServiceValue)> + '_ {
         self.services.iter().filter_map(Result::ok)
@@ -312,6 +352,8 @@ impl DataplaneMaps {
             (names::CT_BUDGET, id(&self.ct_budget)),
             (names::CT_SUMMARY, id(self.ct_summary.map())),
             (names::CONFIG, id(self.config.map())),
+            (names::NODES, id(self.nodes.map())),
+            (names::FABRIC, id(self.fabric.map())),
         ]
     }
 }

@@ -68,6 +68,9 @@ pub struct BackendSpec {
     pub ready: bool,
     /// Where this backend came from (a pod name), for `inspect`.
     pub source: Option<String>,
+    /// The address of the node the pod runs on (`status.hostIP`); `None`:
+    /// not known, reached by routing like a pod on this node.
+    pub node: Option<IpAddr>,
 }
 
 /// A range VIPs must come from (and, for Kubernetes, are derived in).
@@ -305,7 +308,7 @@ mod tests {
             hostname: "hello.apps.example.com".into(),
             vip: vip.parse().unwrap(),
             ports: vec![PortSpec { port: 80, target_port: 8080, protocol: Protocol::Tcp }],
-            backends: vec![BackendSpec { ip: "10.244.1.2".parse().unwrap(), ready: true, source: None }],
+            backends: vec![BackendSpec { ip: "10.244.1.2".parse().unwrap(), ready: true, source: None, node: None }],
         }
     }
 

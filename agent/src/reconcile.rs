@@ -16,7 +16,7 @@ use std::{
 
 use serviceless_common::{
     AppValue, BACKEND_DRAINING, BACKEND_READY, Backend, BackendKey, HOSTNAME_LEN,
-    SERVICE_F_ACTIVATOR_ONLY, ServiceKey, ServiceValue, hash::name_hash, map_names,
+    NODE_LOCAL, SERVICE_F_ACTIVATOR_ONLY, ServiceKey, ServiceValue, hash::name_hash, map_names,
 };
 use tracing::{debug, error, warn};
 
@@ -24,6 +24,7 @@ use crate::{
     maps::{DataplaneMaps, MapWriteError},
     metrics::{KindLabel, MapLabel, Metrics},
     model::{AppSpec, BackendSpec, PortSpec, Protocol, from_addr, to_addr},
+    nodes::Nodes,
     source::Batch,
 };
 
@@ -93,6 +94,7 @@ pub struct Reconciler {
     /// Desired ports of apps, kept to build VIP entries.
     desired_ports: HashMap<String, Vec<PortSpec>>,
     ids: Ids,
+    nodes: Nodes,
     metrics: Metrics,
     collisions: BTreeMap<IpAddr, Vec<String>>,
     /// Slots in `svl_backends_v1`, kept as a count so gauges stay O(1) per change.
@@ -105,7 +107,7 @@ pub struct Reconciler {
 impl Reconciler {
     /// Adopts whatever the maps already hold (from an earlier agent run)
     /// without changing it; the first full batch then diffs against it.
-    pub fn adopt(maps: DataplaneMaps, metrics: Metrics) -> Self {
+    pub fn adopt(maps: DataplaneMaps, metrics: Metrics, own_addrs: HashSet<IpAddr>) -> Self {
         let services: BTreeMap<_, _> = maps.services().collect();
         let mut ids_in_use: BTreeSet<u32> = services.values().map(|v| v.app_id).collect();
         let mut slots: HashMap<u32, BTreeMap<u32, Backend>> = HashMap::new();
@@ -145,6 +147,7 @@ impl Reconciler {
             }
             apps.insert(key, programmed);
         }
+        let nodes = Nodes::adopt(&maps, own_addrs, apps.values().flat_map(|p| p.slots.iter().map(|b| b.node)));
         let cap = maps.capacity();
         let mut ids = Ids { next: 0, free: BTreeSet::new(), max: cap.apps };
         let used: HashSet<u32> = apps.values().map(|p| p.id).collect();
@@ -160,6 +163,7 @@ impl Reconciler {
             desired_vip: HashMap::new(),
             desired_ports: HashMap::new(),
             ids,
+            nodes,
             metrics,
             collisions: BTreeMap::new(),
             backend_slots: 0,
@@ -193,6 +197,18 @@ impl Reconciler {
             .iter()
             .map(|(vip, hostnames)| Collision { vip: *vip, hostnames: hostnames.clone() })
             .collect()
+    }
+
+    /// Addresses of the other nodes backends are on, sorted.
+    pub fn remote_nodes(&self) -> Vec<IpAddr> {
+        let mut nodes = self.nodes.remote();
+        nodes.sort();
+        nodes
+    }
+
+    /// The address of node `id` (`None` for this node).
+    pub fn node_addr(&self, id: u16) -> Option<IpAddr> {
+        self.nodes.addr(id)
     }
 
     pub fn app_count(&self) -> usize {
@@ -284,6 +300,7 @@ impl Reconciler {
                 self.metrics.origin_latency.observe(secs);
             }
         }
+        self.nodes.sweep(&mut self.maps);
         self.update_gauges();
         outcome
     }
@@ -355,10 +372,24 @@ impl Reconciler {
                 },
             );
         }
+        let mut node_ids = HashMap::new();
+        for b in &spec.backends {
+            if let Some(node) = b.node
+                && !node_ids.contains_key(&node)
+            {
+                match self.nodes.id(&mut self.maps, Some(node)) {
+                    Ok(id) => drop(node_ids.insert(node, id)),
+                    Err(e) => {
+                        self.forget_if_unwritten(&spec.hostname, id, is_new);
+                        return Err(e);
+                    }
+                }
+            }
+        }
         let (target, sources) = {
             let current = &self.apps[&spec.hostname];
             let visible = &current.slots[..current.value.backend_count as usize];
-            plan_backends(visible, &spec.backends)
+            plan_backends(visible, &spec.backends, &node_ids)
         };
         let mut value = AppValue {
             backend_count: target.len() as u32,
@@ -375,14 +406,18 @@ impl Reconciler {
         p.sources = sources;
         p.sources.resize(p.slots.len(), None);
         if let Err(e) = result {
-            if is_new && p.value.backend_count == 0 && p.slots.is_empty() {
-                // Nothing of it reached the kernel: forget it entirely.
-                self.apps.remove(&spec.hostname);
-                self.ids.release(id);
-            }
+            self.forget_if_unwritten(&spec.hostname, id, is_new);
             return Err(e);
         }
         Ok(())
+    }
+
+    /// A new app of which nothing reached the kernel is forgotten entirely.
+    fn forget_if_unwritten(&mut self, host: &str, id: u32, is_new: bool) {
+        if is_new && self.apps.get(host).is_some_and(|p| p.value.backend_count == 0 && p.slots.is_empty()) {
+            self.apps.remove(host);
+            self.ids.release(id);
+        }
     }
 
     /// Slots first (invisible past the current count), then the count, then
@@ -400,7 +435,9 @@ impl Reconciler {
                 continue;
             }
             self.maps.put_backend(&BackendKey { app_id: id, slot: slot as u32 }, backend)?;
+            self.nodes.referenced(backend.node);
             if slot < p.slots.len() {
+                self.nodes.released(p.slots[slot].node);
                 p.slots[slot] = *backend;
             } else {
                 p.slots.push(*backend);
@@ -414,7 +451,9 @@ impl Reconciler {
         while p.slots.len() > target.len() {
             let slot = p.slots.len() - 1;
             self.maps.delete_backend(&BackendKey { app_id: id, slot: slot as u32 })?;
-            p.slots.pop();
+            if let Some(gone) = p.slots.pop() {
+                self.nodes.released(gone.node);
+            }
             self.backend_slots -= 1;
         }
         Ok(())
@@ -546,7 +585,17 @@ pub fn service_key(vip: IpAddr, port: &PortSpec) -> ServiceKey {
 /// New slot contents for an app: backends keep their slots in order (the
 /// kernel's flow entries remember slots), removed ones close up, new ones
 /// are appended. Returns the slots and the pod name of each.
-pub fn plan_backends(current: &[Backend], desired: &[BackendSpec]) -> (Vec<Backend>, Vec<Option<String>>) {
+pub fn plan_backends(
+    current: &[Backend],
+    desired: &[BackendSpec],
+    node_ids: &HashMap<IpAddr, u16>,
+) -> (Vec<Backend>, Vec<Option<String>>) {
+    let backend = |spec: &BackendSpec| Backend {
+        addr: to_addr(spec.ip),
+        state: if spec.ready { BACKEND_READY } else { BACKEND_DRAINING },
+        pad: 0,
+        node: spec.node.and_then(|n| node_ids.get(&n).copied()).unwrap_or(NODE_LOCAL),
+    };
     let mut want: HashMap<[u8; 16], &BackendSpec> = desired.iter().map(|b| (to_addr(b.ip), b)).collect();
     let mut slots = Vec::with_capacity(desired.len());
     let mut sources = Vec::with_capacity(desired.len());
@@ -563,14 +612,6 @@ pub fn plan_backends(current: &[Backend], desired: &[BackendSpec]) -> (Vec<Backe
         }
     }
     (slots, sources)
-}
-
-fn backend(spec: &BackendSpec) -> Backend {
-    Backend {
-        addr: to_addr(spec.ip),
-        state: if spec.ready { BACKEND_READY } else { BACKEND_DRAINING },
-        pad: [0; 3],
-    }
 }
 
 /// The key an adopted app is known by until the source names it: its
@@ -610,7 +651,7 @@ mod tests {
     use super::*;
 
     fn spec(ip: &str, ready: bool) -> BackendSpec {
-        BackendSpec { ip: ip.parse().unwrap(), ready, source: Some(ip.into()) }
+        BackendSpec { ip: ip.parse().unwrap(), ready, source: Some(ip.into()), node: None }
     }
 
     fn addrs(slots: &[Backend]) -> Vec<IpAddr> {
@@ -619,16 +660,30 @@ mod tests {
 
     #[test]
     fn backends_keep_their_slots_and_new_ones_append() {
-        let (first, _) = plan_backends(&[], &[spec("10.0.0.1", true), spec("10.0.0.2", true)]);
+        let none = HashMap::new();
+        let (first, _) = plan_backends(&[], &[spec("10.0.0.1", true), spec("10.0.0.2", true)], &none);
         let (second, src) = plan_backends(
             &first,
             &[spec("10.0.0.3", true), spec("10.0.0.2", false), spec("10.0.0.1", true)],
+            &none,
         );
         assert_eq!(addrs(&second), ["10.0.0.1", "10.0.0.2", "10.0.0.3"].map(|s| s.parse::<IpAddr>().unwrap()));
         assert_eq!(second[1].state, BACKEND_DRAINING);
         assert_eq!(src[2].as_deref(), Some("10.0.0.3"));
-        let (third, _) = plan_backends(&second, &[spec("10.0.0.3", true), spec("10.0.0.1", true)]);
+        let (third, _) = plan_backends(&second, &[spec("10.0.0.3", true), spec("10.0.0.1", true)], &none);
         assert_eq!(addrs(&third), ["10.0.0.1", "10.0.0.3"].map(|s| s.parse::<IpAddr>().unwrap()));
+    }
+
+    #[test]
+    fn backends_name_their_node_by_id_and_unknown_nodes_are_local() {
+        let node: IpAddr = "192.0.2.12".parse().unwrap();
+        let ids = HashMap::from([(node, 3u16)]);
+        let mut remote = spec("10.0.0.1", true);
+        remote.node = Some(node);
+        let mut unknown_node = spec("10.0.0.2", true);
+        unknown_node.node = Some("192.0.2.99".parse().unwrap());
+        let (slots, _) = plan_backends(&[], &[remote, unknown_node, spec("10.0.0.3", true)], &ids);
+        assert_eq!(slots.iter().map(|b| b.node).collect::<Vec<_>>(), [3, NODE_LOCAL, NODE_LOCAL]);
     }
 
     #[test]

@@ -17,6 +17,7 @@ use crate::{
     cli::{RunArgs, SourceSpec},
     conntrack::{self, HashKeySource},
     dataplane::{self, Pins, Sizes},
+    fabric,
     health::Health,
     http,
     metrics::Metrics,
@@ -45,7 +46,12 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         backends: args.max_backends,
         connections: args.max_connections,
         new_connections: args.max_new_connections,
+        nodes: args.max_nodes,
     };
+    let node_fabric = fabric::configure(&args)?;
+    if node_fabric.config.flags & serviceless_common::FABRIC_F_ENCAP != 0 && args.flow_hash_key_file.is_none() {
+        warn!("no --flow-hash-key-file: this node's key differs from other nodes', so a connection whose packets reach several nodes can break; give every node the same key");
+    }
     let mut loaded = dataplane::load(&pins, sizes)?;
     match aya_log::EbpfLogger::init(&mut loaded.ebpf) {
         Ok(logger) => drop(tokio::spawn(forward_ebpf_logs(logger))),
@@ -66,6 +72,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         config.flags |= CONFIG_F_UPGRADING;
     }
     loaded.maps.set_config(&config).context("writing the dataplane config map")?;
+    loaded.maps.set_fabric(&node_fabric.config).context("writing the fabric map")?;
     let previous = upgrade::migrate(&pins, &mut loaded.maps)?;
     dataplane::attach(&mut loaded, &pins, &args.iface, args.xdp_mode)?;
     if let Some(previous) = previous {
@@ -80,7 +87,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     metrics.register_dataplane(pins.dir.clone());
 
     let dataplane::Loaded { ebpf, maps } = loaded;
-    let reconciler = Reconciler::adopt(maps, metrics.clone());
+    let reconciler = Reconciler::adopt(maps, metrics.clone(), node_fabric.own);
+    let (nodes_tx, nodes_rx) = tokio::sync::watch::channel(reconciler.remote_nodes());
+    tokio::spawn(fabric::keep_neighbours_resolved(nodes_rx));
     info!(apps = reconciler.app_count(), "adopted map state; reconciling against the source");
     let _gc = conntrack::spawn_gc(ebpf, args.ct_gc_interval, metrics.clone())?;
 
@@ -96,7 +105,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
     };
     let server = tokio::spawn(http::serve(args.listen, metrics.clone(), health.clone()));
-    let reconcile = tokio::spawn(reconcile_loop(reconciler, store, health.clone(), args.state_file.clone()));
+    let reconcile = tokio::spawn(reconcile_loop(reconciler, store, health.clone(), args.state_file.clone(), nodes_tx));
 
     let mut term = tokio::signal::unix::signal(SignalKind::terminate())?;
     let outcome: anyhow::Result<()> = tokio::select! {
@@ -158,7 +167,13 @@ fn kernel_config(args: &RunArgs, ranges: &VipRanges) -> anyhow::Result<Config> {
     Ok(c)
 }
 
-async fn reconcile_loop(mut reconciler: Reconciler, store: Store, health: Health, state_file: PathBuf) {
+async fn reconcile_loop(
+    mut reconciler: Reconciler,
+    store: Store,
+    health: Health,
+    state_file: PathBuf,
+    nodes: tokio::sync::watch::Sender<Vec<IpAddr>>,
+) {
     // Pod names per app go to a file for `inspect`, at most every 2 s.
     let mut tick = tokio::time::interval(Duration::from_secs(2));
     let mut sources_dirty = false;
@@ -181,6 +196,12 @@ async fn reconcile_loop(mut reconciler: Reconciler, store: Store, health: Health
         let changed = batch.changed.len();
         let started = std::time::Instant::now();
         let outcome = reconciler.apply(batch);
+        nodes.send_if_modified(|known| {
+            let now = reconciler.remote_nodes();
+            let changed = *known != now;
+            *known = now;
+            changed
+        });
         let log = if full || !outcome.failed.is_empty() { tracing::Level::INFO } else { tracing::Level::DEBUG };
         if log == tracing::Level::INFO {
             info!(

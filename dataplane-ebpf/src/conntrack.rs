@@ -79,10 +79,8 @@ pub struct Target {
     pub kind: u8,
     pub app_id: u32,
     pub slot: u32,
-}
-
-impl Target {
-    pub const NONE: Target = Target { addr: [0; 16], port: 0, kind: 0, app_id: u32::MAX, slot: 0 };
+    /// The pod's node (`NODE_LOCAL`: here; no connection is tracked here otherwise).
+    pub node: u16,
 }
 
 /// Why a connection was not tracked.

@@ -16,15 +16,16 @@ use aya_ebpf::{
 };
 use serviceless_common::{
     CONFIG_F_ACTIVATOR4, CONFIG_F_ACTIVATOR6, CONFIG_F_UPGRADING, CT_DIR_FORWARD, CT_KIND_ACTIVATOR, CT_KIND_BACKEND,
-    CT_STATE_SYN_RECV, CT_STATE_SYN_SENT, Config, CtEntry, CtEvent, CtKey, IPPROTO_ICMP,
-    IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, SERVICE_F_ACTIVATOR_ONLY, ServiceKey, TCP_ACK, Verdict,
-    completes_handshake, syn_reopens, tcp_may_open,
+    CT_STATE_SYN_RECV, CT_STATE_SYN_SENT, Config, CtEntry, CtEvent, CtKey, FABRIC_F_ENCAP, FABRIC_F_PREFER_LOCAL,
+    Fabric, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, NODE_LOCAL, SERVICE_F_ACTIVATOR_ONLY,
+    ServiceKey, TCP_ACK, TCP_SYN, Verdict, completes_handshake, syn_reopens, tcp_may_open,
 };
 
 use crate::{
     conntrack::{self, Refused, Table, Target},
-    frag, icmp, lb,
-    maps::{ACTIVITY, APPS, CONFIG, SCRATCH, SERVICES, Scratch, count, event},
+    fabric, frag, icmp,
+    lb::{self, Scope},
+    maps::{ACTIVITY, APPS, CONFIG, FABRIC, SCRATCH, SERVICES, Scratch, count, event},
     nat,
     parse::{self, Frag, Parse, Parsed},
 };
@@ -41,10 +42,11 @@ pub fn handle(ctx: &XdpContext) -> Result<u32, ()> {
 
 pub const MALFORMED: (Verdict, u32) = (Verdict::PassMalformed, XDP_PASS);
 const NOT_VIP: (Verdict, u32) = (Verdict::PassNotVip, XDP_PASS);
+const TUNNEL_INVALID: (Verdict, u32) = (Verdict::DropTunnelInvalid, XDP_DROP);
 
 #[inline(always)]
 fn route(ctx: &XdpContext) -> (Verdict, u32) {
-    let Some(cfg) = CONFIG.get(0) else {
+    let (Some(cfg), Some(fabric)) = (CONFIG.get(0), FABRIC.get(0)) else {
         return NOT_VIP;
     };
     let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
@@ -54,15 +56,37 @@ fn route(ctx: &XdpContext) -> (Verdict, u32) {
     // `parse` writes every field before it says Vip (and nothing before the
     // VIP check: pass-through traffic never touches the scratch).
     let scratch = unsafe { &mut *scratch };
-    match parse::parse(ctx, cfg, &mut scratch.parsed) {
-        Parse::NotVip => NOT_VIP,
-        Parse::Malformed => MALFORMED,
-        Parse::Vip => to_vip(ctx, cfg, scratch),
+    match parse::parse(ctx, cfg, fabric, &mut scratch.parsed) {
+        Parse::NotVip => return NOT_VIP,
+        Parse::Malformed => return MALFORMED,
+        Parse::Vip => {}
+        Parse::Tunnel => {
+            if !tunnel_call(ctx, cfg, fabric, &mut scratch.parsed) {
+                return TUNNEL_INVALID;
+            }
+        }
     }
+    to_vip(ctx, cfg, fabric, scratch)
+}
+
+/// Strips another node's encapsulation and parses the inner packet, which
+/// must be for a VIP: it is never forwarded on to another node, nor passed
+/// to the stack here.
+#[inline(never)]
+fn tunnel_call(ctx: &XdpContext, cfg: &Config, fabric: &Fabric, p: &mut Parsed) -> bool {
+    if fabric::decapsulate(ctx).is_err() {
+        return false;
+    }
+    count(Verdict::Decapsulated);
+    if !matches!(parse::parse(ctx, cfg, fabric, p), Parse::Vip) {
+        return false;
+    }
+    p.tunneled = true;
+    true
 }
 
 #[inline(always)]
-fn to_vip(ctx: &XdpContext, cfg: &Config, scratch: &mut Scratch) -> (Verdict, u32) {
+fn to_vip(ctx: &XdpContext, cfg: &Config, fabric: &Fabric, scratch: &mut Scratch) -> (Verdict, u32) {
     let p = &scratch.parsed;
     match p.frag {
         Frag::V6 => return (Verdict::DropFragment, XDP_DROP),
@@ -80,7 +104,7 @@ fn to_vip(ctx: &XdpContext, cfg: &Config, scratch: &mut Scratch) -> (Verdict, u3
                 dir: CT_DIR_FORWARD,
                 pad: [0; 2],
             };
-            unpack(connection(ctx, cfg, scratch))
+            unpack(connection(ctx, cfg, fabric, scratch))
         }
         IPPROTO_ICMP if p.v4 => unpack(icmp::error4(ctx, scratch)),
         IPPROTO_ICMPV6 if !p.v4 => unpack(icmp::error6(ctx, scratch)),
@@ -138,24 +162,30 @@ fn follow_call(s: &mut Scratch, table: Table, entry: *mut CtEntry, now: u64) -> 
 }
 
 /// A new connection being opened: where it goes and how it was chosen.
-struct Opening {
-    target: Target,
-    verdict: Verdict,
-    now: u64,
+pub struct Opening {
+    pub target: Target,
+    pub verdict: Verdict,
 }
 
-/// Chooses where a new connection goes (into `opening`); false: drop it
-/// (`opening.verdict` says why).
+/// Chooses where a new connection goes (into `s.opening`); false: drop it
+/// (`s.opening.verdict` says why).
 #[inline(never)]
-fn choose_call(cfg: &Config, s: &Scratch, opening: &mut Opening) -> bool {
-    match choose(cfg, &s.parsed, &s.key) {
+fn choose_call(cfg: &Config, fabric: &Fabric, s: &mut Scratch) -> bool {
+    let scope = if s.parsed.tunneled {
+        Scope::LocalOnly
+    } else if fabric.flags & FABRIC_F_PREFER_LOCAL != 0 {
+        Scope::PreferLocal
+    } else {
+        Scope::Any
+    };
+    match choose(cfg, &s.parsed, &s.key, scope) {
         Ok((target, verdict)) => {
-            opening.target = target;
-            opening.verdict = verdict;
+            s.opening.target = target;
+            s.opening.verdict = verdict;
             true
         }
         Err(verdict) => {
-            opening.verdict = verdict;
+            s.opening.verdict = verdict;
             false
         }
     }
@@ -164,11 +194,11 @@ fn choose_call(cfg: &Config, s: &Scratch, opening: &mut Opening) -> bool {
 /// Tracks the chosen connection (its entry into `Scratch::entry`);
 /// returns the verdict, or the refusal and XDP_DROP.
 #[inline(never)]
-fn track_call(cfg: &Config, s: &mut Scratch, opening: &Opening) -> u64 {
-    match conntrack::create(cfg, &s.key, &opening.target, opening.now) {
+fn track_call(cfg: &Config, s: &mut Scratch, now: u64) -> u64 {
+    match conntrack::create(cfg, &s.key, &s.opening.target, now) {
         Ok(entry) => {
             s.entry = entry;
-            pack(opening.verdict, XDP_PASS)
+            pack(s.opening.verdict, XDP_PASS)
         }
         Err(Refused::Full) => pack(Verdict::DropCtFull, XDP_DROP),
         Err(Refused::RateLimited) => pack(Verdict::DropCtRateLimited, XDP_DROP),
@@ -184,14 +214,44 @@ fn forward_call(ctx: &XdpContext, s: &Scratch, verdict: Verdict, now: u64) -> u6
 
 #[inline(never)]
 fn rst_call(ctx: &XdpContext, p: &Parsed, verdict: Verdict) -> u64 {
+    if p.tunneled {
+        // The RST would go back through the node that sent it here.
+        return pack(Verdict::DropTunnelInvalid, XDP_DROP);
+    }
     let (verdict, action) = no_connection(ctx, p, verdict);
     pack(verdict, action)
 }
 
+/// A TCP segment that cannot open a connection, and none is tracked here.
+/// Its connection may live on another node (it opened through another
+/// node, or the client's route moved): send it where a new connection of
+/// this flow would go. If that is here, the connection does not exist.
+#[inline(never)]
+fn untracked_segment_call(ctx: &XdpContext, cfg: &Config, fabric: &Fabric, s: &mut Scratch, now: u64) -> u64 {
+    if fabric.flags & FABRIC_F_ENCAP != 0 && !s.parsed.tunneled {
+        if choose_call(cfg, fabric, s) && s.opening.target.node != NODE_LOCAL {
+            record_activity(s.opening.target.app_id, (s.parsed.ip_end() - s.parsed.l3()) as u64, now);
+            return fabric::encapsulate_call(ctx, fabric, &s.parsed, s.opening.target.node);
+        }
+    }
+    if cfg.flags & CONFIG_F_UPGRADING != 0 {
+        return pack(Verdict::DropNoConnection, XDP_DROP);
+    }
+    rst_call(ctx, &s.parsed, Verdict::RstNoConnection)
+}
+
 /// TCP or UDP to a VIP (`s.parsed`, `s.key`). Returns the packed (verdict, action).
 #[inline(never)]
-fn connection(ctx: &XdpContext, cfg: &Config, s: &mut Scratch) -> u64 {
+fn connection(ctx: &XdpContext, cfg: &Config, fabric: &Fabric, s: &mut Scratch) -> u64 {
     let now = unsafe { bpf_ktime_get_coarse_ns() };
+    let tcp = s.parsed.proto == IPPROTO_TCP;
+    if tcp && s.parsed.tcp_flags & TCP_SYN != 0 {
+        // Before anything else: the segment may be encapsulated below.
+        let mss = if s.parsed.v4 { fabric.mss4 } else { fabric.mss6 };
+        if mss != 0 {
+            fabric::clamp_mss_call(ctx, &s.parsed, mss);
+        }
+    }
     let mut moved = false;
     if let Some((table, entry)) = conntrack::lookup(&s.key) {
         match follow_call(s, table, entry, now) {
@@ -200,17 +260,22 @@ fn connection(ctx: &XdpContext, cfg: &Config, s: &mut Scratch) -> u64 {
             BACKEND_GONE => return rst_call(ctx, &s.parsed, Verdict::RstBackendGone),
             follow => return forward_call(ctx, s, unpack(follow).0, now),
         }
-    } else if s.parsed.proto == IPPROTO_TCP && !tcp_may_open(s.parsed.tcp_flags) {
-        if cfg.flags & CONFIG_F_UPGRADING != 0 {
-            return pack(Verdict::DropNoConnection, XDP_DROP);
-        }
-        return rst_call(ctx, &s.parsed, Verdict::RstNoConnection);
+    } else if tcp && !tcp_may_open(s.parsed.tcp_flags) {
+        return untracked_segment_call(ctx, cfg, fabric, s, now);
     }
-    let mut opening = Opening { target: Target::NONE, verdict: Verdict::Aborted, now };
-    if !choose_call(cfg, s, &mut opening) {
-        return pack(opening.verdict, XDP_DROP);
+    if !choose_call(cfg, fabric, s) {
+        return pack(if s.parsed.tunneled { Verdict::DropTunnelInvalid } else { s.opening.verdict }, XDP_DROP);
     }
-    let (verdict, action) = unpack(track_call(cfg, s, &opening));
+    if s.opening.target.node != NODE_LOCAL {
+        record_activity(s.opening.target.app_id, (s.parsed.ip_end() - s.parsed.l3()) as u64, now);
+        return fabric::encapsulate_call(ctx, fabric, &s.parsed, s.opening.target.node);
+    }
+    if s.parsed.tunneled && s.opening.target.kind != CT_KIND_BACKEND {
+        // No ready pod here after all (the sender's view was newer or
+        // older): drop, and let the client's retransmission find one.
+        return pack(Verdict::DropTunnelInvalid, XDP_DROP);
+    }
+    let (verdict, action) = unpack(track_call(cfg, s, now));
     if action != XDP_PASS {
         return pack(verdict, action);
     }
@@ -304,7 +369,7 @@ fn app_has_ready_pods(p: &Parsed) -> bool {
 
 /// Where a new connection goes: a ready pod, else the activator.
 #[inline(always)]
-fn choose(cfg: &Config, p: &Parsed, key: &CtKey) -> Result<(Target, Verdict), Verdict> {
+fn choose(cfg: &Config, p: &Parsed, key: &CtKey, scope: Scope) -> Result<(Target, Verdict), Verdict> {
     let svc_key = ServiceKey { vip: p.dst, port: p.dport, proto: p.proto, pad: 0 };
     // SAFETY: copied out at once; the agent may replace the entry at any time.
     let Some(svc) = (unsafe { SERVICES.get(&svc_key) }).copied() else {
@@ -319,9 +384,9 @@ fn choose(cfg: &Config, p: &Parsed, key: &CtKey) -> Result<(Target, Verdict), Ve
     if app.ready_count == 0 {
         return activator(cfg, p.v4, svc.app_id, Verdict::ActivatorNoBackend);
     }
-    match lb::choose_backend(svc.app_id, key, app.backend_count, &cfg.hash_key) {
-        Some((addr, slot)) => Ok((
-            Target { addr, port: svc.target_port, kind: CT_KIND_BACKEND, app_id: svc.app_id, slot },
+    match lb::choose_backend(svc.app_id, key, app.backend_count, &cfg.hash_key, scope) {
+        Some(b) => Ok((
+            Target { addr: b.addr, port: svc.target_port, kind: CT_KIND_BACKEND, app_id: svc.app_id, slot: b.slot, node: b.node },
             Verdict::BackendNewFlow,
         )),
         None => activator(cfg, p.v4, svc.app_id, Verdict::ActivatorNoBackend),
@@ -338,7 +403,7 @@ fn activator(cfg: &Config, v4: bool, app_id: u32, verdict: Verdict) -> Result<(T
     if present == 0 {
         return Err(Verdict::DropNoActivator);
     }
-    Ok((Target { addr, port, kind: CT_KIND_ACTIVATOR, app_id, slot: 0 }, verdict))
+    Ok((Target { addr, port, kind: CT_KIND_ACTIVATOR, app_id, slot: 0, node: NODE_LOCAL }, verdict))
 }
 
 /// DNATs the packet along its connection and counts the app's activity.

@@ -7,7 +7,7 @@ use aya_ebpf::{
     helpers::bpf_loop,
 };
 use serviceless_common::{
-    Addr, BACKEND_READY, BackendKey, CtKey, MAX_BACKENDS_PER_APP, addr_eq,
+    Addr, BACKEND_READY, BackendKey, CtKey, MAX_BACKENDS_PER_APP, NODE_LOCAL, addr_eq,
     hash::{backend_hash, flow_hash, score},
 };
 
@@ -48,26 +48,77 @@ extern "C" fn find_backend_step(slot: u64, ctx: *mut c_void) -> c_long {
     }
 }
 
-/// Rendezvous hashing over the app's ready backends.
+/// Which backends a new connection may go to.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    /// Any ready pod, on any node: every node makes the same choice.
+    Any,
+    /// A ready pod on this node if there is one (`--prefer-local`), else any.
+    PreferLocal,
+    /// Only pods on this node: a packet another node encapsulated here.
+    LocalOnly,
+}
+
+/// The chosen backend.
+pub struct Chosen {
+    pub addr: Addr,
+    pub slot: u32,
+    pub node: u16,
+}
+
+/// Rendezvous hashing over the app's ready backends. The best-scoring pod
+/// on this node is the overall best whenever the overall best is here, so a
+/// node receiving an encapsulated packet (`LocalOnly`) picks the pod the
+/// sending node picked, given the same backends.
 #[inline(always)]
-pub fn choose_backend(app_id: u32, flow: &CtKey, count: u32, hash_key: &[u64; 2]) -> Option<(Addr, u32)> {
+pub fn choose_backend(app_id: u32, flow: &CtKey, count: u32, hash_key: &[u64; 2], scope: Scope) -> Option<Chosen> {
     let mut choice = ChooseBackend {
         app_id,
         flow_hash: flow_hash(flow, hash_key),
-        best_score: 0,
-        best_slot: u32::MAX,
-        best_addr: [0; 16],
+        best: Best::NONE,
+        best_local: Best::NONE,
     };
     for_each_slot(count, choose_backend_step, &mut choice);
-    (choice.best_slot != u32::MAX).then_some((choice.best_addr, choice.best_slot))
+    let best = match scope {
+        Scope::Any => choice.best,
+        Scope::PreferLocal if choice.best_local.slot != u32::MAX => choice.best_local,
+        Scope::PreferLocal => choice.best,
+        Scope::LocalOnly => choice.best_local,
+    };
+    if best.slot == u32::MAX {
+        return None;
+    }
+    // Read once here, not copied in the loop: the loop body stays small
+    // for the verifier, which checks it until its state converges.
+    // SAFETY: copied out at once.
+    let b = unsafe { BACKENDS.get(BackendKey { app_id, slot: best.slot }) }?;
+    Some(Chosen { addr: b.addr, slot: best.slot, node: b.node })
+}
+
+#[derive(Clone, Copy)]
+struct Best {
+    score: u64,
+    slot: u32,
+}
+
+impl Best {
+    const NONE: Best = Best { score: 0, slot: u32::MAX };
+
+    #[inline(always)]
+    fn offer(&mut self, score: u64, slot: u32) {
+        if self.slot == u32::MAX || score > self.score {
+            self.score = score;
+            self.slot = slot;
+        }
+    }
 }
 
 struct ChooseBackend {
     app_id: u32,
     flow_hash: u64,
-    best_score: u64,
-    best_slot: u32,
-    best_addr: Addr,
+    best: Best,
+    /// The best among pods on this node.
+    best_local: Best,
 }
 
 extern "C" fn choose_backend_step(slot: u64, ctx: *mut c_void) -> c_long {
@@ -79,10 +130,9 @@ extern "C" fn choose_backend_step(slot: u64, ctx: *mut c_void) -> c_long {
     };
     if b.state == BACKEND_READY {
         let s = score(choice.flow_hash, backend_hash(&b.addr));
-        if choice.best_slot == u32::MAX || s > choice.best_score {
-            choice.best_score = s;
-            choice.best_slot = slot;
-            choice.best_addr = b.addr;
+        choice.best.offer(s, slot);
+        if b.node == NODE_LOCAL {
+            choice.best_local.offer(s, slot);
         }
     }
     LOOP_CONTINUE

@@ -9,6 +9,7 @@
 
 mod conntrack;
 mod egress;
+mod fabric;
 mod frag;
 mod icmp;
 mod ingress;

@@ -5,10 +5,10 @@ use aya_ebpf::{
     btf_maps::{Array, HashMap, LruHashMap, PerCpuArray},
     macros::btf_map,
 };
-use crate::parse::Parsed;
+use crate::{ingress::Opening, parse::Parsed};
 use serviceless_common::{
-    Activity, AppValue, Backend, BackendKey, Config, CtBudget, CtEntry, CtEvent, CtKey, CtSummary,
-    FragKey, FragValue, ServiceKey, ServiceValue, Verdict, default_capacity as cap,
+    Activity, AppValue, Backend, BackendKey, Config, CtBudget, CtEntry, CtEvent, CtKey, CtSummary, Fabric,
+    FragKey, FragValue, NodeValue, ServiceKey, ServiceValue, Verdict, default_capacity as cap,
 };
 
 #[btf_map(name = "svl_services_v1")]
@@ -53,6 +53,12 @@ pub static CT_SUMMARY: Array<CtSummary, 1> = Array::new();
 #[btf_map(name = "svl_config_v2")]
 pub static CONFIG: Array<Config, 1> = Array::new();
 
+#[btf_map(name = "svl_nodes_v1")]
+pub static NODES: Array<NodeValue, { cap::NODES as usize }> = Array::new();
+
+#[btf_map(name = "svl_fabric_v1")]
+pub static FABRIC: Array<Fabric, 1> = Array::new();
+
 /// Per-CPU scratch space for the ingress path's largest values (the parsed
 /// packet, its conntrack key), which would otherwise take room on the
 /// 512-byte BPF stack every call below them shares (as Cilium and Katran
@@ -62,6 +68,8 @@ pub struct Scratch {
     pub key: CtKey,
     /// The connection the packet follows.
     pub entry: CtEntry,
+    /// Where a new connection goes, once chosen.
+    pub opening: Opening,
 }
 
 #[btf_map]

@@ -5,9 +5,9 @@
 //! reported as malformed and never rewritten or tracked.
 
 use aya_ebpf::programs::XdpContext;
-use serviceless_common::{Addr, Config, IPPROTO_TCP, IPPROTO_UDP, ipv4_mapped};
+use serviceless_common::{Addr, Config, FABRIC_F_ENCAP, Fabric, IPPROTO_TCP, IPPROTO_UDP, ipv4_mapped};
 
-use crate::packet::*;
+use crate::{fabric, packet::*};
 
 /// What the ingress path needs to know about a packet to a VIP.
 pub struct Parsed {
@@ -32,6 +32,8 @@ pub struct Parsed {
     pub frag: Frag,
     /// IPv4 identification, network order (for fragments).
     pub ip_id: u16,
+    /// Another node encapsulated it here (set after parsing the inner packet).
+    pub tunneled: bool,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -88,6 +90,7 @@ impl Parsed {
         tcp_ack: 0,
         frag: Frag::None,
         ip_id: 0,
+        tunneled: false,
     };
 }
 
@@ -96,11 +99,13 @@ pub enum Parse {
     Malformed,
     /// The packet is for a VIP; the out-parameter holds what was read.
     Vip,
+    /// Encapsulated to this node by another (nothing read yet).
+    Tunnel,
 }
 
 /// Parses into `p` (an out-parameter: one copy on the stack, not several).
 #[inline(always)]
-pub fn parse(ctx: &XdpContext, cfg: &Config, p: &mut Parsed) -> Parse {
+pub fn parse(ctx: &XdpContext, cfg: &Config, fabric: &Fabric, p: &mut Parsed) -> Parse {
     let Ok(eth) = ptr_at::<EthHdr>(ctx, 0) else {
         return Parse::Malformed;
     };
@@ -114,7 +119,7 @@ pub fn parse(ctx: &XdpContext, cfg: &Config, p: &mut Parsed) -> Parse {
         l3 += core::mem::size_of::<VlanHdr>();
     }
     if ether_type == ETH_P_IP {
-        ipv4(ctx, cfg, l3, p)
+        ipv4(ctx, cfg, fabric, l3, p)
     } else if ether_type == ETH_P_IPV6 {
         ipv6(ctx, cfg, l3, p)
     } else {
@@ -123,7 +128,7 @@ pub fn parse(ctx: &XdpContext, cfg: &Config, p: &mut Parsed) -> Parse {
 }
 
 #[inline(always)]
-fn ipv4(ctx: &XdpContext, cfg: &Config, l3: usize, p: &mut Parsed) -> Parse {
+fn ipv4(ctx: &XdpContext, cfg: &Config, fabric: &Fabric, l3: usize, p: &mut Parsed) -> Parse {
     let Ok(ip) = ptr_at::<Ipv4Hdr>(ctx, l3) else {
         return Parse::Malformed;
     };
@@ -131,6 +136,9 @@ fn ipv4(ctx: &XdpContext, cfg: &Config, l3: usize, p: &mut Parsed) -> Parse {
     let ip = unsafe { &*ip };
     let dst = ipv4_mapped(ip.dst);
     if !cfg.is_vip(&dst, true) {
+        if fabric.flags & FABRIC_F_ENCAP != 0 && ip.dst == fabric.node4 && l3 == ETH_HLEN && fabric::is_tunnel(ctx, ip, fabric) {
+            return Parse::Tunnel;
+        }
         return Parse::NotVip;
     }
     let ihl = (ip.version_ihl & 0x0f) as usize;

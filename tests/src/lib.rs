@@ -86,7 +86,7 @@ impl Drop for PinDir {
 }
 
 /// Small tables: fixtures need a handful of entries, not a million.
-pub const TEST_SIZES: Sizes = Sizes { services: 64, apps: 64, backends: 256, connections: 4096, new_connections: 4096 };
+pub const TEST_SIZES: Sizes = Sizes { services: 64, apps: 64, backends: 256, connections: 4096, new_connections: 4096, nodes: 16 };
 
 pub const VIP_RANGE4: &str = "10.96.0.0/16";
 pub const VIP_RANGE6: &str = "fd00:96::/64";
@@ -107,7 +107,7 @@ impl TestDataplane {
         let Loaded { ebpf, maps } = dataplane::load(&Pins::new(&pins.path), sizes)?;
         let metrics = Metrics::new();
         let mut dp = Self {
-            reconciler: Reconciler::adopt(maps, metrics.clone()),
+            reconciler: Reconciler::adopt(maps, metrics.clone(), Default::default()),
             metrics,
             ebpf,
             store: Store::default(),
@@ -261,7 +261,7 @@ impl TestDataplane {
     /// A restarted agent: a new reconciler adopting what the pinned maps hold.
     pub fn restart_reconciler(&mut self) -> anyhow::Result<()> {
         let maps = DataplaneMaps::open_pinned(&self.pins.path)?;
-        self.reconciler = Reconciler::adopt(maps, self.metrics.clone());
+        self.reconciler = Reconciler::adopt(maps, self.metrics.clone(), Default::default());
         self.store = Store::default();
         Ok(())
     }
@@ -319,6 +319,7 @@ pub fn app(hostname: &str, vip: &str, pods: &[(&str, bool)]) -> AppSpec {
                 ip: ip.parse::<IpAddr>().expect("fixture pod IP"),
                 ready: *ready,
                 source: Some(format!("pod-{ip}")),
+                node: None,
             })
             .collect(),
     }

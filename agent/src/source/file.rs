@@ -69,6 +69,10 @@ pub struct FilePod {
     /// A terminating pod keeps its flows but takes no new ones.
     #[serde(default)]
     pub terminating: bool,
+    /// The address of the node the pod runs on (as a Pod's
+    /// `status.hostIP`); omitted: this node, or reached by routing.
+    #[serde(default)]
+    pub node: Option<String>,
 }
 
 fn yes() -> bool {
@@ -145,7 +149,13 @@ fn convert(raw: FileApp) -> Result<AppSpec, String> {
         let ip: IpAddr = pod.ip.parse().map_err(|_| {
             format!("pod {} ip '{}' is not an IP address", pod.name.as_deref().unwrap_or("?"), pod.ip)
         })?;
-        backends.push(BackendSpec { ip, ready: pod.ready && !pod.terminating, source: pod.name });
+        let node = match pod.node.as_deref() {
+            None => None,
+            Some(n) => Some(n.parse::<IpAddr>().map_err(|_| {
+                format!("pod {} node '{n}' is not an IP address", pod.name.as_deref().unwrap_or("?"))
+            })?),
+        };
+        backends.push(BackendSpec { ip, ready: pod.ready && !pod.terminating, source: pod.name, node });
     }
     Ok(AppSpec { hostname: raw.hostname, vip, ports, backends })
 }

@@ -73,6 +73,8 @@ pub struct PodInfo {
     pub vip: Option<IpAddr>,
     pub port: PortSpec,
     pub ip: Option<IpAddr>,
+    /// The node's address (`status.hostIP`).
+    pub node: Option<IpAddr>,
     pub ready: bool,
     pub terminating: bool,
     pub created: i64,
@@ -120,6 +122,7 @@ pub fn parse_pod(pod: &Pod, ranges: &VipRanges) -> Result<PodInfo, String> {
     let status = pod.status.as_ref();
     let finished = status.and_then(|s| s.phase.as_deref()).is_some_and(|p| p == "Succeeded" || p == "Failed");
     let ip = if finished { None } else { status.and_then(|s| s.pod_ip.as_deref()).and_then(|ip| ip.parse().ok()) };
+    let node = status.and_then(|s| s.host_ip.as_deref()).and_then(|ip| ip.parse().ok());
     let ready_condition = status
         .and_then(|s| s.conditions.as_ref())
         .and_then(|c| c.iter().find(|c| c.type_ == "Ready"));
@@ -135,6 +138,7 @@ pub fn parse_pod(pod: &Pod, ranges: &VipRanges) -> Result<PodInfo, String> {
         vip,
         port: PortSpec { port, target_port, protocol },
         ip,
+        node,
         ready,
         terminating: meta.deletion_timestamp.is_some(),
         created: meta.creation_timestamp.as_ref().map_or(0, |t| t.0.as_second()),
@@ -261,6 +265,7 @@ impl PodIndex {
                         ip: p.ip.filter(|ip| ip.is_ipv4() == vip.is_ipv4())?,
                         ready: p.ready && !p.terminating,
                         source: Some(format!("{}/{}", p.namespace, p.name)),
+                        node: p.node,
                     })
                 })
                 .collect()
@@ -444,6 +449,7 @@ fn stub_info(pod: &Pod) -> PodInfo {
         vip: None,
         port: PortSpec { port: 0, target_port: 0, protocol: Protocol::Tcp },
         ip: None,
+        node: None,
         ready: false,
         terminating: false,
         created: 0,

@@ -282,12 +282,15 @@ pub enum CtEvent {
     /// An ACK in the handshake that did not acknowledge the backend's SYN-ACK
     /// (a blind spoofer's guess): not established.
     HandshakeMismatch = 13,
+    /// The MSS option of a SYN or SYN-ACK was lowered so that segments fit
+    /// the fabric once encapsulated.
+    MssClamped = 14,
 }
 
 impl CtEvent {
     pub const COUNT: u32 = 16;
 
-    pub const ALL: [CtEvent; 14] = [
+    pub const ALL: [CtEvent; 15] = [
         CtEvent::Created,
         CtEvent::Reopened,
         CtEvent::PortRewritten,
@@ -302,6 +305,7 @@ impl CtEvent {
         CtEvent::Promoted,
         CtEvent::PromoteFailed,
         CtEvent::HandshakeMismatch,
+        CtEvent::MssClamped,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -320,6 +324,7 @@ impl CtEvent {
             CtEvent::Promoted => "promoted",
             CtEvent::PromoteFailed => "promote_failed",
             CtEvent::HandshakeMismatch => "handshake_mismatch",
+            CtEvent::MssClamped => "mss_clamped",
         }
     }
 

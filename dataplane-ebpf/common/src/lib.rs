@@ -49,11 +49,17 @@ pub mod map_names {
     pub const CT_SUMMARY: &str = "svl_ct_summary_v1";
     /// Single entry: activator addresses, VIP ranges, flow hash key, conntrack timeouts.
     pub const CONFIG: &str = "svl_config_v2";
+    /// node id -> the address of another node that runs pods (array; id 0
+    /// is this node). Backends name their node by id.
+    pub const NODES: &str = "svl_nodes_v1";
+    /// Single entry: this node's place in the cluster fabric (its address,
+    /// the encapsulation port, the MTU, the remote-pod mode).
+    pub const FABRIC: &str = "svl_fabric_v1";
 
     /// Every map the agent pins, in the order `inspect` reports them.
-    pub const ALL: [&str; 12] = [
+    pub const ALL: [&str; 14] = [
         SERVICES, APPS, BACKENDS, ACTIVITY, CONNTRACK, CT_NEW, FRAGMENTS, VERDICTS, CT_EVENTS, CT_BUDGET,
-        CT_SUMMARY, CONFIG,
+        CT_SUMMARY, CONFIG, NODES, FABRIC,
     ];
 
     /// Maps of earlier layouts: an upgraded agent migrates what it can from
@@ -92,6 +98,8 @@ pub mod default_capacity {
     pub const CT_NEW: u32 = 1 << 18;
     /// In-flight fragmented datagrams.
     pub const FRAGMENTS: u32 = 1 << 14;
+    /// Nodes (ids) backends can be on.
+    pub const NODES: u32 = 1 << 13;
 }
 
 /// Upper bound on live backends per app: the new-flow path scores each one
@@ -199,7 +207,59 @@ pub struct Backend {
     pub addr: Addr,
     /// `BACKEND_READY` or `BACKEND_DRAINING`.
     pub state: u8,
-    pub pad: [u8; 3],
+    pub pad: u8,
+    /// The pod's node: `NODE_LOCAL` (this node, or not known), else an index
+    /// of `svl_nodes_v1`. Host order.
+    pub node: u16,
+}
+
+/// `Backend::node` of a pod on this node (or on an unknown one: such pods
+/// are reached by routing, as before nodes were known).
+pub const NODE_LOCAL: u16 = 0;
+
+/// The entry is in use.
+pub const NODE_F_PRESENT: u32 = 1;
+
+/// Value of `svl_nodes_v1` (array indexed by node id).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct NodeValue {
+    /// The node's address (IPv4-mapped), network order: the outer
+    /// destination of packets encapsulated to it.
+    pub addr: Addr,
+    /// `NODE_F_*` bits.
+    pub flags: u32,
+    pub pad: u32,
+}
+
+/// Pods on other nodes are reached by encapsulating to their node, which
+/// answers the client directly (DSR). Without it (a node that does not know
+/// its own address) they are routed as local ones.
+pub const FABRIC_F_ENCAP: u32 = 1;
+/// A new connection prefers a ready pod on this node when there is one.
+pub const FABRIC_F_PREFER_LOCAL: u32 = 2;
+
+/// Bytes encapsulation adds in front of the inner IP packet: an IPv4 and a
+/// UDP header (GUE variant 1: the UDP payload is the IP packet itself).
+pub const ENCAP_OVERHEAD: u16 = 28;
+
+/// Value of `svl_fabric_v1` (single entry).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Fabric {
+    /// This node's IPv4 address, network order: the source of encapsulated
+    /// packets and the destination this node decapsulates.
+    pub node4: [u8; 4],
+    /// `FABRIC_F_*` bits.
+    pub flags: u32,
+    /// UDP port of the encapsulation, network order.
+    pub encap_port: u16,
+    /// Largest IP packet (outer headers included) the fabric carries, host order.
+    pub mtu: u16,
+    /// TCP MSS a SYN or SYN-ACK to or from a VIP is clamped to, so a segment
+    /// still fits the fabric once encapsulated; host order, 0: no clamping.
+    pub mss4: u16,
+    pub mss6: u16,
 }
 
 /// Value of `svl_activity_v2` (per-CPU array indexed by app id): each CPU
@@ -356,13 +416,30 @@ pub enum Verdict {
     /// A flow the activator held but never answered (UDP, or a TCP SYN
     /// retransmission) moved to a pod that became ready.
     MovedFromActivator = 24,
+    /// For a pod on another node: encapsulated to that node, which owns the
+    /// connection and answers the client directly. No state is kept here.
+    EncapForwarded = 25,
+    /// Encapsulated by another node for a pod here: outer headers removed.
+    /// The inner packet is then counted under its own verdict.
+    Decapsulated = 26,
+    /// For a pod on another node, but the kernel has no route to that node: dropped.
+    DropEncapNoRoute = 27,
+    /// For a pod on another node, but its node's link-layer address is not
+    /// resolved yet (the agent keeps it resolved): dropped.
+    DropEncapNoNeighbour = 28,
+    /// Too big to encapsulate within the fabric MTU: answered with ICMP
+    /// "fragmentation needed" / "packet too big" (dropped if it cannot be).
+    EncapTooBig = 29,
+    /// Encapsulated packet that is malformed, not for a VIP, or has no
+    /// connection and no ready pod here: dropped (never forwarded again).
+    DropTunnelInvalid = 30,
 }
 
 impl Verdict {
     /// Entries in `svl_verdicts_v2`.
     pub const COUNT: u32 = 32;
 
-    pub const ALL: [Verdict; 25] = [
+    pub const ALL: [Verdict; 31] = [
         Verdict::PassNotVip,
         Verdict::BackendNewFlow,
         Verdict::BackendEstablished,
@@ -388,6 +465,12 @@ impl Verdict {
         Verdict::DropFragmentUnknown,
         Verdict::EgressStaleReply,
         Verdict::MovedFromActivator,
+        Verdict::EncapForwarded,
+        Verdict::Decapsulated,
+        Verdict::DropEncapNoRoute,
+        Verdict::DropEncapNoNeighbour,
+        Verdict::EncapTooBig,
+        Verdict::DropTunnelInvalid,
     ];
 
     /// Stable snake_case name used in metrics labels, `inspect` and tests.
@@ -418,6 +501,12 @@ impl Verdict {
             Verdict::DropFragmentUnknown => "drop_fragment_unknown",
             Verdict::EgressStaleReply => "egress_stale_reply",
             Verdict::MovedFromActivator => "moved_from_activator",
+            Verdict::EncapForwarded => "encap_forwarded",
+            Verdict::Decapsulated => "decapsulated",
+            Verdict::DropEncapNoRoute => "drop_encap_no_route",
+            Verdict::DropEncapNoNeighbour => "drop_encap_no_neighbour",
+            Verdict::EncapTooBig => "encap_too_big",
+            Verdict::DropTunnelInvalid => "drop_tunnel_invalid",
         }
     }
 }
@@ -440,6 +529,8 @@ mod user {
     unsafe impl aya::Pod for CtBudget {}
     unsafe impl aya::Pod for CtSummary {}
     unsafe impl aya::Pod for Config {}
+    unsafe impl aya::Pod for NodeValue {}
+    unsafe impl aya::Pod for Fabric {}
 }
 
 #[cfg(test)]
@@ -463,6 +554,8 @@ mod tests {
         assert_eq!(size_of::<CtBudget>(), 16);
         assert_eq!(size_of::<CtSummary>(), 8 * 8 + 24);
         assert_eq!(size_of::<Config>(), 6 * 16 + 8 + 16 + 24);
+        assert_eq!(size_of::<NodeValue>(), 24);
+        assert_eq!(size_of::<Fabric>(), 16);
         assert!(Verdict::ALL.len() as u32 <= Verdict::COUNT);
         assert!(CtEvent::ALL.len() as u32 <= CtEvent::COUNT);
         assert!(align_of::<Activity>() <= 8);

@@ -362,6 +362,7 @@ fn bench_app_to(host: String, vip: Ipv4Addr, pods: &[(Ipv4Addr, bool)], target_p
                 ip: IpAddr::V4(*ip),
                 ready: *ready,
                 source: Some(format!("pod-{ip}")),
+                node: None,
             })
             .collect(),
     }
@@ -433,6 +434,7 @@ fn ours_at(
         backends: cap + 64,
         connections: 1 << 16,
         new_connections: 1 << 16,
+        nodes: 16,
     };
     let mut dp = TestDataplane::new(sizes)?;
     dp.configure_ranges(Some("10.245.0.2:8080"), None, VIP_RANGE, "fd00:96::/64")?;
