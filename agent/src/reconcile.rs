@@ -187,6 +187,11 @@ impl Reconciler {
         &self.maps
     }
 
+    /// Writes this node's fabric entry.
+    pub fn set_fabric(&mut self, fabric: &serviceless_common::Fabric) -> Result<(), MapWriteError> {
+        self.maps.set_fabric(fabric)
+    }
+
     /// Writes the dataplane configuration entry.
     pub fn set_config(&mut self, config: &serviceless_common::Config) -> Result<(), MapWriteError> {
         self.maps.set_config(config)

@@ -9,14 +9,14 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use serviceless_common::{
-    Addr, CT_DIR_REPLY, CT_STATE_SYN_SENT, CtEntry, CtKey, FragValue, TCP_ACK, TCP_SYN, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP,
+    Addr, CT_DIR_REPLY, CtEvent, CT_STATE_SYN_SENT, CtEntry, CtKey, FragValue, TCP_ACK, TCP_SYN, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP,
     IPPROTO_UDP, Verdict, addr_eq, as_ipv4, csum, ipv4_mapped,
 };
 
 use crate::{
     conntrack::{self, forward_of_reply, reply_key},
     frag,
-    maps::{FRAGMENTS, count},
+    maps::{FABRIC, FRAGMENTS, count, event},
     packet::*,
 };
 
@@ -123,7 +123,8 @@ fn l4_check_offset(l4: usize, proto: u8) -> usize {
     if proto == IPPROTO_UDP { l4 + UDP_CSUM_OFFSET } else { l4 + TCP_CSUM_OFFSET }
 }
 
-#[inline(always)]
+// Out of line: the two families share the stack below `translate`.
+#[inline(never)]
 fn reply4(ctx: &TcContext, off: usize) -> Result<Verdict, ()> {
     let ip: Ipv4Hdr = ctx.load(off).map_err(drop)?;
     let ihl = (ip.version_ihl & 0x0f) as usize;
@@ -168,6 +169,9 @@ fn reply4(ctx: &TcContext, off: usize) -> Result<Verdict, ()> {
                 let k = frag::key(&key.src, &key.dst, id, ip.proto, CT_DIR_REPLY);
                 let now = unsafe { bpf_ktime_get_coarse_ns() };
                 let _ = FRAGMENTS.insert(&k, &FragValue { addr: rev.addr, seen_ns: now, app_id: rev.app_id, pad: 0 }, 0);
+            }
+            if ip.proto == IPPROTO_TCP {
+                clamp_mss_call(ctx, l4, true);
             }
             Ok(Verdict::ReplyTranslated)
         }
@@ -266,6 +270,54 @@ fn quoted_ports(
     ctx.store(ports_off + 2, &rev.port, 0).map_err(drop)
 }
 
+/// Lowers the MSS a pod's SYN-ACK announces so that the client's segments
+/// still fit the fabric when another node encapsulates them here (the
+/// client may reach this node through any node).
+#[inline(never)]
+fn clamp_mss_call(ctx: &TcContext, l4: usize, v4: bool) {
+    let Some(fabric) = FABRIC.get(0) else { return };
+    let mss = if v4 { fabric.mss4 } else { fabric.mss6 };
+    if mss == 0 || ctx.load::<u8>(l4 + TCP_FLAGS_OFFSET).unwrap_or(0) & TCP_SYN == 0 {
+        return;
+    }
+    let Ok(doff) = ctx.load::<u8>(l4 + TCP_DOFF_OFFSET) else { return };
+    let end = l4 + (doff >> 4) as usize * 4;
+    let mut off = l4 + TCP_MIN_HLEN;
+    for _ in 0..10 {
+        if off + 4 > end {
+            return;
+        }
+        let Ok([kind, len]) = ctx.load::<[u8; 2]>(off) else { return };
+        match kind {
+            0 => return,
+            1 => off += 1,
+            2 if len == 4 => break,
+            _ if len < 2 => return,
+            _ => off += len as usize,
+        }
+    }
+    if off + 4 > end {
+        return;
+    }
+    let at = off + 2;
+    let Ok(old) = ctx.load::<[u8; 2]>(at) else { return };
+    if u16::from_be_bytes(old) <= mss {
+        return;
+    }
+    let new = mss.to_be_bytes();
+    // A field at an odd offset straddles two checksum words: its bytes swap.
+    let (from, to) = if (at - l4) & 1 == 0 {
+        (u16::from_ne_bytes(old), u16::from_ne_bytes(new))
+    } else {
+        (u16::from_ne_bytes([old[1], old[0]]), u16::from_ne_bytes([new[1], new[0]]))
+    };
+    if ctx.l4_csum_replace(l4 + TCP_CSUM_OFFSET, from as u64, to as u64, CSUM_SIZE_2).is_ok()
+        && ctx.store(at, &new, 0).is_ok()
+    {
+        event(CtEvent::MssClamped);
+    }
+}
+
 /// Checksum difference between two 16-byte addresses, for the csum helpers.
 #[inline(always)]
 fn addr_diff(old: &Addr, new: &Addr) -> Result<u64, ()> {
@@ -299,7 +351,8 @@ fn ipv6_l4(ctx: &TcContext, off: usize, first: u8) -> Option<(usize, u8)> {
     None
 }
 
-#[inline(always)]
+// Out of line: the two families share the stack below `translate`.
+#[inline(never)]
 fn reply6(ctx: &TcContext, off: usize) -> Result<Verdict, ()> {
     let ip: Ipv6Hdr = ctx.load(off).map_err(drop)?;
     let Some((l4, proto)) = ipv6_l4(ctx, off, ip.next_hdr) else { return Ok(Verdict::EgressPass) };
@@ -319,6 +372,9 @@ fn reply6(ctx: &TcContext, off: usize) -> Result<Verdict, ()> {
             ctx.l4_csum_replace(check_off, 0, diff, BPF_F_PSEUDO_HDR as u64 | mangled).map_err(drop)?;
             reply_ports(ctx, l4, &ports, &rev, check_off, mangled, true)?;
             ctx.store(off + IPV6_SRC, &rev.addr, 0).map_err(drop)?;
+            if proto == IPPROTO_TCP {
+                clamp_mss_call(ctx, l4, false);
+            }
             Ok(Verdict::ReplyTranslated)
         }
         IPPROTO_ICMPV6 => icmp6_error(ctx, off, &ip, l4),

@@ -33,7 +33,7 @@ use serviceless_agent::{
 };
 use serviceless_common::{
     CONFIG_F_ACTIVATOR4, CONFIG_F_ACTIVATOR6, CONFIG_F_VIP4, CONFIG_F_VIP6, Config, CtEntry, CtEvent,
-    CtKey, Verdict, default_timeout, program_names,
+    CtKey, Fabric, Verdict, default_timeout, program_names,
 };
 
 /// Whether kernel tests can run here; prints why not. They need root
@@ -99,6 +99,8 @@ pub struct TestDataplane {
     ebpf: aya::Ebpf,
     store: Store,
     pub pins: PinDir,
+    /// This node's addresses, as `--node-address` and the uplink give them.
+    own: std::collections::HashSet<IpAddr>,
 }
 
 impl TestDataplane {
@@ -112,6 +114,7 @@ impl TestDataplane {
             ebpf,
             store: Store::default(),
             pins,
+            own: Default::default(),
         };
         dp.configure(Some("10.245.0.2:8080"), Some("[fd00:245::2]:8080"))?;
         Ok(dp)
@@ -261,9 +264,38 @@ impl TestDataplane {
     /// A restarted agent: a new reconciler adopting what the pinned maps hold.
     pub fn restart_reconciler(&mut self) -> anyhow::Result<()> {
         let maps = DataplaneMaps::open_pinned(&self.pins.path)?;
-        self.reconciler = Reconciler::adopt(maps, self.metrics.clone(), Default::default());
+        self.reconciler = Reconciler::adopt(maps, self.metrics.clone(), self.own.clone());
         self.store = Store::default();
         Ok(())
+    }
+
+    /// Makes this dataplane a node with addresses `own` in a fabric, as an
+    /// agent started with `--node-address` would be (the reconciler is
+    /// restarted: call before `apply`).
+    pub fn join_fabric(&mut self, own: &[&str], fabric: &Fabric) -> anyhow::Result<()> {
+        self.own = own.iter().map(|a| a.parse()).collect::<Result<_, _>>()?;
+        self.restart_reconciler()?;
+        self.reconciler.set_fabric(fabric)?;
+        Ok(())
+    }
+
+    /// Runs the XDP ingress program once as if the frame arrived on
+    /// interface `ifindex` of the calling thread's network namespace (the
+    /// program's route lookups then use that namespace's tables).
+    pub fn ingress_on(&self, ifindex: u32, frame: &[u8]) -> anyhow::Result<(u32, Vec<u8>)> {
+        let prog: &Xdp = self
+            .ebpf
+            .program(program_names::INGRESS)
+            .context("ingress program")?
+            .try_into()?;
+        let mut out = vec![0u8; frame.len() + 256];
+        // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex.
+        let md: [u32; 6] = [0, frame.len() as u32, 0, ifindex, 0, 0];
+        let ctx: Vec<u8> = md.iter().flat_map(|w| w.to_ne_bytes()).collect();
+        let opts = TestRunOptions { data_in: Some(frame), data_out: Some(&mut out), ctx_in: Some(&ctx), ..Default::default() };
+        let r = prog.test_run(opts).context("BPF_PROG_TEST_RUN (xdp, with ingress interface)")?;
+        out.truncate(r.data_size_out as usize);
+        Ok((r.return_value, out))
     }
 
     /// Every conntrack entry, of both tables.

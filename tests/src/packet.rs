@@ -42,6 +42,8 @@ pub struct Packet {
     pub window: u16,
     /// IPv4 identification.
     pub ip_id: u16,
+    /// TCP options (padded by the builder to a multiple of 4 bytes).
+    pub tcp_options: Vec<u8>,
 }
 
 impl Packet {
@@ -67,6 +69,7 @@ impl Packet {
             ack: 2000,
             window: 64240,
             ip_id: 0x1c46,
+            tcp_options: Vec::new(),
         }
     }
 
@@ -168,9 +171,14 @@ impl Packet {
                 b.extend(dport.to_be_bytes());
                 b.extend(self.seq.to_be_bytes());
                 b.extend(if flags & ACK != 0 { self.ack } else { 0 }.to_be_bytes());
-                b.extend([0x50, *flags]);
+                let mut options = self.tcp_options.clone();
+                while options.len() % 4 != 0 {
+                    options.push(0);
+                }
+                b.extend([((20 + options.len()) / 4 << 4) as u8, *flags]);
                 b.extend(self.window.to_be_bytes());
                 b.extend([0, 0, 0, 0]); // checksum, urgent
+                b.extend(options);
                 b.extend(&self.payload);
                 let c = checksum(&[self.pseudo(b.len()), b.clone()].concat());
                 b[16..18].copy_from_slice(&c.to_be_bytes());
@@ -270,6 +278,45 @@ impl Packet {
         out.extend(self.ip_bytes());
         out
     }
+}
+
+/// The TCP MSS option (kind 2, length 4).
+pub fn mss_option(mss: u16) -> Vec<u8> {
+    let [hi, lo] = mss.to_be_bytes();
+    vec![2, 4, hi, lo]
+}
+
+/// `inner` (an IP packet) encapsulated as GUE variant 1 (outer IPv4 + UDP,
+/// DF set, TTL 64, UDP checksum zero), in an Ethernet frame. The UDP source
+/// port is entropy the sender chooses: the caller passes what it saw.
+pub fn gue_frame(
+    dst_mac: [u8; 6],
+    src_mac: [u8; 6],
+    outer_src: std::net::Ipv4Addr,
+    outer_dst: std::net::Ipv4Addr,
+    sport: u16,
+    dport: u16,
+    inner: &[u8],
+) -> Vec<u8> {
+    let mut ip = Vec::new();
+    ip.extend([0x45, 0]);
+    ip.extend(((20 + 8 + inner.len()) as u16).to_be_bytes());
+    ip.extend([0, 0, 0x40, 0, 64, 17, 0, 0]);
+    ip.extend(outer_src.octets());
+    ip.extend(outer_dst.octets());
+    let c = checksum(&ip);
+    ip[10..12].copy_from_slice(&c.to_be_bytes());
+    let mut out = Vec::new();
+    out.extend(dst_mac);
+    out.extend(src_mac);
+    out.extend(0x0800u16.to_be_bytes());
+    out.extend(ip);
+    out.extend(sport.to_be_bytes());
+    out.extend(dport.to_be_bytes());
+    out.extend(((8 + inner.len()) as u16).to_be_bytes());
+    out.extend([0, 0]);
+    out.extend(inner);
+    out
 }
 
 /// Hex dump a person can paste into `text2pcap -e 0x800`/scapy to replay.

@@ -1,0 +1,318 @@
+//! Fixtures for pods on other nodes, through BPF_PROG_TEST_RUN: the
+//! encapsulation node A writes (outer headers built independently here,
+//! checksums included), the decapsulation and translation node B does, the
+//! MSS clamps, the choice every node agrees on, and what happens to bad or
+//! unroutable input. Route and neighbour lookups use a real network
+//! namespace's tables (a veth with addresses and neighbour entries).
+//! Needs root; skipped (with a message) otherwise.
+
+use std::net::{IpAddr, Ipv4Addr};
+
+use serviceless_common::{CtEvent, ENCAP_OVERHEAD, FABRIC_F_ENCAP, FABRIC_F_PREFER_LOCAL, Fabric, Verdict};
+use serviceless_agent::model::{AppSpec, from_addr};
+use serviceless_tests::{
+    TEST_SIZES, TestDataplane, app,
+    fixture::*,
+    kernel_tests_enabled,
+    netns::{Netns, enter},
+    packet::{ACK, Packet, SYN, gue_frame, hex, mss_option},
+};
+
+const NODE_A: &str = "192.0.2.11";
+const NODE_B: &str = "192.0.2.12";
+/// A node with a route but no resolved link-layer address.
+const NODE_UNRESOLVED: &str = "192.0.2.13";
+/// A node the namespace has no route to.
+const NODE_UNROUTED: &str = "203.0.113.50";
+const NODE_B_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x12];
+const ENCAP_PORT: u16 = 6080;
+const MTU: u16 = 1500;
+const REMOTE_VIP: &str = "10.96.0.40";
+const REMOTE_POD: &str = "10.244.2.2";
+
+fn fabric(node: &str, flags: u32) -> Fabric {
+    let node4: Ipv4Addr = node.parse().unwrap();
+    Fabric {
+        node4: node4.octets(),
+        flags: FABRIC_F_ENCAP | flags,
+        encap_port: ENCAP_PORT.to_be(),
+        mtu: MTU,
+        mss4: MTU - ENCAP_OVERHEAD - 40,
+        mss6: MTU - ENCAP_OVERHEAD - 60,
+    }
+}
+
+/// An app whose pods are on the given nodes (`None`: this node).
+fn app_on(hostname: &str, vip: &str, pods: &[(&str, Option<&str>)]) -> AppSpec {
+    let mut a = app(hostname, vip, &pods.iter().map(|(ip, _)| (*ip, true)).collect::<Vec<_>>());
+    for (b, (_, node)) in a.backends.iter_mut().zip(pods) {
+        b.node = node.map(|n| n.parse::<IpAddr>().unwrap());
+    }
+    a
+}
+
+/// Node A's network namespace: uplink `fxa` (192.0.2.11/24, forwarding on)
+/// with a permanent neighbour entry for node B and none for 192.0.2.13.
+struct NodeNet {
+    ns: Netns,
+    ifindex: u32,
+    mac: [u8; 6],
+}
+
+fn node_net(tag: &str) -> NodeNet {
+    let ns = Netns::new(&format!("svlfab{tag}{}", std::process::id())).expect("netns");
+    ns.ip("link add fxa type veth peer name fxb").expect("veth");
+    ns.ip(&format!("addr add {NODE_A}/24 dev fxa")).unwrap();
+    ns.ip("link set fxa up").unwrap();
+    ns.ip("link set fxb up").unwrap();
+    ns.exec("sysctl", &["-qw", "net.ipv4.ip_forward=1"]).unwrap();
+    let mac = NODE_B_MAC.map(|b| format!("{b:02x}")).join(":");
+    ns.ip(&format!("neigh add {NODE_B} lladdr {mac} dev fxa nud permanent")).unwrap();
+    let link = ns.ip("-o link show fxa").unwrap();
+    let ifindex: u32 = link.split(':').next().unwrap().trim().parse().unwrap();
+    let ether = link.split("link/ether ").nth(1).unwrap().split_whitespace().next().unwrap();
+    let mac: Vec<u8> = ether.split(':').map(|h| u8::from_str_radix(h, 16).unwrap()).collect();
+    NodeNet { ns, ifindex, mac: mac.try_into().unwrap() }
+}
+
+fn node_a(apps: Vec<AppSpec>, flags: u32) -> TestDataplane {
+    let mut dp = TestDataplane::new(TEST_SIZES).expect("load the dataplane");
+    dp.join_fabric(&[NODE_A], &fabric(NODE_A, flags)).unwrap();
+    let outcome = dp.apply(apps);
+    assert!(outcome.failed.is_empty(), "{outcome:?}");
+    dp
+}
+
+fn node_b(apps: Vec<AppSpec>) -> TestDataplane {
+    let mut dp = TestDataplane::new(TEST_SIZES).expect("load the dataplane");
+    dp.join_fabric(&[NODE_B], &fabric(NODE_B, 0)).unwrap();
+    let outcome = dp.apply(apps);
+    assert!(outcome.failed.is_empty(), "{outcome:?}");
+    dp
+}
+
+fn delta(dp: &TestDataplane, before: &std::collections::HashMap<Verdict, u64>, v: Verdict) -> u64 {
+    dp.verdicts()[&v] - before[&v]
+}
+
+fn syn(sport: u16, vip: &str) -> Packet {
+    Packet::tcp(CLIENT, sport, vip, 80).with(|p| {
+        p.tcp_options = mss_option(1460);
+        p.payload.clear();
+    })
+}
+
+/// The UDP source port A chose (entropy), after checking its range.
+fn encap_sport(out: &[u8]) -> u16 {
+    let sport = u16::from_be_bytes([out[34], out[35]]);
+    assert_eq!(sport & 0xc000, 0xc000, "source port in the dynamic range");
+    sport
+}
+
+#[test]
+fn a_remote_pod_is_reached_by_encapsulation_and_its_node_translates() {
+    if !kernel_tests_enabled("a_remote_pod_is_reached_by_encapsulation_and_its_node_translates") {
+        return;
+    }
+    let net = node_net("1");
+    enter(&net.ns.name).unwrap();
+    let remote = app_on("remote.example.com", REMOTE_VIP, &[(REMOTE_POD, Some(NODE_B))]);
+    let a = node_a(vec![remote.clone()], 0);
+    let b = node_b(vec![app_on("remote.example.com", REMOTE_VIP, &[(REMOTE_POD, None)])]);
+    assert_eq!(a.reconciler.remote_nodes(), [NODE_B.parse::<IpAddr>().unwrap()]);
+
+    // A: the SYN leaves encapsulated to B, its MSS clamped, no state kept.
+    let input = syn(40000, REMOTE_VIP);
+    let before = a.verdicts();
+    let (action, out) = a.ingress_on(net.ifindex, &input.frame()).unwrap();
+    assert_eq!(action, XDP_TX, "sent back out of the uplink it came in on\n{}", hex(&out));
+    assert_eq!(delta(&a, &before, Verdict::EncapForwarded), 1);
+    let clamped_mss = MTU - ENCAP_OVERHEAD - 40;
+    let inner = input.clone().with(|p| p.tcp_options = mss_option(clamped_mss)).ip_bytes();
+    let node_a4: Ipv4Addr = NODE_A.parse().unwrap();
+    let node_b4: Ipv4Addr = NODE_B.parse().unwrap();
+    let expected = gue_frame(NODE_B_MAC, net.mac, node_a4, node_b4, encap_sport(&out), ENCAP_PORT, &inner);
+    assert_eq!(out, expected, "encapsulated SYN\n got:\n{}\nwant:\n{}", hex(&out), hex(&expected));
+    assert!(a.conntrack().is_empty(), "the front node keeps no state for a remote pod's connection");
+
+    // B: strips the outer headers, translates to its pod, tracks the connection.
+    let before = b.verdicts();
+    let (action, decapped) = b.ingress(&out).unwrap();
+    assert_eq!(action, XDP_PASS, "{}", hex(&decapped));
+    assert_eq!(delta(&b, &before, Verdict::Decapsulated), 1);
+    assert_eq!(delta(&b, &before, Verdict::BackendNewFlow), 1);
+    let translated = input.clone().with(|p| p.tcp_options = mss_option(clamped_mss)).nat(None, Some((REMOTE_POD, 8080)));
+    let mut want = Vec::new();
+    want.extend(NODE_B_MAC);
+    want.extend(net.mac);
+    want.extend(0x0800u16.to_be_bytes());
+    want.extend(translated.ip_bytes());
+    assert_eq!(decapped, want, "decapsulated and translated\n got:\n{}\nwant:\n{}", hex(&decapped), hex(&want));
+    assert_eq!(b.conntrack().len(), 2, "B owns the connection (forward and reply entries)");
+
+    // B's egress: the pod's SYN-ACK leaves from the VIP with its MSS clamped.
+    let syn_ack = Packet::tcp(REMOTE_POD, 8080, CLIENT, 40000).flags(SYN | ACK).with(|p| {
+        p.tcp_options = [vec![1], mss_option(1460), vec![1, 1, 1]].concat();
+        p.payload.clear();
+    });
+    let clamped_before = b.ct_events()[&CtEvent::MssClamped];
+    let (rc, reply) = b.egress(&syn_ack.frame_back()).unwrap();
+    assert_eq!(rc, TC_ACT_OK);
+    let want = syn_ack
+        .clone()
+        .with(|p| p.tcp_options = [vec![1], mss_option(clamped_mss), vec![1, 1, 1]].concat())
+        .nat(Some((REMOTE_VIP, 80)), None)
+        .frame_back();
+    assert_eq!(reply, want, "SYN-ACK from the VIP, MSS clamped (option at an odd offset)\n got:\n{}\nwant:\n{}", hex(&reply), hex(&want));
+    assert_eq!(b.ct_events()[&CtEvent::MssClamped] - clamped_before, 1);
+
+    // A: a later segment, with no state on A, goes the same way (it may
+    // reach any node), not answered with a RST.
+    let ack = Packet::tcp(CLIENT, 40000, REMOTE_VIP, 80).flags(ACK);
+    let before = a.verdicts();
+    let (action, out) = a.ingress_on(net.ifindex, &ack.frame()).unwrap();
+    assert_eq!(action, XDP_TX);
+    assert_eq!(delta(&a, &before, Verdict::EncapForwarded), 1);
+    assert_eq!(delta(&a, &before, Verdict::RstNoConnection), 0);
+    let expected = gue_frame(NODE_B_MAC, net.mac, node_a4, node_b4, encap_sport(&out), ENCAP_PORT, &ack.ip_bytes());
+    assert_eq!(out, expected);
+    // ... and B follows its connection.
+    let before = b.verdicts();
+    let (action, _) = b.ingress(&out).unwrap();
+    assert_eq!(action, XDP_PASS);
+    assert_eq!(delta(&b, &before, Verdict::BackendEstablished), 1);
+
+    // A segment of a connection B does not have, encapsulated to B: dropped
+    // (a RST would go back through A), never answered or forwarded again.
+    let stray = Packet::tcp(CLIENT, 40001, REMOTE_VIP, 80).flags(ACK);
+    let (_, out) = a.ingress_on(net.ifindex, &stray.frame()).unwrap();
+    let before = b.verdicts();
+    let (action, _) = b.ingress(&out).unwrap();
+    assert_eq!((action, delta(&b, &before, Verdict::DropTunnelInvalid)), (XDP_DROP, 1));
+
+    // UDP goes the same way.
+    let dns = Packet::udp(CLIENT, 5300, REMOTE_VIP, 53);
+    let before = a.verdicts();
+    let (action, out) = a.ingress_on(net.ifindex, &dns.frame()).unwrap();
+    assert_eq!((action, delta(&a, &before, Verdict::EncapForwarded)), (XDP_TX, 1));
+    let before = b.verdicts();
+    let (action, decapped) = b.ingress(&out).unwrap();
+    assert_eq!((action, delta(&b, &before, Verdict::BackendNewFlow)), (XDP_PASS, 1));
+    assert_eq!(&decapped[14..], &dns.nat(None, Some((REMOTE_POD, 5353))).ip_bytes()[..]);
+}
+
+#[test]
+fn every_node_picks_the_same_pod_and_prefer_local_stays_local() {
+    if !kernel_tests_enabled("every_node_picks_the_same_pod_and_prefer_local_stays_local") {
+        return;
+    }
+    let net = node_net("2");
+    enter(&net.ns.name).unwrap();
+    // One pod on A, two on B; each node sees the other's pods as remote.
+    let seen_from_a = [("10.244.1.2", None), ("10.244.2.2", Some(NODE_B)), ("10.244.2.3", Some(NODE_B))];
+    let seen_from_b = [("10.244.1.2", Some(NODE_A)), ("10.244.2.2", None), ("10.244.2.3", None)];
+    let a = node_a(vec![app_on("spread.example.com", REMOTE_VIP, &seen_from_a)], 0);
+    let b = node_b(vec![app_on("spread.example.com", REMOTE_VIP, &seen_from_b)]);
+    let (mut local, mut remote) = (0, 0);
+    for sport in 41000..41064 {
+        let input = syn(sport, REMOTE_VIP);
+        let (action_a, out_a) = a.ingress_on(net.ifindex, &input.frame()).unwrap();
+        // The same SYN reaching B directly.
+        let (action_b, out_b) = b.ingress(&input.frame()).unwrap();
+        if action_a == XDP_PASS {
+            local += 1;
+            assert_eq!(&out_a[30..34], &[10, 244, 1, 2], "A's only local pod");
+            // B sends it on to A (here A's address is local to the
+            // namespace, so B's route lookup drops it): B never takes it.
+            assert_ne!(action_b, XDP_PASS, "sport {sport}: B must not pick a pod of its own");
+        } else {
+            remote += 1;
+            assert_eq!(action_a, XDP_TX);
+            // B decapsulating A's packet picks the pod it picks for the SYN directly.
+            let (action, decapped) = b.ingress(&out_a).unwrap();
+            assert_eq!((action, action_b), (XDP_PASS, XDP_PASS));
+            assert_eq!(&decapped[30..34], &out_b[30..34], "sport {sport}: the same pod from either node");
+        }
+        b.clear_conntrack().unwrap();
+    }
+    assert!(local > 5 && remote > 20, "rendezvous hashing spreads over all three pods: {local} local, {remote} remote");
+
+    // --prefer-local: A sends everything to its own pod.
+    let a = node_a(vec![app_on("spread.example.com", REMOTE_VIP, &seen_from_a)], FABRIC_F_PREFER_LOCAL);
+    for sport in 42000..42032 {
+        let (action, out) = a.ingress_on(net.ifindex, &syn(sport, REMOTE_VIP).frame()).unwrap();
+        assert_eq!((action, &out[30..34]), (XDP_PASS, &[10u8, 244, 1, 2][..]));
+    }
+}
+
+#[test]
+fn unroutable_oversize_and_malformed_tunnel_input_is_dropped_and_counted() {
+    if !kernel_tests_enabled("unroutable_oversize_and_malformed_tunnel_input_is_dropped_and_counted") {
+        return;
+    }
+    let net = node_net("3");
+    enter(&net.ns.name).unwrap();
+    let a = node_a(
+        vec![
+            app_on("remote.example.com", REMOTE_VIP, &[(REMOTE_POD, Some(NODE_B))]),
+            app_on("unresolved.example.com", "10.96.0.41", &[("10.244.3.2", Some(NODE_UNRESOLVED))]),
+            app_on("unrouted.example.com", "10.96.0.42", &[("10.244.4.2", Some(NODE_UNROUTED))]),
+        ],
+        0,
+    );
+    let check = |name: &str, frame: Vec<u8>, action: u32, verdict: Verdict| {
+        let before = a.verdicts();
+        let (got, out) = a.ingress_on(net.ifindex, &frame).unwrap();
+        assert_eq!((got, delta(&a, &before, verdict)), (action, 1), "{name}\n{}", hex(&out));
+        if action != XDP_TX && action != XDP_PASS {
+            return;
+        }
+        if verdict == Verdict::PassNotVip || verdict == Verdict::DropTunnelInvalid {
+            assert_eq!(out, frame, "{name}: untouched");
+        }
+    };
+    check("no neighbour entry for the pod's node", syn(43000, "10.96.0.41").frame(), XDP_DROP, Verdict::DropEncapNoNeighbour);
+    check("no route to the pod's node", syn(43001, "10.96.0.42").frame(), XDP_DROP, Verdict::DropEncapNoRoute);
+    // A full-size packet cannot grow by the encapsulation within the MTU.
+    let big = Packet::tcp(CLIENT, 43002, REMOTE_VIP, 80).flags(ACK).with(|p| p.payload = vec![0x61; 1460]);
+    check("too big to encapsulate", big.frame(), XDP_DROP, Verdict::EncapTooBig);
+
+    let node_a4: Ipv4Addr = NODE_A.parse().unwrap();
+    let peer: Ipv4Addr = NODE_B.parse().unwrap();
+    let tunnel = |inner: &[u8], port: u16| gue_frame(net.mac, NODE_B_MAC, peer, node_a4, 0xc001, port, inner);
+    let not_vip = Packet::tcp(CLIENT, 43003, "10.1.2.3", 80).ip_bytes();
+    check("tunnelled packet not for a VIP", tunnel(&not_vip, ENCAP_PORT), XDP_DROP, Verdict::DropTunnelInvalid);
+    let mut garbage = syn(43004, REMOTE_VIP).ip_bytes();
+    garbage[0] = 0x55;
+    check("tunnelled bytes that are not IP", tunnel(&garbage, ENCAP_PORT), XDP_DROP, Verdict::DropTunnelInvalid);
+    let mut short = tunnel(&syn(43005, REMOTE_VIP).ip_bytes(), ENCAP_PORT);
+    short.truncate(14 + 20 + 8 + 10);
+    check("tunnelled packet cut short", short, XDP_DROP, Verdict::DropTunnelInvalid);
+    let inner = syn(43006, REMOTE_VIP).ip_bytes();
+    check("UDP to the node on another port", tunnel(&inner, 6081), XDP_PASS, Verdict::PassNotVip);
+    // A packet encapsulated to this node for a pod elsewhere is never sent on.
+    let before = a.verdicts();
+    let (action, _) = a.ingress_on(net.ifindex, &tunnel(&inner, ENCAP_PORT)).unwrap();
+    assert_eq!(action, XDP_DROP);
+    assert_eq!(delta(&a, &before, Verdict::DropTunnelInvalid), 1);
+    assert_eq!(delta(&a, &before, Verdict::EncapForwarded), 0);
+}
+
+#[test]
+fn node_entries_follow_the_backends_that_name_them() {
+    if !kernel_tests_enabled("node_entries_follow_the_backends_that_name_them") {
+        return;
+    }
+    let mut a = node_a(vec![app_on("remote.example.com", REMOTE_VIP, &[(REMOTE_POD, Some(NODE_B)), ("10.244.1.2", Some(NODE_A))])], 0);
+    let nodes: Vec<IpAddr> = a.maps().nodes().map(|(_, n)| from_addr(&n.addr)).collect();
+    assert_eq!(nodes, [NODE_B.parse::<IpAddr>().unwrap()], "this node's own pods need no entry");
+    let local: Vec<u16> = a.maps().backends().map(|(_, b)| b.node).collect();
+    assert!(local.contains(&0), "the pod on this node is local");
+    // A restarted agent adopts the ids; the pod moving away frees the entry.
+    a.restart_reconciler().unwrap();
+    assert_eq!(a.reconciler.remote_nodes(), [NODE_B.parse::<IpAddr>().unwrap()]);
+    let outcome = a.apply(vec![app_on("remote.example.com", REMOTE_VIP, &[("10.244.1.2", Some(NODE_A))])]);
+    assert!(outcome.failed.is_empty());
+    assert_eq!(a.maps().nodes().count(), 0);
+    assert!(a.reconciler.remote_nodes().is_empty());
+}
