@@ -7,7 +7,8 @@ use anyhow::Context as _;
 use serde::Serialize;
 use serviceless_common::{
     BACKEND_READY, BackendKey, CT_DIR_FORWARD, CT_F_MIGRATED, CT_KIND_ACTIVATOR, CT_STATE_CLOSING, CT_STATE_ESTABLISHED,
-    CT_STATE_FIN_WAIT, CT_STATE_SYN_RECV, CT_STATE_SYN_SENT, CT_STATE_UDP, SERVICE_F_ACTIVATOR_ONLY,
+    CT_STATE_FIN_WAIT, CT_STATE_SYN_RECV, CT_STATE_SYN_SENT, CT_STATE_UDP, FABRIC_F_ENCAP, FABRIC_F_PREFER_LOCAL,
+    NODE_LOCAL, SERVICE_F_ACTIVATOR_ONLY,
 };
 
 use crate::{
@@ -73,6 +74,8 @@ pub struct BackendReport {
     pub slot: u32,
     pub ip: IpAddr,
     pub state: &'static str,
+    /// The pod's node; `None`: this node (or not known).
+    pub node: Option<IpAddr>,
 }
 
 #[derive(Debug, Serialize)]
@@ -100,6 +103,18 @@ pub struct ConnectionReport {
 pub struct ConfigReport {
     pub activator4: Option<String>,
     pub activator6: Option<String>,
+    /// How pods on other nodes are reached: "dsr" (encapsulated to their
+    /// node, which answers the client) or "route" (the kernel's routing).
+    pub remote_mode: &'static str,
+    /// This node's address in the fabric (the encapsulation's source).
+    pub node_address: Option<IpAddr>,
+    pub encap_port: Option<u16>,
+    pub fabric_mtu: u16,
+    /// TCP MSS SYNs and SYN-ACKs to and from VIPs are clamped to (IPv4, IPv6).
+    pub mss_clamp: Option<(u16, u16)>,
+    pub prefer_local: bool,
+    /// Other nodes backends are on.
+    pub nodes: Vec<IpAddr>,
 }
 
 fn endpoint(addr: &[u8; 16], port_be: u16) -> String {
@@ -134,7 +149,8 @@ pub fn report(maps: &DataplaneMaps, connection_limit: usize, only: Option<&str>)
             .filter_map(|slot| {
                 let b = maps.backend(&BackendKey { app_id: id, slot })?;
                 let state = if b.state == BACKEND_READY { "ready" } else { "draining" };
-                Some(BackendReport { slot, ip: from_addr(&b.addr), state })
+                let node = (b.node != NODE_LOCAL).then(|| maps.node(b.node).map(|n| from_addr(&n.addr))).flatten();
+                Some(BackendReport { slot, ip: from_addr(&b.addr), state, node })
             })
             .collect();
         let activity = maps.activity(id).unwrap_or_default();
@@ -178,11 +194,20 @@ pub fn report(maps: &DataplaneMaps, connection_limit: usize, only: Option<&str>)
     }
     let summary = maps.ct_summary();
     let config = maps.config().unwrap_or_default();
+    let fabric = maps.fabric().unwrap_or_default();
+    let encap = fabric.flags & FABRIC_F_ENCAP != 0;
     let config = ConfigReport {
         activator4: (config.flags & serviceless_common::CONFIG_F_ACTIVATOR4 != 0)
             .then(|| endpoint(&config.activator4, config.activator4_port)),
         activator6: (config.flags & serviceless_common::CONFIG_F_ACTIVATOR6 != 0)
             .then(|| endpoint(&config.activator6, config.activator6_port)),
+        remote_mode: if encap { "dsr" } else { "route" },
+        node_address: encap.then(|| IpAddr::from(fabric.node4)),
+        encap_port: encap.then(|| u16::from_be(fabric.encap_port)),
+        fabric_mtu: fabric.mtu,
+        mss_clamp: (fabric.mss4 != 0).then_some((fabric.mss4, fabric.mss6)),
+        prefer_local: fabric.flags & FABRIC_F_PREFER_LOCAL != 0,
+        nodes: maps.nodes().map(|(_, n)| from_addr(&n.addr)).collect(),
     };
     Report {
         apps,
@@ -210,7 +235,14 @@ pub fn render_table(r: &Report) -> String {
         } else if a.backends.is_empty() {
             "none -> activator".to_string()
         } else {
-            a.backends.iter().map(|b| format!("{}({})", b.ip, b.state)).collect::<Vec<_>>().join(" ")
+            a.backends
+                .iter()
+                .map(|b| match b.node {
+                    Some(node) => format!("{}({}, node {node})", b.ip, b.state),
+                    None => format!("{}({})", b.ip, b.state),
+                })
+                .collect::<Vec<_>>()
+                .join(" ")
         };
         let backends = if a.pods.is_empty() { backends } else { format!("{backends}  pods: {}", a.pods.join(",")) };
         let _ = writeln!(
@@ -273,6 +305,24 @@ pub fn render_table(r: &Report) -> String {
         r.capacity.conntrack,
         r.capacity.ct_new
     );
+    let c = &r.config;
+    match c.node_address {
+        Some(node) => {
+            let nodes: Vec<String> = c.nodes.iter().map(IpAddr::to_string).collect();
+            let _ = writeln!(
+                out,
+                "FABRIC node {node}, pods on other nodes: encapsulated (UDP {}) to their node, which replies directly; MTU {}, MSS clamp {}{}; other nodes: {}",
+                c.encap_port.unwrap_or(0),
+                c.fabric_mtu,
+                c.mss_clamp.map(|(m4, m6)| format!("{m4}/{m6}")).unwrap_or_else(|| "off".into()),
+                if c.prefer_local { ", prefer local pods" } else { "" },
+                if nodes.is_empty() { "none".into() } else { nodes.join(" ") }
+            );
+        }
+        None => {
+            let _ = writeln!(out, "FABRIC pods on other nodes are reached by routing (--remote-mode route, or no node address)");
+        }
+    }
     let ids: Vec<String> = r.map_ids.iter().map(|(n, id)| format!("{n}={id}")).collect();
     let _ = writeln!(out, "MAP IDS {}  (bpftool map dump id <id>)", ids.join(" "));
     out

@@ -5,6 +5,7 @@
 /// The real control plane for tests (shared with `cargo xtask k8s-apiserver`).
 #[path = "../../xtask/src/k8s.rs"]
 pub mod k8s;
+pub mod cluster;
 pub mod fixture;
 pub mod flood;
 pub mod kube_env;

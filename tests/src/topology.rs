@@ -253,7 +253,7 @@ impl Drop for Topology {
     }
 }
 
-fn if_index(name: &str) -> Option<u32> {
+pub fn if_index(name: &str) -> Option<u32> {
     let c = std::ffi::CString::new(name).ok()?;
     // SAFETY: valid C string.
     let idx = unsafe { libc::if_nametoindex(c.as_ptr()) };
@@ -261,7 +261,7 @@ fn if_index(name: &str) -> Option<u32> {
 }
 
 /// A veth pair between two namespaces, with final names.
-fn link(tmp_a: &str, ns_a: &Netns, name_a: &str, tmp_b: &str, ns_b: &Netns, name_b: &str) -> anyhow::Result<()> {
+pub fn link(tmp_a: &str, ns_a: &Netns, name_a: &str, tmp_b: &str, ns_b: &Netns, name_b: &str) -> anyhow::Result<()> {
     ip(&format!("link add {tmp_a} type veth peer name {tmp_b}"))?;
     ip(&format!("link set {tmp_a} netns {}", ns_a.name))?;
     ip(&format!("link set {tmp_b} netns {}", ns_b.name))?;
@@ -270,7 +270,7 @@ fn link(tmp_a: &str, ns_a: &Netns, name_a: &str, tmp_b: &str, ns_b: &Netns, name
     Ok(())
 }
 
-fn wait_http(ns: &Netns, target: &str) -> anyhow::Result<()> {
+pub fn wait_http(ns: &Netns, target: &str) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let t = target.to_string();
@@ -329,14 +329,36 @@ impl Conn {
         self.get_path("/", true)
     }
 
+    /// The socket, for socket options.
+    pub fn raw_fd(&self) -> i32 {
+        std::os::fd::AsRawFd::as_raw_fd(self.stream.get_ref())
+    }
+
     /// The client's own address and port.
     pub fn local_addr(&self) -> SocketAddr {
         self.stream.get_ref().local_addr().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
     }
 
-    fn get_path(&mut self, path: &str, keep_alive: bool) -> anyhow::Result<Response> {
+    pub fn get_path(&mut self, path: &str, keep_alive: bool) -> anyhow::Result<Response> {
         let conn = if keep_alive { "keep-alive" } else { "close" };
         write!(self.stream.get_mut(), "GET {path} HTTP/1.1\r\nHost: test\r\nConnection: {conn}\r\n\r\n")?;
+        self.response()
+    }
+
+    /// POSTs `len` bytes (an upload) on this connection.
+    pub fn post(&mut self, path: &str, len: usize) -> anyhow::Result<Response> {
+        write!(self.stream.get_mut(), "POST {path} HTTP/1.1\r\nHost: test\r\nContent-Length: {len}\r\n\r\n")?;
+        let chunk = vec![b'u'; 64 * 1024];
+        let mut left = len;
+        while left > 0 {
+            let n = left.min(chunk.len());
+            self.stream.get_mut().write_all(&chunk[..n])?;
+            left -= n;
+        }
+        self.response()
+    }
+
+    fn response(&mut self) -> anyhow::Result<Response> {
         let mut status_line = String::new();
         if self.stream.read_line(&mut status_line)? == 0 {
             return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into());

@@ -1,8 +1,9 @@
 //! A tiny threaded HTTP/1.1 server with keep-alive for the traffic tests:
-//! every response body is "<name> peer=<client ip:port>".
+//! every response body starts "<name> peer=<client ip:port> received=<n>"
+//! (n: bytes of request body read); GET /bytes/<n> pads it to n bytes.
 
 use std::{
-    io::{BufRead as _, BufReader, Write as _},
+    io::{BufRead as _, BufReader, Read as _, Write as _},
     net::{TcpListener, TcpStream},
     thread,
 };
@@ -33,7 +34,9 @@ fn serve(stream: TcpStream, name: &str) -> std::io::Result<()> {
         if reader.read_line(&mut request_line)? == 0 {
             return Ok(());
         }
+        let path = request_line.split_whitespace().nth(1).unwrap_or("/").to_string();
         let mut close = false;
+        let mut upload = 0usize;
         loop {
             let mut line = String::new();
             if reader.read_line(&mut line)? == 0 {
@@ -46,9 +49,19 @@ fn serve(stream: TcpStream, name: &str) -> std::io::Result<()> {
             if l == "connection: close" {
                 close = true;
             }
+            if let Some(v) = l.strip_prefix("content-length:") {
+                upload = v.trim().parse().unwrap_or(0);
+            }
         }
-        let body = format!("{name} peer={peer}\n");
-        write!(out, "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nContent-Type: text/plain\r\n\r\n{body}", body.len())?;
+        // A request body (an upload) is read and counted.
+        let received = std::io::copy(&mut (&mut reader).take(upload as u64), &mut std::io::sink())?;
+        let mut body = format!("{name} peer={peer} received={received}\n").into_bytes();
+        // GET /bytes/<n>: a response body of n bytes (a download).
+        if let Some(n) = path.strip_prefix("/bytes/").and_then(|n| n.parse::<usize>().ok()) {
+            body.resize(n.max(body.len()), b'x');
+        }
+        write!(out, "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nContent-Type: text/plain\r\n\r\n", body.len())?;
+        out.write_all(&body)?;
         if close {
             return Ok(());
         }
