@@ -12,7 +12,7 @@ use aya_ebpf::{
         BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup as FibLookup,
         xdp_action::{XDP_DROP, XDP_TX},
     },
-    helpers::{bpf_fib_lookup, bpf_redirect, bpf_xdp_adjust_head},
+    helpers::{bpf_csum_diff, bpf_fib_lookup, bpf_redirect, bpf_xdp_adjust_head},
     programs::XdpContext,
 };
 use serviceless_common::{
@@ -81,11 +81,137 @@ pub fn decapsulate(ctx: &XdpContext) -> Result<(), ()> {
 pub fn encapsulate_call(ctx: &XdpContext, fabric: &Fabric, p: &Parsed, node: u16) -> u64 {
     match encapsulate(ctx, fabric, p, node) {
         Ok(action) => pack(Verdict::EncapForwarded, action),
+        Err(Verdict::EncapTooBig) => pack(Verdict::EncapTooBig, too_big(ctx, fabric, p).unwrap_or(XDP_DROP)),
         Err(verdict) => pack(verdict, XDP_DROP),
     }
 }
 
+/// Bytes of the offending packet an ICMP "too big" error quotes: its IP
+/// header and the start of its payload (ports and sequence numbers), which
+/// is what the sender's stack needs to find the connection.
+const QUOTE: usize = 64;
+const ICMP_HLEN: usize = 8;
+const IPPROTO_ICMP: u8 = 1;
+const IPPROTO_ICMPV6: u8 = 58;
+
+#[repr(C)]
+struct IcmpHdr {
+    kind: u8,
+    code: u8,
+    check: [u8; 2],
+    /// Unused/next-hop MTU (IPv4), MTU (IPv6).
+    rest: [u8; 4],
+}
+
+/// The IPv4 address of an IPv4-mapped address (no checks: the caller knows the family).
 #[inline(always)]
+fn ipv4_of(addr: &serviceless_common::Addr) -> [u8; 4] {
+    [addr[12], addr[13], addr[14], addr[15]]
+}
+
+/// Answers a packet too big to encapsulate with ICMP "fragmentation
+/// needed" (IPv4, when the packet forbids fragmenting; a packet that allows
+/// it is dropped: XDP cannot fragment) or ICMPv6 "packet too big", from the
+/// VIP, advertising the MTU left after encapsulation (RFC 1191, RFC 8201),
+/// so the client lowers its path MTU instead of retransmitting into a black
+/// hole. Rewrites the frame in place; returns XDP_TX.
+#[inline(never)]
+fn too_big(ctx: &XdpContext, fabric: &Fabric, p: &Parsed) -> Result<u32, ()> {
+    if p.l3() != ETH_HLEN || p.ip_end() - p.l3() < QUOTE {
+        return Err(());
+    }
+    let (dst, src) = {
+        let eth = ptr_at::<EthHdr>(ctx, 0)?;
+        // SAFETY: bounds checked by ptr_at.
+        unsafe { ((*eth).src, (*eth).dst) }
+    };
+    let mtu = fabric.mtu.saturating_sub(ENCAP_OVERHEAD);
+    let ip_hlen = if p.v4 { 20 } else { IPV6_HLEN };
+    if p.v4 {
+        let ip = ptr_at::<Ipv4Hdr>(ctx, ETH_HLEN)?;
+        // SAFETY: bounds checked by ptr_at.
+        if unsafe { be16((*ip).frag_off) } & IPV4_DF == 0 {
+            return Err(());
+        }
+    }
+    // Make room for the new IP and ICMP headers in front of the quote.
+    let grow = (ip_hlen + ICMP_HLEN) as i32;
+    // SAFETY: grows our own frame at its head; pointers are re-derived below.
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, -grow) } != 0 {
+        return Err(());
+    }
+    let quote_at = ETH_HLEN + ip_hlen + ICMP_HLEN;
+    let total = quote_at + QUOTE;
+    // SAFETY: shrinks the frame to the error message.
+    let len = unsafe { aya_ebpf::helpers::bpf_xdp_get_buff_len(ctx.ctx) } as i32;
+    if unsafe { aya_ebpf::helpers::bpf_xdp_adjust_tail(ctx.ctx, total as i32 - len) } != 0 {
+        return Err(());
+    }
+    // The helper sums the quote in place (an unrolled 64-byte sum would
+    // take the whole stack). It adds native-order 32-bit words; folded and
+    // byte-swapped, that is the sum of big-endian 16-bit words.
+    let quote = ptr_at::<[u8; QUOTE]>(ctx, quote_at)?;
+    // SAFETY: a readable packet range of QUOTE bytes.
+    let native = unsafe { bpf_csum_diff(core::ptr::null_mut(), 0, quote.cast(), QUOTE as u32, 0) };
+    if native < 0 {
+        return Err(());
+    }
+    let quoted_sum = csum::fold(native as u32).swap_bytes() as u32;
+    let eth = ptr_at::<EthHdr>(ctx, 0)?;
+    // SAFETY: bounds checked by ptr_at.
+    unsafe { *eth = EthHdr { dst, src, ether_type: if p.v4 { ETH_P_IP } else { ETH_P_IPV6 } } };
+    let icmp_len = (ICMP_HLEN + QUOTE) as u16;
+    let icmp = ptr_at::<IcmpHdr>(ctx, ETH_HLEN + ip_hlen)?;
+    if p.v4 {
+        let ip = ptr_at::<Ipv4Hdr>(ctx, ETH_HLEN)?;
+        let (vip, client) = (ipv4_of(&p.dst), ipv4_of(&p.src));
+        // SAFETY: bounds checked by ptr_at.
+        unsafe {
+            *ip = Ipv4Hdr {
+                version_ihl: 0x45,
+                tos: 0,
+                tot_len: (20 + icmp_len).to_be_bytes(),
+                id: [0, 0],
+                frag_off: [0, 0],
+                ttl: 64,
+                proto: IPPROTO_ICMP,
+                check: [0, 0],
+                src: vip,
+                dst: client,
+            };
+            let bytes: &[u8; 20] = &*ip.cast();
+            (*ip).check = (!csum::fold(csum::add_words(0, bytes))).to_be_bytes();
+            // Destination unreachable, fragmentation needed, next-hop MTU.
+            *icmp = IcmpHdr { kind: 3, code: 4, check: [0, 0], rest: [0, 0, (mtu >> 8) as u8, mtu as u8] };
+            let sum = csum::add_words(quoted_sum, &*icmp.cast::<[u8; ICMP_HLEN]>());
+            (*icmp).check = (!csum::fold(sum)).to_be_bytes();
+        }
+    } else {
+        let ip = ptr_at::<Ipv6Hdr>(ctx, ETH_HLEN)?;
+        // SAFETY: bounds checked by ptr_at.
+        unsafe {
+            *ip = Ipv6Hdr {
+                vtc_flow: [0x60, 0, 0, 0],
+                payload_len: icmp_len.to_be_bytes(),
+                next_hdr: IPPROTO_ICMPV6,
+                hop_limit: 64,
+                src: p.dst,
+                dst: p.src,
+            };
+            // Packet too big, MTU; the checksum covers the pseudo-header.
+            *icmp = IcmpHdr { kind: 2, code: 0, check: [0, 0], rest: (mtu as u32).to_be_bytes() };
+            let mut sum = csum::add_words(quoted_sum, &*icmp.cast::<[u8; ICMP_HLEN]>());
+            sum = csum::add_words(sum, &p.dst);
+            sum = csum::add_words(sum, &p.src);
+            sum += icmp_len as u32 + IPPROTO_ICMPV6 as u32;
+            (*icmp).check = (!csum::fold(sum)).to_be_bytes();
+        }
+    }
+    Ok(XDP_TX)
+}
+
+// Out of line, as `too_big`: the two share the stack below their caller.
+#[inline(never)]
 fn encapsulate(ctx: &XdpContext, fabric: &Fabric, p: &Parsed, node: u16) -> Result<u32, Verdict> {
     let Some(peer) = NODES.get(node as u32).filter(|n| n.flags & NODE_F_PRESENT != 0) else {
         return Err(Verdict::DropEncapNoRoute);

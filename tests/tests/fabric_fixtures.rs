@@ -17,6 +17,7 @@ use serviceless_tests::{
     netns::{Netns, enter},
     packet::{ACK, Packet, SYN, gue_frame, hex, mss_option},
 };
+use serviceless_common::csum::checksum;
 
 const NODE_A: &str = "192.0.2.11";
 const NODE_B: &str = "192.0.2.12";
@@ -257,6 +258,7 @@ fn unroutable_oversize_and_malformed_tunnel_input_is_dropped_and_counted() {
             app_on("remote.example.com", REMOTE_VIP, &[(REMOTE_POD, Some(NODE_B))]),
             app_on("unresolved.example.com", "10.96.0.41", &[("10.244.3.2", Some(NODE_UNRESOLVED))]),
             app_on("unrouted.example.com", "10.96.0.42", &[("10.244.4.2", Some(NODE_UNROUTED))]),
+            app_on("remote6.example.com", "fd00:96::40", &[("fd00:244::2", Some(NODE_B))]),
         ],
         0,
     );
@@ -273,9 +275,30 @@ fn unroutable_oversize_and_malformed_tunnel_input_is_dropped_and_counted() {
     };
     check("no neighbour entry for the pod's node", syn(43000, "10.96.0.41").frame(), XDP_DROP, Verdict::DropEncapNoNeighbour);
     check("no route to the pod's node", syn(43001, "10.96.0.42").frame(), XDP_DROP, Verdict::DropEncapNoRoute);
-    // A full-size packet cannot grow by the encapsulation within the MTU.
+    // A full-size packet cannot grow by the encapsulation within the MTU:
+    // the client is told the MTU that is left (and one that may be
+    // fragmented, which XDP cannot do, is dropped).
     let big = Packet::tcp(CLIENT, 43002, REMOTE_VIP, 80).flags(ACK).with(|p| p.payload = vec![0x61; 1460]);
-    check("too big to encapsulate", big.frame(), XDP_DROP, Verdict::EncapTooBig);
+    let before = a.verdicts();
+    let (action, out) = a.ingress_on(net.ifindex, &big.frame()).unwrap();
+    assert_eq!((action, delta(&a, &before, Verdict::EncapTooBig)), (XDP_TX, 1));
+    let want = too_big_answer(&big, MTU - ENCAP_OVERHEAD);
+    assert_eq!(out, want, "fragmentation needed\n got:\n{}\nwant:\n{}", hex(&out), hex(&want));
+    let mut may_fragment = big.frame();
+    may_fragment[14 + 6] = 0; // DF clear
+    let sum = checksum(&{
+        let mut h = may_fragment[14..34].to_vec();
+        h[10] = 0;
+        h[11] = 0;
+        h
+    });
+    may_fragment[14 + 10..14 + 12].copy_from_slice(&sum.to_be_bytes());
+    check("too big, may be fragmented", may_fragment, XDP_DROP, Verdict::EncapTooBig);
+    let big6 = Packet::tcp(CLIENT6, 43010, "fd00:96::40", 80).flags(ACK).with(|p| p.payload = vec![0x62; 1440]);
+    let (action, out) = a.ingress_on(net.ifindex, &big6.frame()).unwrap();
+    assert_eq!(action, XDP_TX);
+    let want = too_big_answer(&big6, MTU - ENCAP_OVERHEAD);
+    assert_eq!(out, want, "packet too big\n got:\n{}\nwant:\n{}", hex(&out), hex(&want));
 
     let node_a4: Ipv4Addr = NODE_A.parse().unwrap();
     let peer: Ipv4Addr = NODE_B.parse().unwrap();
@@ -296,6 +319,57 @@ fn unroutable_oversize_and_malformed_tunnel_input_is_dropped_and_counted() {
     assert_eq!(action, XDP_DROP);
     assert_eq!(delta(&a, &before, Verdict::DropTunnelInvalid), 1);
     assert_eq!(delta(&a, &before, Verdict::EncapForwarded), 0);
+}
+
+/// The ICMP error a router sends for `p` when only `mtu` bytes fit (RFC
+/// 1191 "fragmentation needed" / RFC 8201 "packet too big"), from the
+/// address `p` was sent to, quoting its first 64 bytes.
+fn too_big_answer(p: &Packet, mtu: u16) -> Vec<u8> {
+    let quote = p.ip_bytes()[..64].to_vec();
+    let mut icmp = if p.src.is_ipv4() {
+        let [hi, lo] = mtu.to_be_bytes();
+        vec![3, 4, 0, 0, 0, 0, hi, lo]
+    } else {
+        let m = (mtu as u32).to_be_bytes();
+        vec![2, 0, 0, 0, m[0], m[1], m[2], m[3]]
+    };
+    icmp.extend(&quote);
+    let mut out = Vec::new();
+    out.extend(serviceless_tests::packet::CLIENT_MAC);
+    out.extend(serviceless_tests::packet::NODE_MAC);
+    match (p.dst, p.src) {
+        (IpAddr::V4(from), IpAddr::V4(to)) => {
+            let sum = checksum(&icmp);
+            icmp[2..4].copy_from_slice(&sum.to_be_bytes());
+            let mut ip = vec![0x45, 0];
+            ip.extend(((20 + icmp.len()) as u16).to_be_bytes());
+            ip.extend([0, 0, 0, 0, 64, 1, 0, 0]);
+            ip.extend(from.octets());
+            ip.extend(to.octets());
+            let sum = checksum(&ip);
+            ip[10..12].copy_from_slice(&sum.to_be_bytes());
+            out.extend(0x0800u16.to_be_bytes());
+            out.extend(ip);
+        }
+        (IpAddr::V6(from), IpAddr::V6(to)) => {
+            let mut pseudo = Vec::new();
+            pseudo.extend(from.octets());
+            pseudo.extend(to.octets());
+            pseudo.extend((icmp.len() as u32).to_be_bytes());
+            pseudo.extend([0, 0, 0, 58]);
+            let sum = checksum(&[pseudo, icmp.clone()].concat());
+            icmp[2..4].copy_from_slice(&sum.to_be_bytes());
+            out.extend(0x86ddu16.to_be_bytes());
+            out.extend([0x60, 0, 0, 0]);
+            out.extend((icmp.len() as u16).to_be_bytes());
+            out.extend([58, 64]);
+            out.extend(from.octets());
+            out.extend(to.octets());
+        }
+        _ => unreachable!(),
+    }
+    out.extend(icmp);
+    out
 }
 
 #[test]
