@@ -165,6 +165,8 @@ fn follow_call(s: &mut Scratch, table: Table, entry: *mut CtEntry, now: u64) -> 
 pub struct Opening {
     pub target: Target,
     pub verdict: Verdict,
+    /// The flow moves from the activator to a pod.
+    pub moved: bool,
 }
 
 /// Chooses where a new connection goes (into `s.opening`); false: drop it
@@ -226,8 +228,8 @@ fn rst_call(ctx: &XdpContext, p: &Parsed, verdict: Verdict) -> u64 {
 /// Its connection may live on another node (it opened through another
 /// node, or the client's route moved): send it where a new connection of
 /// this flow would go. If that is here, the connection does not exist.
-#[inline(never)]
-fn untracked_segment_call(ctx: &XdpContext, cfg: &Config, fabric: &Fabric, s: &mut Scratch, now: u64) -> u64 {
+#[inline(always)]
+fn untracked_segment(ctx: &XdpContext, cfg: &Config, fabric: &Fabric, s: &mut Scratch, now: u64) -> u64 {
     if fabric.flags & FABRIC_F_ENCAP != 0 && !s.parsed.tunneled {
         if choose_call(cfg, fabric, s) && s.opening.target.node != NODE_LOCAL {
             record_activity(s.opening.target.app_id, (s.parsed.ip_end() - s.parsed.l3()) as u64, now);
@@ -252,16 +254,19 @@ fn connection(ctx: &XdpContext, cfg: &Config, fabric: &Fabric, s: &mut Scratch) 
             fabric::clamp_mss_call(ctx, &s.parsed, mss);
         }
     }
-    let mut moved = false;
+    // In the scratch map, not a register: 6.1's verifier mis-tracks
+    // registers held across the backend choice's bpf_loop (it prunes one
+    // value's path and hard-wires the branch to the other).
+    s.opening.moved = false;
     if let Some((table, entry)) = conntrack::lookup(&s.key) {
         match follow_call(s, table, entry, now) {
             REOPEN => {}
-            MOVE_FROM_ACTIVATOR => moved = true,
+            MOVE_FROM_ACTIVATOR => s.opening.moved = true,
             BACKEND_GONE => return rst_call(ctx, &s.parsed, Verdict::RstBackendGone),
             follow => return forward_call(ctx, s, unpack(follow).0, now),
         }
     } else if tcp && !tcp_may_open(s.parsed.tcp_flags) {
-        return untracked_segment_call(ctx, cfg, fabric, s, now);
+        return untracked_segment(ctx, cfg, fabric, s, now);
     }
     if !choose_call(cfg, fabric, s) {
         return pack(if s.parsed.tunneled { Verdict::DropTunnelInvalid } else { s.opening.verdict }, XDP_DROP);
@@ -279,7 +284,7 @@ fn connection(ctx: &XdpContext, cfg: &Config, fabric: &Fabric, s: &mut Scratch) 
     if action != XDP_PASS {
         return pack(verdict, action);
     }
-    let verdict = if moved && verdict == Verdict::BackendNewFlow { Verdict::MovedFromActivator } else { verdict };
+    let verdict = if s.opening.moved && verdict == Verdict::BackendNewFlow { Verdict::MovedFromActivator } else { verdict };
     forward_call(ctx, s, verdict, now)
 }
 

@@ -11,7 +11,7 @@ use serviceless_common::{
     hash::{backend_hash, flow_hash, score},
 };
 
-use crate::maps::{APPS, BACKENDS};
+use crate::maps::{APPS, BACKENDS, SCRATCH};
 
 /// The slot holding `addr` (ready or draining), trying the remembered slot
 /// first: one lookup on the hot path, a search only after slots moved.
@@ -24,12 +24,16 @@ pub fn find_backend(app_id: u32, addr: &Addr, hint: u32) -> Option<u32> {
         return Some(hint);
     }
     let count = APPS.get(app_id)?.backend_count;
-    let mut search = FindBackend { app_id, addr: *addr, found: u32::MAX };
-    for_each_slot(count, find_backend_step, &mut search);
+    let state = SCRATCH.get_ptr_mut(0)?;
+    // SAFETY: this CPU's scratch slot; nothing else uses `find` now. (In
+    // the map, not on the stack: see `choose_backend`.)
+    let search = unsafe { &mut (*state).find };
+    *search = FindBackend { app_id, addr: *addr, found: u32::MAX };
+    for_each_slot(count, find_backend_step, search);
     (search.found != u32::MAX).then_some(search.found)
 }
 
-struct FindBackend {
+pub struct FindBackend {
     app_id: u32,
     addr: Addr,
     found: u32,
@@ -37,7 +41,7 @@ struct FindBackend {
 
 extern "C" fn find_backend_step(slot: u64, ctx: *mut c_void) -> c_long {
     // SAFETY: `for_each_slot` passes the `FindBackend` it was given.
-    let search = unsafe { &mut *ctx.cast::<FindBackend>() };
+    let search = unsafe { state_of::<FindBackend>(ctx) };
     let slot = slot as u32;
     match unsafe { BACKENDS.get(BackendKey { app_id: search.app_id, slot }) } {
         Some(b) if addr_eq(&b.addr, &search.addr) => {
@@ -70,15 +74,22 @@ pub struct Chosen {
 /// on this node is the overall best whenever the overall best is here, so a
 /// node receiving an encapsulated packet (`LocalOnly`) picks the pod the
 /// sending node picked, given the same backends.
+///
+/// The loop's state lives in the per-CPU scratch map, not on the stack:
+/// 6.1's verifier checks a bpf_loop callback once and then mis-prunes the
+/// caller's view of stack state it wrote, hard-wiring branches on it.
 #[inline(always)]
 pub fn choose_backend(app_id: u32, flow: &CtKey, count: u32, hash_key: &[u64; 2], scope: Scope) -> Option<Chosen> {
-    let mut choice = ChooseBackend {
+    let state = SCRATCH.get_ptr_mut(0)?;
+    // SAFETY: this CPU's scratch slot; nothing else uses `choose` now.
+    let choice = unsafe { &mut (*state).choose };
+    *choice = ChooseBackend {
         app_id,
         flow_hash: flow_hash(flow, hash_key),
         best: Best::NONE,
         best_local: Best::NONE,
     };
-    for_each_slot(count, choose_backend_step, &mut choice);
+    for_each_slot(count, choose_backend_step, choice);
     let best = match scope {
         Scope::Any => choice.best,
         Scope::PreferLocal if choice.best_local.slot != u32::MAX => choice.best_local,
@@ -96,7 +107,7 @@ pub fn choose_backend(app_id: u32, flow: &CtKey, count: u32, hash_key: &[u64; 2]
 }
 
 #[derive(Clone, Copy)]
-struct Best {
+pub struct Best {
     score: u64,
     slot: u32,
 }
@@ -113,7 +124,7 @@ impl Best {
     }
 }
 
-struct ChooseBackend {
+pub struct ChooseBackend {
     app_id: u32,
     flow_hash: u64,
     best: Best,
@@ -123,7 +134,7 @@ struct ChooseBackend {
 
 extern "C" fn choose_backend_step(slot: u64, ctx: *mut c_void) -> c_long {
     // SAFETY: `for_each_slot` passes the `ChooseBackend` it was given.
-    let choice = unsafe { &mut *ctx.cast::<ChooseBackend>() };
+    let choice = unsafe { state_of::<ChooseBackend>(ctx) };
     let slot = slot as u32;
     let Some(b) = (unsafe { BACKENDS.get(BackendKey { app_id: choice.app_id, slot }) }) else {
         return LOOP_CONTINUE;
@@ -144,11 +155,24 @@ const LOOP_BREAK: c_long = 1;
 /// Runs `step(slot, state)` for slots `0..count` (at most
 /// MAX_BACKENDS_PER_APP) through `bpf_loop` (Linux 5.17, commit e6f2dd0f8067),
 /// so the verifier checks the body once instead of once per iteration.
+/// bpf_loop's context must be on the stack: it holds a pointer to `state`
+/// (in the scratch map), which `state_of` reads back in the callback.
 #[inline(always)]
 fn for_each_slot<T>(count: u32, step: extern "C" fn(u64, *mut c_void) -> c_long, state: &mut T) {
     let n = if count > MAX_BACKENDS_PER_APP { MAX_BACKENDS_PER_APP } else { count };
-    // SAFETY: `step` only casts the context back to `T`.
+    let mut holder: *mut T = state;
+    // SAFETY: `step` only reads the pointer back with `state_of::<T>`.
     unsafe {
-        bpf_loop(n, step as *mut c_void, (state as *mut T).cast(), 0);
+        bpf_loop(n, step as *mut c_void, (&mut holder as *mut *mut T).cast(), 0);
     }
+}
+
+/// The state `for_each_slot` passed its callback.
+///
+/// # Safety
+/// `ctx` is the context `for_each_slot::<T>` gave `bpf_loop`.
+#[inline(always)]
+unsafe fn state_of<'a, T>(ctx: *mut c_void) -> &'a mut T {
+    // SAFETY: per the contract, a pointer to a live `*mut T`.
+    unsafe { &mut **ctx.cast::<*mut T>() }
 }

@@ -5,7 +5,11 @@ use aya_ebpf::{
     btf_maps::{Array, HashMap, LruHashMap, PerCpuArray},
     macros::btf_map,
 };
-use crate::{ingress::Opening, parse::Parsed};
+use crate::{
+    ingress::Opening,
+    lb::{ChooseBackend, FindBackend},
+    parse::Parsed,
+};
 use serviceless_common::{
     Activity, AppValue, Backend, BackendKey, Config, CtBudget, CtEntry, CtEvent, CtKey, CtSummary, Fabric,
     FragKey, FragValue, NodeValue, ServiceKey, ServiceValue, Verdict, default_capacity as cap,
@@ -70,6 +74,9 @@ pub struct Scratch {
     pub entry: CtEntry,
     /// Where a new connection goes, once chosen.
     pub opening: Opening,
+    /// State of the backend choice and search loops.
+    pub choose: ChooseBackend,
+    pub find: FindBackend,
 }
 
 #[btf_map]

@@ -284,6 +284,12 @@ impl TestDataplane {
     /// interface `ifindex` of the calling thread's network namespace (the
     /// program's route lookups then use that namespace's tables).
     pub fn ingress_on(&self, ifindex: u32, frame: &[u8]) -> anyhow::Result<(u32, Vec<u8>)> {
+        let (action, out, _) = self.ingress_on_repeat(ifindex, frame, 1)?;
+        Ok((action, out))
+    }
+
+    /// `ingress_on`, `repeat` times; returns action, output and time per run.
+    pub fn ingress_on_repeat(&self, ifindex: u32, frame: &[u8], repeat: u32) -> anyhow::Result<(u32, Vec<u8>, std::time::Duration)> {
         let prog: &Xdp = self
             .ebpf
             .program(program_names::INGRESS)
@@ -293,10 +299,10 @@ impl TestDataplane {
         // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex.
         let md: [u32; 6] = [0, frame.len() as u32, 0, ifindex, 0, 0];
         let ctx: Vec<u8> = md.iter().flat_map(|w| w.to_ne_bytes()).collect();
-        let opts = TestRunOptions { data_in: Some(frame), data_out: Some(&mut out), ctx_in: Some(&ctx), ..Default::default() };
+        let opts = TestRunOptions { data_in: Some(frame), data_out: Some(&mut out), ctx_in: Some(&ctx), repeat, ..Default::default() };
         let r = prog.test_run(opts).context("BPF_PROG_TEST_RUN (xdp, with ingress interface)")?;
         out.truncate(r.data_size_out as usize);
-        Ok((r.return_value, out))
+        Ok((r.return_value, out, r.duration))
     }
 
     /// Every conntrack entry, of both tables.

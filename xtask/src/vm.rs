@@ -76,6 +76,9 @@ const HOST_PACKAGES: &[&str] = &[
 pub const GUEST_FIXTURES: &str = "/svl/bin/packet_fixtures";
 /// Where the conntrack-fixture test binary goes (GC, XDP_TX, fragments).
 pub const GUEST_CT_FIXTURES: &str = "/svl/bin/conntrack_fixtures";
+/// Where the fabric-fixture test binary goes (encapsulation to other nodes:
+/// route lookups, MSS clamps, ICMP too-big, in a network namespace).
+pub const GUEST_FABRIC_FIXTURES: &str = "/svl/bin/fabric_fixtures";
 
 /// Where the benchmark binary goes in the guest.
 pub const GUEST_BENCH: &str = "/svl/bin/serviceless-bench";
@@ -91,8 +94,8 @@ svl_step bench svl_bench
 "#;
 
 /// The kernel-level packet tests: check that bpffs is mounted at /sys/fs/bpf
-/// exactly as the tests look for it, then run the `packet_fixtures` and
-/// `conntrack_fixtures` test binaries (BPF_PROG_TEST_RUN on every program,
+/// exactly as the tests look for it, then run the `packet_fixtures`,
+/// `conntrack_fixtures` and `fabric_fixtures` test binaries (BPF_PROG_TEST_RUN on every program,
 /// loaded by aya through this kernel's verifier). A run in which any test printed "SKIP" (not root, no
 /// bpffs) fails: the step cannot pass vacuously. Runs before [`EBPF_CHECKS`],
 /// which ends the script.
@@ -107,7 +110,7 @@ svl_bpffs() {
 svl_fixtures() {
 	{
 		_all=0
-		for _bin in /svl/bin/packet_fixtures /svl/bin/conntrack_fixtures; do
+		for _bin in /svl/bin/packet_fixtures /svl/bin/conntrack_fixtures /svl/bin/fabric_fixtures; do
 			[ -x "$_bin" ] || continue
 			"$_bin" --test-threads=1 2>&1 || _all=1
 		done
@@ -660,6 +663,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         files.push((fixtures, GUEST_FIXTURES));
         if args.fixtures.is_none() {
             files.push((build::test_binary("serviceless-tests", "conntrack_fixtures")?, GUEST_CT_FIXTURES));
+            files.push((build::test_binary("serviceless-tests", "fabric_fixtures")?, GUEST_FABRIC_FIXTURES));
         }
         script.push_str(FIXTURE_CHECKS);
     }

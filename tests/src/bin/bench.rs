@@ -7,6 +7,8 @@
 //! `results.json` and `results.md` into `--out`. Never asserts numbers.
 
 use serviceless_tests::xdp_pass as floor;
+#[path = "bench/fabric.rs"]
+mod fabric;
 #[path = "bench/rules.rs"]
 mod rules;
 #[path = "bench/traffic.rs"]
@@ -324,6 +326,19 @@ fn run() -> anyhow::Result<()> {
         write_outputs(&opts, &rows, &skipped, started.elapsed())?;
     }
     drop(topo);
+    // --- Pods on other nodes (once; independent of N) ---------------------
+    eprintln!("== remote pods ({:.0} s elapsed)", started.elapsed().as_secs_f64());
+    if let Err(e) = fabric::per_packet(&budget, &mut rows) {
+        eprintln!("remote-pod per-packet rows failed: {e:#}");
+        skipped.push(format!("remote-pod per-packet rows: {e:#}"));
+    }
+    if opts.traffic {
+        let server = std::env::current_exe()?.parent().context("exe dir")?.join("svl-test-server");
+        if let Err(e) = fabric::traffic(&budget, &server, &mut rows) {
+            eprintln!("remote-pod traffic failed: {e:#}");
+            skipped.push(format!("remote-pod traffic: {e:#}"));
+        }
+    }
     drop(prog_ns);
     let total = started.elapsed();
     write_outputs(&opts, &rows, &skipped, total)?;
