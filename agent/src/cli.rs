@@ -120,11 +120,22 @@ pub struct RunArgs {
     pub node_address: Option<IpAddr>,
     /// How pods on other nodes are reached. `dsr`: encapsulated (UDP) to
     /// their node, which owns the connection and replies to the client
-    /// directly, so pods see the client's address. `route`: translated
-    /// here and handed to the kernel's routing; works only where the pod's
+    /// directly, so pods see the client's address. `snat`: IPv4
+    /// connections leave with this node's address (and a port of
+    /// --snat-ports) as their source and replies come back here, for
+    /// networks that drop packets from a VIP sent by another node (cloud
+    /// anti-spoofing); pods see this node's address, and a connection's
+    /// packets must keep arriving at this node. `route`: translated here
+    /// and handed to the kernel's routing; works only where the pod's
     /// replies are routed back through this node.
     #[arg(long, value_enum, env = "SERVICELESS_REMOTE_MODE", default_value_t = RemoteMode::Dsr)]
     pub remote_mode: RemoteMode,
+    /// --remote-mode snat: source ports this node may translate to, inclusive.
+    /// Must not overlap the node's own ephemeral ports
+    /// (net.ipv4.ip_local_port_range), whose replies would be taken for
+    /// translated connections'.
+    #[arg(long, env = "SERVICELESS_SNAT_PORTS", default_value = "61000-65535")]
+    pub snat_ports: PortRange,
     /// UDP port of the node-to-node encapsulation (open it between nodes).
     #[arg(long, env = "SERVICELESS_ENCAP_PORT", default_value_t = 6080)]
     pub encap_port: u16,
@@ -153,11 +164,34 @@ pub struct RunArgs {
     pub state_file: PathBuf,
 }
 
+/// An inclusive port range, `low-high`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PortRange {
+    pub min: u16,
+    pub max: u16,
+}
+
+impl FromStr for PortRange {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (lo, hi) = s.split_once('-').ok_or_else(|| format!("'{s}' is not a range like 61000-65535"))?;
+        let port = |p: &str| p.trim().parse::<u16>().map_err(|_| format!("'{p}' is not a port"));
+        let (min, max) = (port(lo)?, port(hi)?);
+        if min == 0 || min > max {
+            return Err(format!("'{s}': the range must be low-high with 1 <= low <= high"));
+        }
+        Ok(Self { min, max })
+    }
+}
+
 /// How pods on other nodes are reached (`--remote-mode`).
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RemoteMode {
     /// Encapsulate to the pod's node; it replies to the client directly.
     Dsr,
+    /// Translate the source to this node's address; replies come back here.
+    Snat,
     /// Hand the translated packet to the kernel's routing.
     Route,
 }

@@ -266,6 +266,20 @@ pub fn attach(loaded: &mut Loaded, pins: &Pins, iface: &str, mode: XdpAttachMode
     Ok(())
 }
 
+/// Unpins maps of an earlier release that nothing carries over (once the
+/// new programs are live, nothing uses them).
+pub fn unpin_retired(pins: &Pins) {
+    for name in map_names::RETIRED {
+        let path = pins.map(name);
+        if path.exists() {
+            match std::fs::remove_file(&path) {
+                Ok(()) => info!(map = name, "unpinned a map of an earlier release"),
+                Err(e) => warn!(map = name, error = %e, "could not unpin a map of an earlier release"),
+            }
+        }
+    }
+}
+
 /// Removes everything: programs from `iface`, links and map pins.
 pub fn detach(pins: &Pins, iface: &str) -> anyhow::Result<()> {
     let link_path = pins.xdp_link(iface);
@@ -283,7 +297,7 @@ pub fn detach(pins: &Pins, iface: &str) -> anyhow::Result<()> {
             Err(e) => warn!(%iface, error = %e, "TC egress filter not found"),
         }
     }
-    for name in map_names::ALL.iter().chain(&map_names::previous::ALL) {
+    for name in map_names::ALL.iter().chain(&map_names::previous::ALL).chain(&map_names::RETIRED) {
         let path = pins.map(name);
         if path.exists() {
             std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;

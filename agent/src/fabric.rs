@@ -11,7 +11,7 @@ use std::{
 };
 
 use anyhow::Context as _;
-use serviceless_common::{ENCAP_OVERHEAD, FABRIC_F_ENCAP, FABRIC_F_PREFER_LOCAL, Fabric};
+use serviceless_common::{ENCAP_OVERHEAD, FABRIC_F_ENCAP, FABRIC_F_PREFER_LOCAL, FABRIC_F_SNAT, Fabric};
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
@@ -95,23 +95,48 @@ pub fn configure(args: &RunArgs) -> anyhow::Result<NodeFabric> {
         (RemoteMode::Route, _) => {
             info!("--remote-mode route: pods on other nodes are reached by routing; their replies must come back through this node");
         }
-        (RemoteMode::Dsr, None) => {
+        (RemoteMode::Dsr | RemoteMode::Snat, None) => {
             warn!(iface = %args.iface, "no IPv4 address on the interface and no --node-address: pods on other nodes are reached by routing, not encapsulation");
         }
-        (RemoteMode::Dsr, Some(addr)) => {
+        (mode @ (RemoteMode::Dsr | RemoteMode::Snat), Some(addr)) => {
             config.node4 = addr.octets();
             config.flags |= FABRIC_F_ENCAP;
             // Payload that still fits once an IPv4/IPv6 and a TCP header
             // and the encapsulation are added.
             config.mss4 = mtu - ENCAP_OVERHEAD - 20 - 20;
             config.mss6 = mtu - ENCAP_OVERHEAD - 40 - 20;
-            info!(node = %addr, mtu, mss4 = config.mss4, encap_port = args.encap_port, "pods on other nodes: encapsulated to their node, which replies directly (DSR)");
+            if mode == RemoteMode::Snat {
+                check_snat_ports(args.snat_ports.min, args.snat_ports.max)?;
+                config.flags |= FABRIC_F_SNAT;
+                config.snat_port_min = args.snat_ports.min;
+                config.snat_port_max = args.snat_ports.max;
+                info!(node = %addr, ports = ?args.snat_ports, "pods on other nodes: IPv4 connections translated to this node's address (SNAT); IPv6 ones encapsulated");
+            } else {
+                info!(node = %addr, mtu, mss4 = config.mss4, encap_port = args.encap_port, "pods on other nodes: encapsulated to their node, which replies directly (DSR)");
+            }
         }
     }
     if args.prefer_local {
         config.flags |= FABRIC_F_PREFER_LOCAL;
     }
     Ok(NodeFabric { own, config })
+}
+
+/// Refuses a SNAT port range that overlaps the node's own ephemeral ports:
+/// the pod's replies to the node's own connections would be taken for
+/// translated ones (and the other way round).
+fn check_snat_ports(min: u16, max: u16) -> anyhow::Result<()> {
+    const PATH: &str = "/proc/sys/net/ipv4/ip_local_port_range";
+    let text = std::fs::read_to_string(PATH).with_context(|| format!("reading {PATH}"))?;
+    let mut it = text.split_whitespace().map(str::parse::<u16>);
+    let (Some(Ok(lo)), Some(Ok(hi))) = (it.next(), it.next()) else {
+        anyhow::bail!("{PATH}: '{}' is not a port range", text.trim());
+    };
+    anyhow::ensure!(
+        max < lo || min > hi,
+        "--snat-ports {min}-{max} overlaps this node's ephemeral ports {lo}-{hi} ({PATH}); choose a range outside it, or narrow net.ipv4.ip_local_port_range"
+    );
+    Ok(())
 }
 
 /// How often every other node's address is refreshed in the neighbour table.

@@ -7,7 +7,7 @@ use anyhow::Context as _;
 use serde::Serialize;
 use serviceless_common::{
     BACKEND_READY, BackendKey, CT_DIR_FORWARD, CT_F_MIGRATED, CT_KIND_ACTIVATOR, CT_STATE_CLOSING, CT_STATE_ESTABLISHED,
-    CT_STATE_FIN_WAIT, CT_STATE_SYN_RECV, CT_STATE_SYN_SENT, CT_STATE_UDP, FABRIC_F_ENCAP, FABRIC_F_PREFER_LOCAL,
+    CT_STATE_FIN_WAIT, CT_STATE_SYN_RECV, CT_STATE_SYN_SENT, CT_STATE_UDP, FABRIC_F_ENCAP, FABRIC_F_PREFER_LOCAL, FABRIC_F_SNAT,
     NODE_LOCAL, SERVICE_F_ACTIVATOR_ONLY,
 };
 
@@ -104,8 +104,11 @@ pub struct ConfigReport {
     pub activator4: Option<String>,
     pub activator6: Option<String>,
     /// How pods on other nodes are reached: "dsr" (encapsulated to their
-    /// node, which answers the client) or "route" (the kernel's routing).
+    /// node, which answers the client), "snat" (source translated to this
+    /// node) or "route" (the kernel's routing).
     pub remote_mode: &'static str,
+    /// Source ports SNAT uses (inclusive).
+    pub snat_ports: Option<(u16, u16)>,
     /// This node's address in the fabric (the encapsulation's source).
     pub node_address: Option<IpAddr>,
     pub encap_port: Option<u16>,
@@ -201,7 +204,14 @@ pub fn report(maps: &DataplaneMaps, connection_limit: usize, only: Option<&str>)
             .then(|| endpoint(&config.activator4, config.activator4_port)),
         activator6: (config.flags & serviceless_common::CONFIG_F_ACTIVATOR6 != 0)
             .then(|| endpoint(&config.activator6, config.activator6_port)),
-        remote_mode: if encap { "dsr" } else { "route" },
+        remote_mode: if fabric.flags & FABRIC_F_SNAT != 0 {
+            "snat"
+        } else if encap {
+            "dsr"
+        } else {
+            "route"
+        },
+        snat_ports: (fabric.flags & FABRIC_F_SNAT != 0).then_some((fabric.snat_port_min, fabric.snat_port_max)),
         node_address: encap.then(|| IpAddr::from(fabric.node4)),
         encap_port: encap.then(|| u16::from_be(fabric.encap_port)),
         fabric_mtu: fabric.mtu,
@@ -311,8 +321,11 @@ pub fn render_table(r: &Report) -> String {
             let nodes: Vec<String> = c.nodes.iter().map(IpAddr::to_string).collect();
             let _ = writeln!(
                 out,
-                "FABRIC node {node}, pods on other nodes: encapsulated (UDP {}) to their node, which replies directly; MTU {}, MSS clamp {}{}; other nodes: {}",
-                c.encap_port.unwrap_or(0),
+                "FABRIC node {node}, pods on other nodes: {}; MTU {}, MSS clamp {}{}; other nodes: {}",
+                match c.snat_ports {
+                    Some((lo, hi)) => format!("IPv4 connections translated to this node's address, ports {lo}-{hi} (SNAT), IPv6 encapsulated (UDP {})", c.encap_port.unwrap_or(0)),
+                    None => format!("encapsulated (UDP {}) to their node, which replies directly", c.encap_port.unwrap_or(0)),
+                },
                 c.fabric_mtu,
                 c.mss_clamp.map(|(m4, m6)| format!("{m4}/{m6}")).unwrap_or_else(|| "off".into()),
                 if c.prefer_local { ", prefer local pods" } else { "" },

@@ -78,6 +78,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     if let Some(previous) = previous {
         upgrade::finish(&pins, &mut loaded.maps, previous)?;
     }
+    dataplane::unpin_retired(&pins);
     if upgrading {
         // Every connection is carried over: segments without state get RSTs again.
         config.flags &= !CONFIG_F_UPGRADING;

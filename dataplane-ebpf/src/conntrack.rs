@@ -10,11 +10,12 @@ use aya_ebpf::{
 };
 use serviceless_common::{
     Addr, CT_DIR_REPLY, CT_F_MIGRATED, CT_KIND_REPLY, CT_REFRESH_NS, CT_STATE_SYN_SENT,
-    CT_STATE_UDP, Config, CtEntry, CtEvent, CtKey, CtSummary, IPPROTO_TCP, addr_eq, expired, tcp_next,
+    CT_STATE_UDP, Config, CtEntry, CtEvent, CtKey, CtSummary, IPPROTO_TCP, TCP_ACK, TCP_SYN, Verdict, addr_eq,
+    expired, tcp_next,
 };
 
-pub use serviceless_common::{forward_of_reply, reply_key};
-use serviceless_common::reply_entry;
+pub use serviceless_common::{forward_of_plain_reply, forward_of_reply, reply_key};
+use serviceless_common::{CT_F_SNAT, reply_entry, reply_key_of};
 
 use crate::maps::{CONNTRACK, CT_BUDGET, CT_NEW, CT_SUMMARY, event};
 
@@ -22,6 +23,18 @@ const BPF_NOEXIST: u64 = 1;
 const E2BIG: i32 = 7;
 /// Other client ports tried when the natural reply tuple is taken.
 const PORT_REWRITE_TRIES: u32 = 3;
+/// Further SNAT ports tried (consecutive from a random start) before a new
+/// connection is refused as `DropSnatPortsExhausted`.
+const SNAT_PORT_TRIES: u32 = 7;
+
+/// Source translation for connections to pods on other nodes.
+pub struct Snat {
+    /// This node's IPv4 address, network order.
+    pub addr: [u8; 4],
+    /// The port range, inclusive, host order (min <= max).
+    pub port_min: u16,
+    pub port_max: u16,
+}
 /// Age below which a reply entry without its forward entry is left alone.
 const ORPHAN_GRACE_NS: u64 = 1_000_000_000;
 
@@ -98,10 +111,26 @@ pub enum Refused {
 /// tuple no other connection uses in either table (rewriting the client
 /// port if the natural one is taken, as a NAT does on a tuple clash).
 /// Returns the forward entry written.
+///
+/// With `snat` (this node's IPv4 address and the port range it may use),
+/// the pod sees the connection come from that address and a port of the
+/// range, chosen so the reply tuple is unique; `Refused::Clash` then means
+/// the range is exhausted towards that pod.
 #[inline(always)]
-pub fn create(cfg: &Config, fwd: &CtKey, target: &Target, now: u64) -> Result<CtEntry, Refused> {
+///
+/// The forward entry is built in `entry` and the reply entry in `rev`
+/// (both in the per-CPU scratch map: off the 512-byte stack).
+pub fn create(
+    cfg: &Config,
+    fwd: &CtKey,
+    target: &Target,
+    now: u64,
+    snat: Option<&Snat>,
+    entry: &mut CtEntry,
+    rev: &mut CtEntry,
+) -> Result<(), Refused> {
     take_budget(cfg, now)?;
-    let mut entry = CtEntry {
+    *entry = CtEntry {
         addr: target.addr,
         port: target.port,
         client_port: fwd.sport,
@@ -113,27 +142,42 @@ pub fn create(cfg: &Config, fwd: &CtKey, target: &Target, now: u64) -> Result<Ct
         last_seen_ns: now,
         ..CtEntry::default()
     };
-    let rev = reply_entry(fwd, &entry, now);
-    for attempt in 0..=PORT_REWRITE_TRIES {
-        if attempt > 0 {
+    let tries = match snat {
+        Some(snat) => {
+            entry.flags |= CT_F_SNAT;
+            entry.snat_addr = snat.addr;
+            SNAT_PORT_TRIES
+        }
+        None => PORT_REWRITE_TRIES,
+    };
+    *rev = reply_entry(fwd, entry, now);
+    // SNAT: consecutive ports from a random one, so a range no larger than
+    // the tries is searched whole.
+    // SAFETY: no preconditions.
+    let start = unsafe { bpf_get_prandom_u32() };
+    for attempt in 0..=tries {
+        if let Some(snat) = snat {
+            let span = (snat.port_max as u32).saturating_sub(snat.port_min as u32) + 1;
+            entry.client_port = ((snat.port_min as u32 + start.wrapping_add(attempt) % span) as u16).to_be();
+        } else if attempt > 0 {
             // An ephemeral port (32768..=60999), unpredictable to the client.
             entry.client_port = ((32768 + unsafe { bpf_get_prandom_u32() } % 28232) as u16).to_be();
         }
-        let reply = reply_key(&target.addr, target.port, &fwd.src, entry.client_port, fwd.proto);
+        let reply = reply_key_of(fwd, entry);
         if CONNTRACK.get_ptr(&reply).is_some() {
             continue;
         }
-        match CT_NEW.insert(&reply, &rev, BPF_NOEXIST) {
+        match CT_NEW.insert(&reply, &*rev, BPF_NOEXIST) {
             Ok(()) => {
-                if CT_NEW.insert(fwd, &entry, 0).is_err() {
+                if CT_NEW.insert(fwd, &*entry, 0).is_err() {
                     let _ = CT_NEW.remove(&reply);
                     return Err(Refused::Full);
                 }
                 event(CtEvent::Created);
-                if attempt > 0 {
+                if attempt > 0 && snat.is_none() {
                     event(CtEvent::PortRewritten);
                 }
-                return Ok(entry);
+                return Ok(());
             }
             Err(e) if e == -E2BIG => return Err(Refused::Full),
             Err(_) => {}
@@ -148,7 +192,7 @@ pub fn create(cfg: &Config, fwd: &CtKey, target: &Target, now: u64) -> Result<Ct
 /// is, still working, and counts it.
 #[inline(always)]
 pub fn promote(fwd: &CtKey, entry: &CtEntry, now: u64) {
-    let reply = reply_key(&entry.addr, entry.port, &fwd.src, entry.client_port, fwd.proto);
+    let reply = reply_key_of(fwd, entry);
     let rev = reply_entry(fwd, entry, now);
     if CONNTRACK.insert(&reply, &rev, BPF_NOEXIST).is_err() {
         event(CtEvent::PromoteFailed);
@@ -168,7 +212,7 @@ pub fn promote(fwd: &CtKey, entry: &CtEntry, now: u64) {
 /// back at this connection), then its forward entry.
 #[inline(always)]
 pub fn remove(table: Table, fwd: &CtKey, entry: &CtEntry) {
-    let reply = reply_key(&entry.addr, entry.port, &fwd.src, entry.client_port, fwd.proto);
+    let reply = reply_key_of(fwd, entry);
     if let Some(rev) = table.get_ptr_mut(&reply)
         // SAFETY: a map value, read in place (no copy on the stack).
         && points_back(unsafe { &*rev }, fwd)
@@ -185,13 +229,52 @@ pub fn remove(table: Table, fwd: &CtKey, entry: &CtEntry) {
 /// connection, when `last_seen_ns` is refreshed.
 #[inline(always)]
 pub fn repair_reply(table: Table, fwd: &CtKey, entry: &CtEntry, now: u64) {
-    let reply = reply_key(&entry.addr, entry.port, &fwd.src, entry.client_port, fwd.proto);
+    let reply = reply_key_of(fwd, entry);
     if table.get_ptr_mut(&reply).is_some() {
         return;
     }
     if table.insert(&reply, &reply_entry(fwd, entry, now), BPF_NOEXIST).is_ok() {
         event(CtEvent::ReplyRepaired);
     }
+}
+
+/// The connection a reply belongs to, found through its reply entry and
+/// updated (state, last seen) in its forward entry, the one truth; returns
+/// the reply entry. A reply entry whose forward entry is gone (or belongs
+/// to another connection now) is stale: removed, and reported as
+/// `EgressStaleReply` (the packet passes untranslated). `tcp_flags` and
+/// `tcp_seq` (host order) are zero for UDP. `SNAT`: whether a reply to a
+/// source-translated connection may be followed (only the ingress path
+/// sees those; egress leaves them alone, which also keeps its stack small).
+#[inline(always)]
+pub fn follow_reply<const SNAT: bool>(key: &CtKey, tcp_flags: u8, tcp_seq: u32, now: u64) -> Result<Option<CtEntry>, Verdict> {
+    let Some((table, rev)) = lookup(key) else { return Ok(None) };
+    // SAFETY: copied out at once.
+    let rev = unsafe { *rev };
+    let fwd = if SNAT {
+        forward_of_reply(key, &rev)
+    } else if rev.flags & CT_F_SNAT != 0 {
+        return Ok(None);
+    } else {
+        forward_of_plain_reply(key, &rev)
+    };
+    let Some(entry) = table.get_ptr_mut(&fwd) else {
+        table.remove(key);
+        return Err(Verdict::EgressStaleReply);
+    };
+    // SAFETY: a map value pointer; routing fields never change in place.
+    let (addr, port, client_port, state) = unsafe { ((*entry).addr, (*entry).port, (*entry).client_port, (*entry).state) };
+    if !addr_eq(&addr, &key.src) || port != key.sport || client_port != key.dport {
+        table.remove(key);
+        return Err(Verdict::EgressStaleReply);
+    }
+    if state == CT_STATE_SYN_SENT && tcp_flags & (TCP_SYN | TCP_ACK) == (TCP_SYN | TCP_ACK) {
+        // The backend's ISN: the client's ACK must acknowledge it to establish.
+        // SAFETY: a map value pointer.
+        unsafe { (*entry).server_isn = tcp_seq };
+    }
+    let _ = observe(entry, key.proto, CT_DIR_REPLY, tcp_flags, now);
+    Ok(Some(rev))
 }
 
 /// Whether a reply entry belongs to the connection `fwd`.

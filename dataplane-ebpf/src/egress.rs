@@ -9,12 +9,12 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use serviceless_common::{
-    Addr, CT_DIR_REPLY, CtEvent, CT_STATE_SYN_SENT, CtEntry, CtKey, FragValue, TCP_ACK, TCP_SYN, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP,
+    Addr, CT_DIR_REPLY, CtEvent, CtEntry, CtKey, FragValue, TCP_SYN, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP,
     IPPROTO_UDP, Verdict, addr_eq, as_ipv4, csum, ipv4_mapped,
 };
 
 use crate::{
-    conntrack::{self, forward_of_reply, reply_key},
+    conntrack::{self, reply_key},
     frag,
     maps::{FABRIC, FRAGMENTS, count, event},
     packet::*,
@@ -53,34 +53,11 @@ fn translate(ctx: &TcContext) -> Result<Verdict, ()> {
     }
 }
 
-/// The connection a reply belongs to, found through its reply entry and
-/// updated (state, last seen) in its forward entry, the one truth. A reply
-/// entry whose forward entry is gone (or belongs to another connection now)
-/// is stale: removed, and the packet passes untranslated.
+/// The connection a reply belongs to (see `conntrack::follow_reply`).
 #[inline(always)]
 fn reply_connection(key: &CtKey, tcp: &TcpInfo) -> Result<Option<CtEntry>, Verdict> {
-    let Some((table, rev)) = conntrack::lookup(key) else { return Ok(None) };
-    // SAFETY: copied out at once.
-    let rev = unsafe { *rev };
-    let fwd = forward_of_reply(key, &rev);
-    let Some(entry) = table.get_ptr_mut(&fwd) else {
-        table.remove(key);
-        return Err(Verdict::EgressStaleReply);
-    };
-    // SAFETY: a map value pointer; routing fields never change in place.
-    let (addr, port, client_port, state) = unsafe { ((*entry).addr, (*entry).port, (*entry).client_port, (*entry).state) };
-    if !addr_eq(&addr, &key.src) || port != key.sport || client_port != key.dport {
-        table.remove(key);
-        return Err(Verdict::EgressStaleReply);
-    }
-    if state == CT_STATE_SYN_SENT && tcp.flags & (TCP_SYN | TCP_ACK) == (TCP_SYN | TCP_ACK) {
-        // The backend's ISN: the client's ACK must acknowledge it to establish.
-        // SAFETY: a map value pointer.
-        unsafe { (*entry).server_isn = tcp.seq };
-    }
     let now = unsafe { bpf_ktime_get_coarse_ns() };
-    let _ = conntrack::observe(entry, key.proto, CT_DIR_REPLY, tcp.flags, now);
-    Ok(Some(rev))
+    conntrack::follow_reply::<false>(key, tcp.flags, tcp.seq, now)
 }
 
 /// What the state machine needs of a reply's TCP header.
@@ -171,7 +148,7 @@ fn reply4(ctx: &TcContext, off: usize) -> Result<Verdict, ()> {
                 let _ = FRAGMENTS.insert(&k, &FragValue { addr: rev.addr, seen_ns: now, app_id: rev.app_id, pad: 0 }, 0);
             }
             if ip.proto == IPPROTO_TCP {
-                clamp_mss_call(ctx, l4, true);
+                clamp_mss(ctx, l4, true);
             }
             Ok(Verdict::ReplyTranslated)
         }
@@ -273,8 +250,8 @@ fn quoted_ports(
 /// Lowers the MSS a pod's SYN-ACK announces so that the client's segments
 /// still fit the fabric when another node encapsulates them here (the
 /// client may reach this node through any node).
-#[inline(never)]
-fn clamp_mss_call(ctx: &TcContext, l4: usize, v4: bool) {
+#[inline(always)]
+fn clamp_mss(ctx: &TcContext, l4: usize, v4: bool) {
     let Some(fabric) = FABRIC.get(0) else { return };
     let mss = if v4 { fabric.mss4 } else { fabric.mss6 };
     if mss == 0 || ctx.load::<u8>(l4 + TCP_FLAGS_OFFSET).unwrap_or(0) & TCP_SYN == 0 {
@@ -373,7 +350,7 @@ fn reply6(ctx: &TcContext, off: usize) -> Result<Verdict, ()> {
             reply_ports(ctx, l4, &ports, &rev, check_off, mangled, true)?;
             ctx.store(off + IPV6_SRC, &rev.addr, 0).map_err(drop)?;
             if proto == IPPROTO_TCP {
-                clamp_mss_call(ctx, l4, false);
+                clamp_mss(ctx, l4, false);
             }
             Ok(Verdict::ReplyTranslated)
         }

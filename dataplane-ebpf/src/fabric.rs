@@ -363,3 +363,47 @@ pub fn mss_diff(rel: usize, old: [u8; 2], new: [u8; 2]) -> u32 {
         csum::diff16(0, u16::from_le_bytes(old), u16::from_le_bytes(new))
     }
 }
+
+/// Sends an IPv4 packet (already rewritten: from `src` to `dst`) to its
+/// next hop itself, found with `bpf_fib_lookup`: source-translated packets
+/// to pods on other nodes, and their replies back to clients. (The stack
+/// would drop the former, from one of its own addresses, and may drop the
+/// latter, from a VIP it has no route for.) Returns the packed
+/// (`verdict`, action), or `DropNoNextHop` and XDP_DROP.
+#[inline(never)]
+pub fn send_call(ctx: &XdpContext, src: [u8; 4], dst: [u8; 4], ip_len: u16, verdict: Verdict) -> u64 {
+    match send(ctx, src, dst, ip_len) {
+        Ok(action) => pack(verdict, action),
+        Err(verdict) => pack(verdict, XDP_DROP),
+    }
+}
+
+#[inline(always)]
+fn send(ctx: &XdpContext, src: [u8; 4], dst: [u8; 4], ip_len: u16) -> Result<u32, Verdict> {
+    // SAFETY: an all-zero request is valid; the helper fills in the answer.
+    let mut fib: FibLookup = unsafe { core::mem::zeroed() };
+    fib.family = AF_INET;
+    fib.__bindgen_anon_1.tot_len = ip_len;
+    // SAFETY: reading our own context.
+    fib.ifindex = unsafe { (*ctx.ctx).ingress_ifindex };
+    fib.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(src);
+    fib.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(dst);
+    // SAFETY: a helper call on our own context and a stack buffer of the given size.
+    let rc = unsafe { bpf_fib_lookup(ctx.ctx.cast(), &mut fib, core::mem::size_of::<FibLookup>() as i32, 0) } as u32;
+    if rc != BPF_FIB_LKUP_RET_SUCCESS {
+        return Err(Verdict::DropNoNextHop);
+    }
+    let eth = ptr_at::<EthHdr>(ctx, 0).map_err(|()| Verdict::DropNoNextHop)?;
+    // SAFETY: bounds checked by ptr_at.
+    unsafe {
+        (*eth).dst = fib.dmac;
+        (*eth).src = fib.smac;
+    }
+    // SAFETY: reading our own context.
+    if fib.ifindex == unsafe { (*ctx.ctx).ingress_ifindex } {
+        Ok(XDP_TX)
+    } else {
+        // SAFETY: a plain helper call.
+        Ok(unsafe { bpf_redirect(fib.ifindex, 0) } as u32)
+    }
+}

@@ -16,14 +16,14 @@ use aya_ebpf::{
 };
 use serviceless_common::{
     CONFIG_F_ACTIVATOR4, CONFIG_F_ACTIVATOR6, CONFIG_F_UPGRADING, CT_DIR_FORWARD, CT_KIND_ACTIVATOR, CT_KIND_BACKEND,
-    CT_STATE_SYN_RECV, CT_STATE_SYN_SENT, Config, CtEntry, CtEvent, CtKey, FABRIC_F_ENCAP, FABRIC_F_PREFER_LOCAL,
+    CT_F_SNAT, CT_STATE_SYN_RECV, CT_STATE_SYN_SENT, Config, CtEntry, CtEvent, CtKey, FABRIC_F_ENCAP, FABRIC_F_PREFER_LOCAL, FABRIC_F_SNAT, as_ipv4,
     Fabric, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, NODE_LOCAL, SERVICE_F_ACTIVATOR_ONLY,
     ServiceKey, TCP_ACK, TCP_SYN, Verdict, completes_handshake, syn_reopens, tcp_may_open,
 };
 
 use crate::{
     conntrack::{self, Refused, Table, Target},
-    fabric, frag, icmp,
+    fabric, frag, icmp, snat,
     lb::{self, Scope},
     maps::{ACTIVITY, APPS, CONFIG, FABRIC, SCRATCH, SERVICES, Scratch, count, event},
     nat,
@@ -60,6 +60,7 @@ fn route(ctx: &XdpContext) -> (Verdict, u32) {
         Parse::NotVip => return NOT_VIP,
         Parse::Malformed => return MALFORMED,
         Parse::Vip => {}
+        Parse::SnatReply => return unpack(snat::reply_call(ctx, fabric, scratch)),
         Parse::Tunnel => {
             if !tunnel_call(ctx, cfg, fabric, &mut scratch.parsed) {
                 return TUNNEL_INVALID;
@@ -195,15 +196,15 @@ fn choose_call(cfg: &Config, fabric: &Fabric, s: &mut Scratch) -> bool {
 
 /// Tracks the chosen connection (its entry into `Scratch::entry`);
 /// returns the verdict, or the refusal and XDP_DROP.
+/// With `snat`, the pod sees the connection come from this node (see `snat`).
 #[inline(never)]
-fn track_call(cfg: &Config, s: &mut Scratch, now: u64) -> u64 {
-    match conntrack::create(cfg, &s.key, &s.opening.target, now) {
-        Ok(entry) => {
-            s.entry = entry;
-            pack(s.opening.verdict, XDP_PASS)
-        }
+fn track_call(cfg: &Config, s: &mut Scratch, now: u64, snat: bool) -> u64 {
+    let snat = if snat { FABRIC.get(0).and_then(|f| snat::source(f, s.parsed.v4)) } else { None };
+    match conntrack::create(cfg, &s.key, &s.opening.target, now, snat.as_ref(), &mut s.entry, &mut s.reply) {
+        Ok(()) => pack(s.opening.verdict, XDP_PASS),
         Err(Refused::Full) => pack(Verdict::DropCtFull, XDP_DROP),
         Err(Refused::RateLimited) => pack(Verdict::DropCtRateLimited, XDP_DROP),
+        Err(Refused::Clash) if snat.is_some() => pack(Verdict::DropSnatPortsExhausted, XDP_DROP),
         Err(Refused::Clash) => pack(Verdict::DropCtClash, XDP_DROP),
     }
 }
@@ -212,6 +213,20 @@ fn track_call(cfg: &Config, s: &mut Scratch, now: u64) -> u64 {
 fn forward_call(ctx: &XdpContext, s: &Scratch, verdict: Verdict, now: u64) -> u64 {
     let (verdict, action) = forward(ctx, &s.parsed, &s.entry, verdict, now);
     pack(verdict, action)
+}
+
+/// After `forward_call`: a source-translated connection's packet is sent
+/// to its pod's node by XDP itself (the stack drops packets from its own
+/// address), and counted as such.
+#[inline(always)]
+fn send_translated(ctx: &XdpContext, s: &Scratch, forwarded: u64) -> u64 {
+    let (_, action) = unpack(forwarded);
+    if action != XDP_PASS || s.entry.flags & CT_F_SNAT == 0 {
+        return forwarded;
+    }
+    let Some(pod) = as_ipv4(&s.entry.addr) else { return pack(Verdict::DropNoNextHop, XDP_DROP) };
+    let len = (s.parsed.ip_end() - s.parsed.l3()) as u16;
+    fabric::send_call(ctx, s.entry.snat_addr, pod, len, Verdict::SnatForwarded)
 }
 
 #[inline(never)]
@@ -263,7 +278,7 @@ fn connection(ctx: &XdpContext, cfg: &Config, fabric: &Fabric, s: &mut Scratch) 
             REOPEN => {}
             MOVE_FROM_ACTIVATOR => s.opening.moved = true,
             BACKEND_GONE => return rst_call(ctx, &s.parsed, Verdict::RstBackendGone),
-            follow => return forward_call(ctx, s, unpack(follow).0, now),
+            follow => return send_translated(ctx, s, forward_call(ctx, s, unpack(follow).0, now)),
         }
     } else if tcp && !tcp_may_open(s.parsed.tcp_flags) {
         return untracked_segment(ctx, cfg, fabric, s, now);
@@ -271,7 +286,8 @@ fn connection(ctx: &XdpContext, cfg: &Config, fabric: &Fabric, s: &mut Scratch) 
     if !choose_call(cfg, fabric, s) {
         return pack(if s.parsed.tunneled { Verdict::DropTunnelInvalid } else { s.opening.verdict }, XDP_DROP);
     }
-    if s.opening.target.node != NODE_LOCAL {
+    let snat = s.opening.target.node != NODE_LOCAL && fabric.flags & FABRIC_F_SNAT != 0 && s.parsed.v4;
+    if s.opening.target.node != NODE_LOCAL && !snat {
         record_activity(s.opening.target.app_id, (s.parsed.ip_end() - s.parsed.l3()) as u64, now);
         return fabric::encapsulate_call(ctx, fabric, &s.parsed, s.opening.target.node);
     }
@@ -280,12 +296,12 @@ fn connection(ctx: &XdpContext, cfg: &Config, fabric: &Fabric, s: &mut Scratch) 
         // older): drop, and let the client's retransmission find one.
         return pack(Verdict::DropTunnelInvalid, XDP_DROP);
     }
-    let (verdict, action) = unpack(track_call(cfg, s, now));
+    let (verdict, action) = unpack(track_call(cfg, s, now, snat));
     if action != XDP_PASS {
         return pack(verdict, action);
     }
     let verdict = if s.opening.moved && verdict == Verdict::BackendNewFlow { Verdict::MovedFromActivator } else { verdict };
-    forward_call(ctx, s, verdict, now)
+    send_translated(ctx, s, forward_call(ctx, s, verdict, now))
 }
 
 /// A segment of a connection we do not track: RST (a RST itself is dropped).
@@ -415,6 +431,9 @@ fn activator(cfg: &Config, v4: bool, app_id: u32, verdict: Verdict) -> Result<(T
 #[inline(always)]
 fn forward(ctx: &XdpContext, p: &Parsed, entry: &CtEntry, verdict: Verdict, now: u64) -> (Verdict, u32) {
     if nat::dnat(ctx, p, &entry.addr, entry.port, entry.client_port).is_err() {
+        return MALFORMED;
+    }
+    if entry.flags & CT_F_SNAT != 0 && nat::rewrite4(ctx, p, Some((entry.snat_addr, entry.client_port)), None).is_err() {
         return MALFORMED;
     }
     record_activity(entry.app_id, (p.ip_end() - p.l3()) as u64, now);

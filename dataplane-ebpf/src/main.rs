@@ -17,6 +17,7 @@ mod lb;
 mod maps;
 mod nat;
 mod packet;
+mod snat;
 mod parse;
 
 use aya_log_ebpf::error;

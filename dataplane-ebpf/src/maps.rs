@@ -42,7 +42,7 @@ pub static CT_NEW: LruHashMap<CtKey, CtEntry, { cap::CT_NEW as usize }> = LruHas
 #[btf_map(name = "svl_frags_v1")]
 pub static FRAGMENTS: LruHashMap<FragKey, FragValue, { cap::FRAGMENTS as usize }> = LruHashMap::new();
 
-#[btf_map(name = "svl_verdicts_v2")]
+#[btf_map(name = "svl_verdicts_v3")]
 pub static VERDICTS: PerCpuArray<u64, { Verdict::COUNT as usize }> = PerCpuArray::new();
 
 #[btf_map(name = "svl_ct_events_v1")]
@@ -72,6 +72,8 @@ pub struct Scratch {
     pub key: CtKey,
     /// The connection the packet follows.
     pub entry: CtEntry,
+    /// A new connection's reply entry, while it is created.
+    pub reply: CtEntry,
     /// Where a new connection goes, once chosen.
     pub opening: Opening,
     /// State of the backend choice and search loops.

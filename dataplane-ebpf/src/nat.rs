@@ -173,3 +173,58 @@ pub fn answer_rst(ctx: &XdpContext, p: &Parsed) -> Result<u32, ()> {
     }
     Ok(XDP_TX)
 }
+
+/// An IPv4 endpoint: address and port (network order).
+pub type Endpoint4 = ([u8; 4], u16);
+
+/// Rewrites an IPv4 packet's source and/or destination endpoint (address
+/// and port), fixing the IP and L4 checksums (the L4 one covers both
+/// through the pseudo-header). Used by source translation, where XDP sends
+/// the packet itself (the stack would drop a packet from its own address).
+#[inline(always)]
+pub fn rewrite4(ctx: &XdpContext, p: &Parsed, src: Option<Endpoint4>, dst: Option<Endpoint4>) -> Result<(), ()> {
+    let ip = ptr_at::<Ipv4Hdr>(ctx, p.l3())?;
+    // SAFETY: bounds checked by ptr_at.
+    let ip = unsafe { &mut *ip };
+    let mut acc = 0;
+    if let Some((addr, _)) = src {
+        acc = csum::diff_addr4(acc, ip.src, addr);
+        ip.src = addr;
+    }
+    if let Some((addr, _)) = dst {
+        acc = csum::diff_addr4(acc, ip.dst, addr);
+        ip.dst = addr;
+    }
+    set_check(&mut ip.check, acc);
+    if p.frag == Frag::Later || (p.proto != IPPROTO_TCP && p.proto != IPPROTO_UDP) {
+        return Ok(());
+    }
+    if p.l4() > MAX_L4_OFFSET {
+        return Err(());
+    }
+    let udp = p.proto == IPPROTO_UDP;
+    let ports = ptr_at::<Ports>(ctx, p.l4())?;
+    let check = ptr_at::<[u8; 2]>(ctx, p.l4() + if udp { UDP_CSUM_OFFSET } else { TCP_CSUM_OFFSET })?;
+    // SAFETY: bounds checked by ptr_at.
+    unsafe {
+        if let Some((_, port)) = src {
+            acc = csum::diff16(acc, u16::from_be((*ports).src), u16::from_be(port));
+            (*ports).src = port;
+        }
+        if let Some((_, port)) = dst {
+            acc = csum::diff16(acc, u16::from_be((*ports).dst), u16::from_be(port));
+            (*ports).dst = port;
+        }
+        let old = be16(*check);
+        // IPv4 UDP may omit its checksum (zero).
+        if udp && old == 0 {
+            return Ok(());
+        }
+        let mut new = csum::apply(old, acc);
+        if udp && new == 0 {
+            new = 0xffff;
+        }
+        *check = new.to_be_bytes();
+    }
+    Ok(())
+}

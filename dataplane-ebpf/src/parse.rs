@@ -5,7 +5,7 @@
 //! reported as malformed and never rewritten or tracked.
 
 use aya_ebpf::programs::XdpContext;
-use serviceless_common::{Addr, Config, FABRIC_F_ENCAP, Fabric, IPPROTO_TCP, IPPROTO_UDP, ipv4_mapped};
+use serviceless_common::{Addr, Config, FABRIC_F_ENCAP, FABRIC_F_SNAT, Fabric, IPPROTO_TCP, IPPROTO_UDP, ipv4_mapped};
 
 use crate::{fabric, packet::*};
 
@@ -28,6 +28,8 @@ pub struct Parsed {
     pub tcp_flags: u8,
     /// TCP acknowledgment number (host order; zero for UDP).
     pub tcp_ack: u32,
+    /// TCP sequence number (host order; zero for UDP).
+    pub tcp_seq: u32,
     /// IPv4 fragmentation.
     pub frag: Frag,
     /// IPv4 identification, network order (for fragments).
@@ -88,6 +90,7 @@ impl Parsed {
         dport: 0,
         tcp_flags: 0,
         tcp_ack: 0,
+        tcp_seq: 0,
         frag: Frag::None,
         ip_id: 0,
         tunneled: false,
@@ -101,6 +104,10 @@ pub enum Parse {
     Vip,
     /// Encapsulated to this node by another (nothing read yet).
     Tunnel,
+    /// TCP/UDP to this node's address (`--remote-mode snat`): perhaps a
+    /// pod's reply to a translated connection (nothing read yet; see
+    /// `snat_reply`).
+    SnatReply,
 }
 
 /// Parses into `p` (an out-parameter: one copy on the stack, not several).
@@ -139,6 +146,9 @@ fn ipv4(ctx: &XdpContext, cfg: &Config, fabric: &Fabric, l3: usize, p: &mut Pars
         if fabric.flags & FABRIC_F_ENCAP != 0 && ip.dst == fabric.node4 && l3 == ETH_HLEN && fabric::is_tunnel(ctx, ip, fabric) {
             return Parse::Tunnel;
         }
+        if fabric.flags & FABRIC_F_SNAT != 0 && ip.dst == fabric.node4 && (ip.proto == IPPROTO_TCP || ip.proto == IPPROTO_UDP) {
+            return Parse::SnatReply;
+        }
         return Parse::NotVip;
     }
     let ihl = (ip.version_ihl & 0x0f) as usize;
@@ -176,6 +186,30 @@ fn ipv4(ctx: &XdpContext, cfg: &Config, fabric: &Fabric, l3: usize, p: &mut Pars
         return Parse::Malformed;
     }
     Parse::Vip
+}
+
+/// Reads a TCP/UDP packet to this node's address (a `Parse::SnatReply`)
+/// into `p`: a plain IPv4 header (no options, no fragment) right after an
+/// untagged Ethernet header, as a pod's reply is. False: anything else,
+/// which is not a reply we translated.
+#[inline(always)]
+pub fn snat_reply(ctx: &XdpContext, p: &mut Parsed) -> bool {
+    let Ok(ip) = ptr_at::<Ipv4Hdr>(ctx, ETH_HLEN) else { return false };
+    // SAFETY: bounds checked by ptr_at.
+    let ip = unsafe { &*ip };
+    let total = be16(ip.tot_len) as usize;
+    if ip.version_ihl != 0x45 || be16(ip.frag_off) & 0x3fff != 0 || total < 20 || ETH_HLEN + total > ctx.data_end() - ctx.data() {
+        return false;
+    }
+    *p = Parsed::EMPTY;
+    p.v4 = true;
+    p.l3 = ETH_HLEN as u16;
+    p.l4 = (ETH_HLEN + 20) as u16;
+    p.ip_end = (ETH_HLEN + total) as u16;
+    p.proto = ip.proto;
+    p.src = ipv4_mapped(ip.src);
+    p.dst = ipv4_mapped(ip.dst);
+    l4_header(ctx, p).is_ok()
 }
 
 #[inline(always)]
@@ -261,6 +295,7 @@ fn l4_header(ctx: &XdpContext, p: &mut Parsed) -> Result<(), ()> {
             p.dport = u16::from_ne_bytes([tcp[2], tcp[3]]);
             p.tcp_flags = tcp[TCP_FLAGS_OFFSET];
             p.tcp_ack = u32::from_be_bytes([tcp[8], tcp[9], tcp[10], tcp[11]]);
+            p.tcp_seq = u32::from_be_bytes([tcp[4], tcp[5], tcp[6], tcp[7]]);
         }
         IPPROTO_UDP => {
             let udp = ptr_at::<[u8; UDP_HLEN]>(ctx, p.l4())?;

@@ -146,6 +146,10 @@ impl Cluster {
         ns.ip(&format!("addr add {ip}/30 dev eth0"))?;
         ns.ip("link set eth0 up")?;
         ns.ip(&format!("route add default via {gw}"))?;
+        // Like a NIC on a real wire, deliver full checksums: a reply another
+        // node's XDP program translates (SNAT) is no longer an skb whose
+        // checksum the kernel completes later.
+        let _ = ns.exec("ethtool", &["-K", "eth0", "tx", "off"]);
         n.ns.ip(&format!("addr add {gw}/30 dev pod{k}"))?;
         n.ns.ip(&format!("link set pod{k} up"))?;
         let listen = format!("{ip}:8080");

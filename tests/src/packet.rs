@@ -172,10 +172,10 @@ impl Packet {
                 b.extend(self.seq.to_be_bytes());
                 b.extend(if flags & ACK != 0 { self.ack } else { 0 }.to_be_bytes());
                 let mut options = self.tcp_options.clone();
-                while options.len() % 4 != 0 {
+                while !options.len().is_multiple_of(4) {
                     options.push(0);
                 }
-                b.extend([((20 + options.len()) / 4 << 4) as u8, *flags]);
+                b.extend([(((20 + options.len()) / 4) << 4) as u8, *flags]);
                 b.extend(self.window.to_be_bytes());
                 b.extend([0, 0, 0, 0]); // checksum, urgent
                 b.extend(options);

@@ -8,7 +8,7 @@
 
 use std::net::{IpAddr, Ipv4Addr};
 
-use serviceless_common::{CtEvent, ENCAP_OVERHEAD, FABRIC_F_ENCAP, FABRIC_F_PREFER_LOCAL, Fabric, Verdict};
+use serviceless_common::{CtEvent, ENCAP_OVERHEAD, FABRIC_F_ENCAP, FABRIC_F_PREFER_LOCAL, FABRIC_F_SNAT, Fabric, Verdict};
 use serviceless_agent::model::{AppSpec, from_addr};
 use serviceless_tests::{
     TEST_SIZES, TestDataplane, app,
@@ -23,9 +23,13 @@ const NODE_A: &str = "192.0.2.11";
 const NODE_B: &str = "192.0.2.12";
 /// A node with a route but no resolved link-layer address.
 const NODE_UNRESOLVED: &str = "192.0.2.13";
-/// A node the namespace has no route to.
+/// A node the namespace's routes say is unreachable.
 const NODE_UNROUTED: &str = "203.0.113.50";
 const NODE_B_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x12];
+/// The router clients are behind.
+const ROUTER: &str = "192.0.2.1";
+const ROUTER_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
+const SNAT_PORTS: (u16, u16) = (61000, 61003);
 const ENCAP_PORT: u16 = 6080;
 const MTU: u16 = 1500;
 const REMOTE_VIP: &str = "10.96.0.40";
@@ -40,6 +44,8 @@ fn fabric(node: &str, flags: u32) -> Fabric {
         mtu: MTU,
         mss4: MTU - ENCAP_OVERHEAD - 40,
         mss6: MTU - ENCAP_OVERHEAD - 60,
+        snat_port_min: 0,
+        snat_port_max: 0,
     }
 }
 
@@ -69,6 +75,12 @@ fn node_net(tag: &str) -> NodeNet {
     ns.exec("sysctl", &["-qw", "net.ipv4.ip_forward=1"]).unwrap();
     let mac = NODE_B_MAC.map(|b| format!("{b:02x}")).join(":");
     ns.ip(&format!("neigh add {NODE_B} lladdr {mac} dev fxa nud permanent")).unwrap();
+    // Pods of node B behind it (host-gateway routes); clients behind a router.
+    ns.ip(&format!("route add 10.244.2.0/24 via {NODE_B}")).unwrap();
+    let router = ROUTER_MAC.map(|b| format!("{b:02x}")).join(":");
+    ns.ip(&format!("neigh add {ROUTER} lladdr {router} dev fxa nud permanent")).unwrap();
+    ns.ip(&format!("route add default via {ROUTER}")).unwrap();
+    ns.ip(&format!("route add unreachable {NODE_UNROUTED}")).unwrap();
     let link = ns.ip("-o link show fxa").unwrap();
     let ifindex: u32 = link.split(':').next().unwrap().trim().parse().unwrap();
     let ether = link.split("link/ether ").nth(1).unwrap().split_whitespace().next().unwrap();
@@ -389,4 +401,72 @@ fn node_entries_follow_the_backends_that_name_them() {
     assert!(outcome.failed.is_empty());
     assert_eq!(a.maps().nodes().count(), 0);
     assert!(a.reconciler.remote_nodes().is_empty());
+}
+
+#[test]
+fn snat_mode_translates_the_source_to_this_node_and_replies_back() {
+    if !kernel_tests_enabled("snat_mode_translates_the_source_to_this_node_and_replies_back") {
+        return;
+    }
+    let net = node_net("snat");
+    enter(&net.ns.name).unwrap();
+    let mut a = TestDataplane::new(TEST_SIZES).expect("load the dataplane");
+    let snat = Fabric { flags: FABRIC_F_ENCAP | FABRIC_F_SNAT, snat_port_min: SNAT_PORTS.0, snat_port_max: SNAT_PORTS.1, ..fabric(NODE_A, 0) };
+    a.join_fabric(&[NODE_A], &snat).unwrap();
+    let o = a.apply(vec![app_on("remote.example.com", REMOTE_VIP, &[(REMOTE_POD, Some(NODE_B))])]);
+    assert!(o.failed.is_empty(), "{o:?}");
+    let clamped_mss = MTU - ENCAP_OVERHEAD - 40;
+    let frame = |dst: [u8; 6], src: [u8; 6], p: &Packet| [&dst[..], &src[..], &[0x08, 0x00][..], &p.ip_bytes()[..]].concat();
+
+    // The SYN leaves for the pod with this node's address and a port of the range.
+    let input = syn(44000, REMOTE_VIP);
+    let before = a.verdicts();
+    let (action, out) = a.ingress_on(net.ifindex, &input.frame()).unwrap();
+    assert_eq!((action, delta(&a, &before, Verdict::SnatForwarded)), (XDP_TX, 1), "{}", hex(&out));
+    let port = u16::from_be_bytes([out[34], out[35]]);
+    assert!((SNAT_PORTS.0..=SNAT_PORTS.1).contains(&port), "SNAT port {port}");
+    let translated = input.clone().with(|p| p.tcp_options = mss_option(clamped_mss)).nat(Some((NODE_A, port)), Some((REMOTE_POD, 8080)));
+    let want = frame(NODE_B_MAC, net.mac, &translated);
+    assert_eq!(out, want, "translated SYN\n got:\n{}\nwant:\n{}", hex(&out), hex(&want));
+
+    // The pod's SYN-ACK comes back to this node and leaves for the client from the VIP.
+    let syn_ack = Packet::tcp(REMOTE_POD, 8080, NODE_A, port).flags(SYN | ACK).with(|p| {
+        p.seq = 9000;
+        p.payload.clear();
+    });
+    let before = a.verdicts();
+    let (action, out) = a.ingress_on(net.ifindex, &frame(net.mac, NODE_B_MAC, &syn_ack)).unwrap();
+    assert_eq!((action, delta(&a, &before, Verdict::SnatReplyTranslated)), (XDP_TX, 1), "{}", hex(&out));
+    let want = frame(ROUTER_MAC, net.mac, &syn_ack.nat(Some((REMOTE_VIP, 80)), Some((CLIENT, 44000))));
+    assert_eq!(out, want, "translated SYN-ACK\n got:\n{}\nwant:\n{}", hex(&out), hex(&want));
+
+    // The client's ACK completes the handshake and follows the connection.
+    let ack = Packet::tcp(CLIENT, 44000, REMOTE_VIP, 80).flags(ACK).with(|p| p.ack = 9001);
+    let promoted = a.ct_events()[&CtEvent::Promoted];
+    let (action, out) = a.ingress_on(net.ifindex, &ack.frame()).unwrap();
+    assert_eq!(action, XDP_TX);
+    assert_eq!(out, frame(NODE_B_MAC, net.mac, &ack.nat(Some((NODE_A, port)), Some((REMOTE_POD, 8080)))));
+    assert_eq!(a.ct_events()[&CtEvent::Promoted] - promoted, 1, "established");
+
+    // The node's own traffic at the same address passes untouched: another
+    // port of the range nobody translated to, a port outside it.
+    for (sport, dport) in [(8080, if port == SNAT_PORTS.0 { SNAT_PORTS.1 } else { SNAT_PORTS.0 }), (8080, 22)] {
+        let own = frame(net.mac, NODE_B_MAC, &Packet::tcp(REMOTE_POD, sport, NODE_A, dport).flags(ACK));
+        let before = a.verdicts();
+        let (action, out) = a.ingress_on(net.ifindex, &own).unwrap();
+        assert_eq!((action, delta(&a, &before, Verdict::PassNotVip)), (XDP_PASS, 1));
+        assert_eq!(out, own);
+    }
+
+    // Four ports, four connections to the pod; the fifth is refused, counted.
+    for sport in 44001..44004 {
+        let (action, _) = a.ingress_on(net.ifindex, &syn(sport, REMOTE_VIP).frame()).unwrap();
+        assert_eq!(action, XDP_TX, "connection from {sport} takes one of the remaining ports");
+    }
+    let before = a.verdicts();
+    let (action, _) = a.ingress_on(net.ifindex, &syn(44010, REMOTE_VIP).frame()).unwrap();
+    assert_eq!((action, delta(&a, &before, Verdict::DropSnatPortsExhausted)), (XDP_DROP, 1));
+    let ports: std::collections::BTreeSet<u16> =
+        a.conntrack().iter().filter(|(k, _)| k.dir == 0).map(|(_, e)| u16::from_be(e.client_port)).collect();
+    assert_eq!(ports, (SNAT_PORTS.0..=SNAT_PORTS.1).collect(), "each connection has its own port");
 }

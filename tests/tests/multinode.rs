@@ -42,8 +42,20 @@ fn cluster(tag: &str, nodes: u8, pods: &[(u8, &str)], extra: &[&str]) -> Cluster
     c
 }
 
+/// Every agent's log and packet counters, for a failure message.
 fn logs(c: &Cluster) -> String {
-    c.nodes.iter().map(|n| format!("--- agent {} ---\n{}", n.index, c.agent_log(n.index))).collect()
+    c.nodes
+        .iter()
+        .map(|n| {
+            let counters = c
+                .inspect(n.index)
+                .ok()
+                .and_then(|r| serde_json::from_str::<serde_json::Value>(&r).ok())
+                .map(|r| r["counters"].to_string())
+                .unwrap_or_default();
+            format!("--- agent {} (counters {counters}) ---\n{}", n.index, c.agent_log(n.index))
+        })
+        .collect()
 }
 
 #[test]
@@ -185,4 +197,32 @@ fn killing_either_agent_during_traffic_fails_no_request() {
     let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
     assert!(ok > 50, "traffic flowed: {ok} requests");
     assert_eq!(failed, 0, "{failed} of {} requests failed across kill -9 of each agent\n{}", ok + failed, logs(&c));
+}
+
+#[test]
+fn snat_mode_reaches_a_pod_on_another_node_from_this_nodes_address() {
+    if !kernel_tests_enabled("multinode: snat") {
+        return;
+    }
+    let c = cluster("mn6", 2, &[(2, "pod-b")], &["--remote-mode", "snat"]);
+    for i in 0..20 {
+        let r = c.request(TARGET, "/").unwrap_or_else(|e| panic!("request {i}: {e:#}\n{}", logs(&c)));
+        assert_eq!((r.status, r.server()), (200, "pod-b"));
+        assert_eq!(r.peer.to_string(), TARGET, "the client's peer is the VIP");
+        let seen = r.body.split("peer=").nth(1).and_then(|s| s.split_whitespace().next()).unwrap_or_default();
+        let (addr, port) = seen.rsplit_once(':').unwrap_or_default();
+        assert_eq!(addr, "10.0.0.11", "the pod sees node 1's address: {}", r.body);
+        assert!(port.parse::<u16>().is_ok_and(|p| p >= 61000), "a port of --snat-ports: {}", r.body);
+    }
+    let mut conn = c.connect(TARGET).expect("connect");
+    let r = conn.get_path("/bytes/1048576", true).expect("1 MB download");
+    assert_eq!(r.body.len(), 1 << 20);
+    let r = conn.post("/upload", 1 << 20).expect("1 MB upload");
+    assert!(r.body.contains("received=1048576"), "{}", r.body);
+    assert!(c.verdict(1, "snat_forwarded").unwrap() >= 20 * 3);
+    assert!(c.verdict(1, "snat_reply_translated").unwrap() >= 20 * 2, "replies came back through node 1");
+    assert_eq!(c.verdict(2, "decapsulated").unwrap(), 0, "nothing was encapsulated");
+    assert_eq!(c.verdict(2, "reply_translated").unwrap(), 0, "node 2 translated nothing");
+    let report: serde_json::Value = serde_json::from_str(&c.inspect(1).unwrap()).unwrap();
+    assert_eq!(report["config"]["remote_mode"], "snat");
 }

@@ -21,7 +21,7 @@
 //! idle past its state's timeout. UDP flows stay in the new-connection
 //! table: a flood can push one out, and its next datagram opens it again.
 
-use crate::{Addr, Config};
+use crate::{Addr, Config, ipv4_mapped};
 
 /// Key of `svl_ct_v1`: a 5-tuple as seen on the wire, and which entry it is.
 #[repr(C)]
@@ -76,6 +76,11 @@ pub const CT_F_REPLY_SEEN: u16 = 1 << 3;
 /// not know whether the connection had ended; it lives `MIGRATED_TIMEOUT_S`
 /// unless a packet shows it is alive (which clears the flag).
 pub const CT_F_MIGRATED: u16 = 1 << 4;
+/// `CtEntry::flags`: the connection goes to a pod on another node with its
+/// source translated to this node's address (`--remote-mode snat`).
+/// Forward entries: `snat_addr` is that address. Reply entries (keyed by
+/// the pod's reply to it): `snat_addr` is the client's IPv4 address.
+pub const CT_F_SNAT: u16 = 1 << 5;
 
 /// Idle timeout of a migrated connection that has seen no packet since.
 pub const MIGRATED_TIMEOUT_S: u32 = 600;
@@ -106,7 +111,8 @@ pub struct CtEntry {
     /// TCP forward entries: the backend's initial sequence number, from its
     /// SYN-ACK; the client's ACK must acknowledge it to establish.
     pub server_isn: u32,
-    pub pad: u32,
+    /// IPv4, network order, with `CT_F_SNAT` (see there); else zero.
+    pub snat_addr: [u8; 4],
     /// CLOCK_MONOTONIC nanoseconds when the entry was created.
     pub created_ns: u64,
     /// CLOCK_MONOTONIC (coarse) nanoseconds of the last packet, either
@@ -140,9 +146,31 @@ pub fn reply_key(target: &Addr, target_port: u16, client: &Addr, client_port: u1
     CtKey { src: *target, dst: *client, sport: target_port, dport: client_port, proto, dir: CT_DIR_REPLY, pad: [0; 2] }
 }
 
+/// The reply tuple of the connection `fwd` -> `entry`: the backend's
+/// packets to the client, or to this node's address when the source was
+/// translated (`CT_F_SNAT`).
+#[inline(always)]
+pub fn reply_key_of(fwd: &CtKey, entry: &CtEntry) -> CtKey {
+    let mut key = reply_key(&entry.addr, entry.port, &fwd.src, entry.client_port, fwd.proto);
+    if entry.flags & CT_F_SNAT != 0 {
+        key.dst = ipv4_mapped(entry.snat_addr);
+    }
+    key
+}
+
 /// The forward tuple a reply entry points at.
 #[inline(always)]
 pub fn forward_of_reply(key: &CtKey, rev: &CtEntry) -> CtKey {
+    let mut fwd = forward_of_plain_reply(key, rev);
+    if rev.flags & CT_F_SNAT != 0 {
+        fwd.src = ipv4_mapped(rev.snat_addr);
+    }
+    fwd
+}
+
+/// `forward_of_reply` for a reply entry known not to be `CT_F_SNAT`'s.
+#[inline(always)]
+pub fn forward_of_plain_reply(key: &CtKey, rev: &CtEntry) -> CtKey {
     CtKey {
         src: key.dst,
         dst: rev.addr,
@@ -157,12 +185,15 @@ pub fn forward_of_reply(key: &CtKey, rev: &CtEntry) -> CtKey {
 /// The reply entry of the connection `fwd` -> `entry`.
 #[inline(always)]
 pub fn reply_entry(fwd: &CtKey, entry: &CtEntry, now: u64) -> CtEntry {
+    let snat = entry.flags & CT_F_SNAT != 0;
     CtEntry {
         addr: fwd.dst,
         port: fwd.dport,
         client_port: fwd.sport,
         app_id: entry.app_id,
         kind: CT_KIND_REPLY,
+        flags: if snat { CT_F_SNAT } else { 0 },
+        snat_addr: if snat { [fwd.src[12], fwd.src[13], fwd.src[14], fwd.src[15]] } else { [0; 4] },
         created_ns: now,
         ..CtEntry::default()
     }

@@ -40,7 +40,7 @@ pub mod map_names {
     /// Translations of IP fragments without ports, by datagram id (LRU).
     pub const FRAGMENTS: &str = "svl_frags_v1";
     /// verdict -> packet count (per-CPU array).
-    pub const VERDICTS: &str = "svl_verdicts_v2";
+    pub const VERDICTS: &str = "svl_verdicts_v3";
     /// conntrack lifecycle event -> count (per-CPU array).
     pub const CT_EVENTS: &str = "svl_ct_events_v1";
     /// Per-CPU budget of new connections (flood guard scratch state).
@@ -73,6 +73,10 @@ pub mod map_names {
         pub const CONFIG_V1: &str = "svl_config_v1";
         pub const ALL: [&str; 6] = [APPS_V1, ACTIVITY_V1, FLOWS_V1, REVNAT_V1, VERDICTS_V1, CONFIG_V1];
     }
+
+    /// Maps an earlier release pinned that nothing carries over (counters
+    /// that restart from zero): unpinned once the new programs are live.
+    pub const RETIRED: [&str; 1] = ["svl_verdicts_v2"];
 }
 
 /// Program names, as `bpftool prog` shows them (the kernel keeps 15 chars).
@@ -238,6 +242,11 @@ pub struct NodeValue {
 pub const FABRIC_F_ENCAP: u32 = 1;
 /// A new connection prefers a ready pod on this node when there is one.
 pub const FABRIC_F_PREFER_LOCAL: u32 = 2;
+/// IPv4 connections to pods on other nodes get their source translated to
+/// this node's address and a port of `snat_ports` (`--remote-mode snat`),
+/// and are routed there; replies come back here. (IPv6 ones are still
+/// encapsulated: the node address is IPv4.)
+pub const FABRIC_F_SNAT: u32 = 4;
 
 /// Bytes encapsulation adds in front of the inner IP packet: an IPv4 and a
 /// UDP header (GUE variant 1: the UDP payload is the IP packet itself).
@@ -260,6 +269,10 @@ pub struct Fabric {
     /// still fits the fabric once encapsulated; host order, 0: no clamping.
     pub mss4: u16,
     pub mss6: u16,
+    /// Source ports SNAT may use, inclusive, host order (outside the node's
+    /// own ephemeral range, so replies to them are never the node's own).
+    pub snat_port_min: u16,
+    pub snat_port_max: u16,
 }
 
 /// Value of `svl_activity_v2` (per-CPU array indexed by app id): each CPU
@@ -361,7 +374,7 @@ pub fn addr_eq(a: &Addr, b: &Addr) -> bool {
     addr_words(a) == addr_words(b)
 }
 
-/// What the programs did with a packet; index of `svl_verdicts_v2`.
+/// What the programs did with a packet; index of `svl_verdicts_v3`.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Verdict {
@@ -433,13 +446,25 @@ pub enum Verdict {
     /// Encapsulated packet that is malformed, not for a VIP, or has no
     /// connection and no ready pod here: dropped (never forwarded again).
     DropTunnelInvalid = 30,
+    /// For a pod on another node (`--remote-mode snat`): source translated
+    /// to this node's address and a port it owns, routed to the pod.
+    SnatForwarded = 31,
+    /// A pod's reply to a translated connection, translated back and sent
+    /// to the client from the VIP.
+    SnatReplyTranslated = 32,
+    /// New connection refused: every SNAT port towards that pod is in use
+    /// (raise the `--snat-ports` range).
+    DropSnatPortsExhausted = 33,
+    /// For a pod on another node (SNAT or a reply to the client), but the
+    /// kernel has no route or resolved neighbour for the next hop: dropped.
+    DropNoNextHop = 34,
 }
 
 impl Verdict {
-    /// Entries in `svl_verdicts_v2`.
-    pub const COUNT: u32 = 32;
+    /// Entries in `svl_verdicts_v3`.
+    pub const COUNT: u32 = 48;
 
-    pub const ALL: [Verdict; 31] = [
+    pub const ALL: [Verdict; 35] = [
         Verdict::PassNotVip,
         Verdict::BackendNewFlow,
         Verdict::BackendEstablished,
@@ -471,6 +496,10 @@ impl Verdict {
         Verdict::DropEncapNoNeighbour,
         Verdict::EncapTooBig,
         Verdict::DropTunnelInvalid,
+        Verdict::SnatForwarded,
+        Verdict::SnatReplyTranslated,
+        Verdict::DropSnatPortsExhausted,
+        Verdict::DropNoNextHop,
     ];
 
     /// Stable snake_case name used in metrics labels, `inspect` and tests.
@@ -507,6 +536,10 @@ impl Verdict {
             Verdict::DropEncapNoNeighbour => "drop_encap_no_neighbour",
             Verdict::EncapTooBig => "encap_too_big",
             Verdict::DropTunnelInvalid => "drop_tunnel_invalid",
+            Verdict::SnatForwarded => "snat_forwarded",
+            Verdict::SnatReplyTranslated => "snat_reply_translated",
+            Verdict::DropSnatPortsExhausted => "drop_snat_ports_exhausted",
+            Verdict::DropNoNextHop => "drop_no_next_hop",
         }
     }
 }
@@ -555,7 +588,7 @@ mod tests {
         assert_eq!(size_of::<CtSummary>(), 8 * 8 + 24);
         assert_eq!(size_of::<Config>(), 6 * 16 + 8 + 16 + 24);
         assert_eq!(size_of::<NodeValue>(), 24);
-        assert_eq!(size_of::<Fabric>(), 16);
+        assert_eq!(size_of::<Fabric>(), 20);
         assert!(Verdict::ALL.len() as u32 <= Verdict::COUNT);
         assert!(CtEvent::ALL.len() as u32 <= CtEvent::COUNT);
         assert!(align_of::<Activity>() <= 8);

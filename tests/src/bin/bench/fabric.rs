@@ -29,7 +29,7 @@ const REMOTE_VIP: &str = "10.96.0.40";
 
 fn fabric(node: &str) -> Fabric {
     let node4: Ipv4Addr = node.parse().expect("node address");
-    Fabric { node4: node4.octets(), flags: FABRIC_F_ENCAP, encap_port: 6080u16.to_be(), mtu: 1500, mss4: 1500 - ENCAP_OVERHEAD - 40, mss6: 1500 - ENCAP_OVERHEAD - 60 }
+    Fabric { node4: node4.octets(), flags: FABRIC_F_ENCAP, encap_port: 6080u16.to_be(), mtu: 1500, mss4: 1500 - ENCAP_OVERHEAD - 40, mss6: 1500 - ENCAP_OVERHEAD - 60, snat_port_min: 0, snat_port_max: 0 }
 }
 
 fn one_pod(host: &str, vip: &str, pod: &str, node: Option<&str>) -> AppSpec {
