@@ -246,3 +246,33 @@ pub struct DetachArgs {
     #[arg(long, env = "SERVICELESS_PIN_DIR", default_value = DEFAULT_PIN_DIR)]
     pub pin_dir: PathBuf,
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser as _;
+
+    use super::*;
+
+    #[test]
+    fn port_ranges_parse_and_bad_ones_are_explained() {
+        assert_eq!("61000-65535".parse::<PortRange>(), Ok(PortRange { min: 61000, max: 65535 }));
+        assert_eq!("7-7".parse::<PortRange>(), Ok(PortRange { min: 7, max: 7 }));
+        for bad in ["61000", "65535-61000", "0-10", "a-b", "1-70000"] {
+            assert!(bad.parse::<PortRange>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn remote_mode_defaults_to_dsr_and_snat_ports_stay_off_linux_ephemeral_range() {
+        let cli = Cli::try_parse_from(["serviceless", "run", "--iface", "eth0", "--source", "kubernetes"]).unwrap();
+        let Command::Run(args) = cli.command else { panic!("run") };
+        assert_eq!(args.remote_mode, RemoteMode::Dsr);
+        assert!(!args.prefer_local);
+        assert_eq!(args.encap_port, 6080);
+        // Linux's default ip_local_port_range is 32768-60999.
+        assert!(args.snat_ports.min > 60999);
+        let cli = Cli::try_parse_from(["serviceless", "run", "--iface", "eth0", "--source", "kubernetes", "--remote-mode", "snat", "--snat-ports", "62000-62999"]).unwrap();
+        let Command::Run(args) = cli.command else { panic!("run") };
+        assert_eq!((args.remote_mode, args.snat_ports), (RemoteMode::Snat, PortRange { min: 62000, max: 62999 }));
+    }
+}

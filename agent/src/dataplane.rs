@@ -210,7 +210,7 @@ fn ensure_bpffs(dir: &Path) -> anyhow::Result<()> {
 /// Attaches (or re-attaches, replacing our earlier programs in place) to `iface`.
 pub fn attach(loaded: &mut Loaded, pins: &Pins, iface: &str, mode: XdpAttachMode) -> anyhow::Result<()> {
     if if_index(iface).is_none() {
-        bail!("network interface '{iface}' not found; pass the node's uplink with --iface");
+        bail!("{}", missing_interface(iface));
     }
     std::fs::create_dir_all(pins.links_dir())?;
 
@@ -264,6 +264,11 @@ pub fn attach(loaded: &mut Loaded, pins: &Pins, iface: &str, mode: XdpAttachMode
         }
     }
     Ok(())
+}
+
+/// The error for an `--iface` that does not exist.
+pub fn missing_interface(iface: &str) -> String {
+    format!("network interface '{iface}' not found; pass the node's uplink with --iface")
 }
 
 /// Unpins maps of an earlier release that nothing carries over (once the

@@ -72,6 +72,11 @@ pub struct NodeFabric {
 
 /// Works out this node's address, MTU and mode from the flags and `iface`.
 pub fn configure(args: &RunArgs) -> anyhow::Result<NodeFabric> {
+    anyhow::ensure!(
+        std::path::Path::new("/sys/class/net").join(&args.iface).exists(),
+        "{}",
+        crate::dataplane::missing_interface(&args.iface)
+    );
     let mut own: HashSet<IpAddr> = interface_addresses(&args.iface)?.into_iter().collect();
     own.extend(args.node_address);
     let node4 = match args.node_address {

@@ -189,6 +189,7 @@ impl Collector for DataplaneCollector {
             (map_names::CONNTRACK, cap.conntrack),
             (map_names::CT_NEW, cap.ct_new),
             (map_names::FRAGMENTS, cap.fragments),
+            (map_names::NODES, cap.nodes),
         ] {
             ConstGauge::new(i64::from(n)).encode(family.encode_family(&MapLabel { map: map.into() })?)?;
         }

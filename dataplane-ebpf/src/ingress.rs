@@ -107,10 +107,37 @@ fn to_vip(ctx: &XdpContext, cfg: &Config, fabric: &Fabric, scratch: &mut Scratch
             };
             unpack(connection(ctx, cfg, fabric, scratch))
         }
-        IPPROTO_ICMP if p.v4 => unpack(icmp::error4(ctx, scratch)),
-        IPPROTO_ICMPV6 if !p.v4 => unpack(icmp::error6(ctx, scratch)),
+        IPPROTO_ICMP if p.v4 => {
+            let packed = icmp::error4(ctx, scratch);
+            icmp_error(ctx, cfg, fabric, scratch, packed)
+        }
+        IPPROTO_ICMPV6 if !p.v4 => {
+            let packed = icmp::error6(ctx, scratch);
+            icmp_error(ctx, cfg, fabric, scratch, packed)
+        }
         _ => (Verdict::DropUnsupportedProtocol, XDP_DROP),
     }
+}
+
+/// An ICMP error about a connection not tracked here may be about one
+/// another node owns (it opened through that node): it goes where that
+/// connection's packets go (`s.key` holds the connection, as `icmp` read
+/// it from the quoted packet).
+#[inline(always)]
+fn icmp_error(ctx: &XdpContext, cfg: &Config, fabric: &Fabric, s: &mut Scratch, packed: u64) -> (Verdict, u32) {
+    let (verdict, action) = unpack(packed);
+    if verdict != Verdict::IcmpErrorNoConnection || fabric.flags & FABRIC_F_ENCAP == 0 || s.parsed.tunneled {
+        return (verdict, action);
+    }
+    unpack(icmp_remote_call(ctx, cfg, fabric, s))
+}
+
+#[inline(never)]
+fn icmp_remote_call(ctx: &XdpContext, cfg: &Config, fabric: &Fabric, s: &mut Scratch) -> u64 {
+    if choose_call(cfg, fabric, s) && s.opening.target.kind == CT_KIND_BACKEND && s.opening.target.node != NODE_LOCAL {
+        return fabric::encapsulate_call(ctx, fabric, &s.parsed, s.opening.target.node);
+    }
+    pack(Verdict::IcmpErrorNoConnection, XDP_DROP)
 }
 
 /// What a tracked connection's entry says about this packet.
@@ -390,8 +417,9 @@ fn app_has_ready_pods(p: &Parsed) -> bool {
 
 /// Where a new connection goes: a ready pod, else the activator.
 #[inline(always)]
+/// (`key` is the connection: for an ICMP error, the one it quotes.)
 fn choose(cfg: &Config, p: &Parsed, key: &CtKey, scope: Scope) -> Result<(Target, Verdict), Verdict> {
-    let svc_key = ServiceKey { vip: p.dst, port: p.dport, proto: p.proto, pad: 0 };
+    let svc_key = ServiceKey { vip: key.dst, port: key.dport, proto: key.proto, pad: 0 };
     // SAFETY: copied out at once; the agent may replace the entry at any time.
     let Some(svc) = (unsafe { SERVICES.get(&svc_key) }).copied() else {
         return activator(cfg, p.v4, u32::MAX, Verdict::ActivatorUnknownService);

@@ -124,12 +124,22 @@ impl KubeEnv {
 
     /// Reports a pod's IP and readiness through the status subresource.
     pub fn set_status(&self, ns: &str, name: &str, ip: Option<&str>, ready: bool) -> anyhow::Result<()> {
+        self.set_status_on(ns, name, ip, ready, NODE_IP)
+    }
+
+    /// `set_status` from a kubelet on the node at `host_ip`.
+    pub fn set_status_on(&self, ns: &str, name: &str, ip: Option<&str>, ready: bool, host_ip: &str) -> anyhow::Result<()> {
         let pods: Api<Pod> = Api::namespaced(self.client.clone(), ns);
-        let patch = status_patch(ip, ready);
+        let mut patch = status_patch(ip, ready);
+        patch["status"]["hostIP"] = serde_json::json!(host_ip);
+        patch["status"]["hostIPs"] = serde_json::json!([{ "ip": host_ip }]);
         self.rt.block_on(pods.patch_status(name, &PatchParams::default(), &Patch::Merge(&patch)))?;
         Ok(())
     }
 }
+
+/// The test node's address (its uplink), as a kubelet there reports it.
+pub const NODE_IP: &str = "10.0.0.1";
 
 /// The status merge patch a kubelet sends: Running, podIP, and the Ready
 /// condition with its transition time (the agent's NPL origin).

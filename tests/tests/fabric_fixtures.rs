@@ -15,7 +15,7 @@ use serviceless_tests::{
     fixture::*,
     kernel_tests_enabled,
     netns::{Netns, enter},
-    packet::{ACK, Packet, SYN, gue_frame, hex, mss_option},
+    packet::{ACK, L4, Packet, SYN, gue_frame, hex, mss_option},
 };
 use serviceless_common::csum::checksum;
 
@@ -202,6 +202,20 @@ fn a_remote_pod_is_reached_by_encapsulation_and_its_node_translates() {
     let before = b.verdicts();
     let (action, _) = b.ingress(&out).unwrap();
     assert_eq!((action, delta(&b, &before, Verdict::DropTunnelInvalid)), (XDP_DROP, 1));
+
+    // An ICMP error the client sends about a reply it got from the VIP
+    // ("fragmentation needed" for server -> client segments) reaches A,
+    // which has no state: it goes to B, which translates it for its pod.
+    let reply = Packet::tcp(REMOTE_VIP, 80, CLIENT, 40000).flags(ACK);
+    let icmp = Packet::new(CLIENT, REMOTE_VIP, L4::IcmpError { icmp_type: 3, code: 4, inner: Box::new(reply.clone()) });
+    let before = a.verdicts();
+    let (action, out) = a.ingress_on(net.ifindex, &icmp.frame()).unwrap();
+    assert_eq!((action, delta(&a, &before, Verdict::EncapForwarded)), (XDP_TX, 1), "{}", hex(&out));
+    let before = b.verdicts();
+    let (action, translated) = b.ingress(&out).unwrap();
+    assert_eq!((action, delta(&b, &before, Verdict::IcmpErrorTranslated)), (XDP_PASS, 1), "{}", hex(&translated));
+    let want = Packet::new(CLIENT, REMOTE_POD, L4::IcmpError { icmp_type: 3, code: 4, inner: Box::new(reply.nat(Some((REMOTE_POD, 8080)), None)) });
+    assert_eq!(&translated[14..], &want.ip_bytes()[..], "the pod gets the error about its own segment");
 
     // UDP goes the same way.
     let dns = Packet::udp(CLIENT, 5300, REMOTE_VIP, 53);

@@ -142,6 +142,23 @@ fn deployment_lifecycle_and_api_server_outage() {
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
     let pods = report["apps"][0]["pods"].as_array().cloned().unwrap_or_default();
     assert!(pods.iter().any(|p| p.as_str().is_some_and(|p| p.starts_with("default/hello-"))), "{report}");
+    // status.hostIP is this node's address (found on the uplink): the pod is local.
+    assert_eq!(report["apps"][0]["backends"][0]["node"], serde_json::Value::Null, "{report}");
+    assert_eq!(report["config"]["node_address"], serviceless_tests::kube_env::NODE_IP);
+
+    // A pod whose status.hostIP names another node is reached through that node.
+    let pod = topo.pods.last().expect("pod");
+    let (name, ip) = (pod.name.clone(), pod.ip.clone());
+    kube.set_status_on("default", &name, Some(&ip), true, "10.0.0.99").expect("moved");
+    wait_until("the backend to name its node", Duration::from_secs(10), || {
+        let out = std::process::Command::new(serviceless_tests::topology::agent_binary().expect("bin"))
+            .args(["inspect", "--json", "--pin-dir"])
+            .arg(topo.pin_dir())
+            .output()
+            .expect("inspect");
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        report["apps"][0]["backends"][0]["node"] == "10.0.0.99" && report["config"]["nodes"][0] == "10.0.0.99"
+    });
 }
 
 #[test]
