@@ -150,6 +150,11 @@ pub struct RunArgs {
     /// Other nodes the node table can hold.
     #[arg(long, default_value_t = serviceless_common::default_capacity::NODES)]
     pub max_nodes: u32,
+    /// Flows this node sent to pods on other nodes that it remembers (LRU,
+    /// 48 B each), so their packets keep going to the same node when the
+    /// app's pods change; a forgotten one is hashed anew.
+    #[arg(long, default_value_t = serviceless_common::default_capacity::REMOTE_FLOWS)]
+    pub max_remote_flows: u32,
     /// On exit, detach the programs and unpin the maps (default: leave traffic flowing).
     #[arg(long)]
     pub detach_on_exit: bool,

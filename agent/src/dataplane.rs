@@ -71,6 +71,8 @@ pub struct Sizes {
     pub new_connections: u32,
     /// Other nodes backends can be on.
     pub nodes: u32,
+    /// Flows sent to pods on other nodes, remembered (LRU).
+    pub remote_flows: u32,
 }
 
 impl Default for Sizes {
@@ -82,6 +84,7 @@ impl Default for Sizes {
             connections: default_capacity::CONNTRACK / 2,
             new_connections: default_capacity::CT_NEW / 2,
             nodes: default_capacity::NODES,
+            remote_flows: default_capacity::REMOTE_FLOWS,
         }
     }
 }
@@ -145,7 +148,8 @@ pub fn load(pins: &Pins, sizes: Sizes) -> anyhow::Result<Loaded> {
         .map_max_entries(map_names::BACKENDS, sizes.backends)
         .map_max_entries(map_names::CONNTRACK, sizes.conntrack_entries())
         .map_max_entries(map_names::CT_NEW, sizes.ct_new_entries())
-        .map_max_entries(map_names::NODES, sizes.nodes);
+        .map_max_entries(map_names::NODES, sizes.nodes)
+        .map_max_entries(map_names::REMOTE_FLOWS, sizes.remote_flows);
     let mut ebpf = loader.load(EBPF_OBJECT).context(
         "loading the eBPF object (needs root or CAP_BPF+CAP_NET_ADMIN+CAP_PERFMON, and a kernel with BTF, >= 6.1)",
     )?;
@@ -169,6 +173,7 @@ pub fn load(pins: &Pins, sizes: Sizes) -> anyhow::Result<Loaded> {
             ct_new: sizes.ct_new_entries(),
             fragments: have.fragments,
             nodes: sizes.nodes,
+            remote_flows: sizes.remote_flows,
         };
         if have != want {
             warn!(

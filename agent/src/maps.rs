@@ -71,6 +71,7 @@ pub struct DataplaneMaps {
     nodes: Array<MapData, NodeValue>,
     fabric: Array<MapData, Fabric>,
     /// Maps the agent never reads or writes, held for `ids()`.
+    remote_flows: MapData,
     fragments: MapData,
     ct_budget: MapData,
     capacity: Capacities,
@@ -90,6 +91,7 @@ pub struct Capacities {
     pub ct_new: u32,
     pub fragments: u32,
     pub nodes: u32,
+    pub remote_flows: u32,
 }
 
 fn layout(name: &'static str) -> impl FnOnce(MapError) -> OpenError {
@@ -143,6 +145,7 @@ impl DataplaneMaps {
         let config = next(names::CONFIG)?.try_into().map_err(layout(names::CONFIG))?;
         let nodes: Array<_, _> = next(names::NODES)?.try_into().map_err(layout(names::NODES))?;
         let fabric = next(names::FABRIC)?.try_into().map_err(layout(names::FABRIC))?;
+        let remote_flows = into_data(names::REMOTE_FLOWS, next(names::REMOTE_FLOWS)?)?;
         let capacity = Capacities {
             services: max_entries(services.map()),
             apps: max_entries(apps.map()),
@@ -151,6 +154,7 @@ impl DataplaneMaps {
             ct_new: max_entries(ct_new.map()),
             fragments: max_entries(&fragments),
             nodes: max_entries(nodes.map()),
+            remote_flows: max_entries(&remote_flows),
         };
         Ok(Self {
             services,
@@ -165,6 +169,7 @@ impl DataplaneMaps {
             config,
             nodes,
             fabric,
+            remote_flows,
             fragments,
             ct_budget,
             capacity,
@@ -354,6 +359,7 @@ impl DataplaneMaps {
             (names::CONFIG, id(self.config.map())),
             (names::NODES, id(self.nodes.map())),
             (names::FABRIC, id(self.fabric.map())),
+            (names::REMOTE_FLOWS, id(&self.remote_flows)),
         ]
     }
 }
@@ -366,7 +372,7 @@ fn sum_per_cpu(map: &PerCpuArray<MapData, u64>, index: u32) -> u64 {
 fn as_map(name: &str, data: MapData) -> Map {
     match name {
         names::SERVICES | names::BACKENDS | names::CONNTRACK => Map::HashMap(data),
-        names::FRAGMENTS | names::CT_NEW => Map::LruHashMap(data),
+        names::FRAGMENTS | names::CT_NEW | names::REMOTE_FLOWS => Map::LruHashMap(data),
         names::ACTIVITY | names::VERDICTS | names::CT_EVENTS | names::CT_BUDGET => Map::PerCpuArray(data),
         _ => Map::Array(data),
     }

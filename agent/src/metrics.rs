@@ -190,6 +190,7 @@ impl Collector for DataplaneCollector {
             (map_names::CT_NEW, cap.ct_new),
             (map_names::FRAGMENTS, cap.fragments),
             (map_names::NODES, cap.nodes),
+            (map_names::REMOTE_FLOWS, cap.remote_flows),
         ] {
             ConstGauge::new(i64::from(n)).encode(family.encode_family(&MapLabel { map: map.into() })?)?;
         }

@@ -47,6 +47,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         connections: args.max_connections,
         new_connections: args.max_new_connections,
         nodes: args.max_nodes,
+        remote_flows: args.max_remote_flows,
     };
     let node_fabric = fabric::configure(&args)?;
     if node_fabric.config.flags & serviceless_common::FABRIC_F_ENCAP != 0 && args.flow_hash_key_file.is_none() {

@@ -247,7 +247,7 @@ pub fn repair_reply(table: Table, fwd: &CtKey, entry: &CtEntry, now: u64) {
 /// source-translated connection may be followed (only the ingress path
 /// sees those; egress leaves them alone, which also keeps its stack small).
 #[inline(always)]
-pub fn follow_reply<const SNAT: bool>(key: &CtKey, tcp_flags: u8, tcp_seq: u32, now: u64) -> Result<Option<CtEntry>, Verdict> {
+pub fn follow_reply<const SNAT: bool>(key: &CtKey, tcp_flags: u8, tcp_seq: u32) -> Result<Option<CtEntry>, Verdict> {
     let Some((table, rev)) = lookup(key) else { return Ok(None) };
     // SAFETY: copied out at once.
     let rev = unsafe { *rev };
@@ -273,6 +273,9 @@ pub fn follow_reply<const SNAT: bool>(key: &CtKey, tcp_flags: u8, tcp_seq: u32, 
         // SAFETY: a map value pointer.
         unsafe { (*entry).server_isn = tcp_seq };
     }
+    // SAFETY: no preconditions. (Read here, not held by the caller: the
+    // egress frame is at 6.1's stack limit.)
+    let now = unsafe { aya_ebpf::helpers::bpf_ktime_get_coarse_ns() };
     let _ = observe(entry, key.proto, CT_DIR_REPLY, tcp_flags, now);
     Ok(Some(rev))
 }

@@ -56,8 +56,7 @@ fn translate(ctx: &TcContext) -> Result<Verdict, ()> {
 /// The connection a reply belongs to (see `conntrack::follow_reply`).
 #[inline(always)]
 fn reply_connection(key: &CtKey, tcp: &TcpInfo) -> Result<Option<CtEntry>, Verdict> {
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
-    conntrack::follow_reply::<false>(key, tcp.flags, tcp.seq, now)
+    conntrack::follow_reply::<false>(key, tcp.flags, tcp.seq)
 }
 
 /// What the state machine needs of a reply's TCP header.

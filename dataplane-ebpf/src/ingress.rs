@@ -18,14 +18,14 @@ use serviceless_common::{
     CONFIG_F_ACTIVATOR4, CONFIG_F_ACTIVATOR6, CONFIG_F_UPGRADING, CT_DIR_FORWARD, CT_KIND_ACTIVATOR, CT_KIND_BACKEND,
     CT_F_SNAT, CT_STATE_SYN_RECV, CT_STATE_SYN_SENT, Config, CtEntry, CtEvent, CtKey, FABRIC_F_ENCAP, FABRIC_F_PREFER_LOCAL, FABRIC_F_SNAT, as_ipv4,
     Fabric, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, NODE_LOCAL, SERVICE_F_ACTIVATOR_ONLY,
-    ServiceKey, TCP_ACK, TCP_SYN, Verdict, completes_handshake, syn_reopens, tcp_may_open,
+    RemoteFlow, ServiceKey, TCP_ACK, TCP_SYN, Verdict, completes_handshake, syn_reopens, tcp_may_open,
 };
 
 use crate::{
     conntrack::{self, Refused, Table, Target},
     fabric, frag, icmp, snat,
     lb::{self, Scope},
-    maps::{ACTIVITY, APPS, CONFIG, FABRIC, SCRATCH, SERVICES, Scratch, count, event},
+    maps::{ACTIVITY, APPS, CONFIG, FABRIC, REMOTE_FLOWS, SCRATCH, SERVICES, Scratch, count, event},
     nat,
     parse::{self, Frag, Parse, Parsed},
 };
@@ -134,6 +134,10 @@ fn icmp_error(ctx: &XdpContext, cfg: &Config, fabric: &Fabric, s: &mut Scratch, 
 
 #[inline(never)]
 fn icmp_remote_call(ctx: &XdpContext, cfg: &Config, fabric: &Fabric, s: &mut Scratch) -> u64 {
+    // SAFETY: copied out at once.
+    if let Some(flow) = (unsafe { REMOTE_FLOWS.get(&s.key) }).copied() {
+        return fabric::encapsulate_call(ctx, fabric, &s.parsed, flow.node);
+    }
     if choose_call(cfg, fabric, s) && s.opening.target.kind == CT_KIND_BACKEND && s.opening.target.node != NODE_LOCAL {
         return fabric::encapsulate_call(ctx, fabric, &s.parsed, s.opening.target.node);
     }
@@ -274,14 +278,42 @@ fn rst_call(ctx: &XdpContext, p: &Parsed, verdict: Verdict) -> u64 {
 fn untracked_segment(ctx: &XdpContext, cfg: &Config, fabric: &Fabric, s: &mut Scratch, now: u64) -> u64 {
     if fabric.flags & FABRIC_F_ENCAP != 0 && !s.parsed.tunneled {
         if choose_call(cfg, fabric, s) && s.opening.target.node != NODE_LOCAL {
-            record_activity(s.opening.target.app_id, (s.parsed.ip_end() - s.parsed.l3()) as u64, now);
-            return fabric::encapsulate_call(ctx, fabric, &s.parsed, s.opening.target.node);
+            return send_to_node(ctx, fabric, s, now);
         }
     }
     if cfg.flags & CONFIG_F_UPGRADING != 0 {
         return pack(Verdict::DropNoConnection, XDP_DROP);
     }
     rst_call(ctx, &s.parsed, Verdict::RstNoConnection)
+}
+
+/// Encapsulates the flow to the chosen pod's node, and remembers that node
+/// for the flow's later packets.
+#[inline(always)]
+fn send_to_node(ctx: &XdpContext, fabric: &Fabric, s: &Scratch, now: u64) -> u64 {
+    let target = &s.opening.target;
+    let flow = RemoteFlow { node: target.node, pad: 0, app_id: target.app_id };
+    let _ = REMOTE_FLOWS.insert(&s.key, &flow, 0);
+    record_activity(target.app_id, (s.parsed.ip_end() - s.parsed.l3()) as u64, now);
+    fabric::encapsulate_call(ctx, fabric, &s.parsed, target.node)
+}
+
+const NOT_REMEMBERED: u64 = u64::MAX - 3;
+
+/// A packet of a flow this node sent to another node's pod (not one that
+/// opens a connection: a SYN chooses anew) goes to that node again, even
+/// if the app's pods changed since (hashing anew could pick another). The
+/// other node owns the connection.
+#[inline(never)]
+fn remembered_call(ctx: &XdpContext, fabric: &Fabric, s: &Scratch, now: u64) -> u64 {
+    let p = &s.parsed;
+    if p.tunneled || fabric.flags & FABRIC_F_ENCAP == 0 || (p.proto == IPPROTO_TCP && tcp_may_open(p.tcp_flags)) {
+        return NOT_REMEMBERED;
+    }
+    // SAFETY: copied out at once (LRU entries can be evicted and reused).
+    let Some(flow) = (unsafe { REMOTE_FLOWS.get(&s.key) }).copied() else { return NOT_REMEMBERED };
+    record_activity(flow.app_id, (p.ip_end() - p.l3()) as u64, now);
+    fabric::encapsulate_call(ctx, fabric, p, flow.node)
 }
 
 /// TCP or UDP to a VIP (`s.parsed`, `s.key`). Returns the packed (verdict, action).
@@ -307,16 +339,21 @@ fn connection(ctx: &XdpContext, cfg: &Config, fabric: &Fabric, s: &mut Scratch) 
             BACKEND_GONE => return rst_call(ctx, &s.parsed, Verdict::RstBackendGone),
             follow => return send_translated(ctx, s, forward_call(ctx, s, unpack(follow).0, now)),
         }
-    } else if tcp && !tcp_may_open(s.parsed.tcp_flags) {
-        return untracked_segment(ctx, cfg, fabric, s, now);
+    } else {
+        let remembered = remembered_call(ctx, fabric, s, now);
+        if remembered != NOT_REMEMBERED {
+            return remembered;
+        }
+        if tcp && !tcp_may_open(s.parsed.tcp_flags) {
+            return untracked_segment(ctx, cfg, fabric, s, now);
+        }
     }
     if !choose_call(cfg, fabric, s) {
         return pack(if s.parsed.tunneled { Verdict::DropTunnelInvalid } else { s.opening.verdict }, XDP_DROP);
     }
     let snat = s.opening.target.node != NODE_LOCAL && fabric.flags & FABRIC_F_SNAT != 0 && s.parsed.v4;
     if s.opening.target.node != NODE_LOCAL && !snat {
-        record_activity(s.opening.target.app_id, (s.parsed.ip_end() - s.parsed.l3()) as u64, now);
-        return fabric::encapsulate_call(ctx, fabric, &s.parsed, s.opening.target.node);
+        return send_to_node(ctx, fabric, s, now);
     }
     if s.parsed.tunneled && s.opening.target.kind != CT_KIND_BACKEND {
         // No ready pod here after all (the sender's view was newer or

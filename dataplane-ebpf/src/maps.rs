@@ -12,7 +12,7 @@ use crate::{
 };
 use serviceless_common::{
     Activity, AppValue, Backend, BackendKey, Config, CtBudget, CtEntry, CtEvent, CtKey, CtSummary, Fabric,
-    FragKey, FragValue, NodeValue, ServiceKey, ServiceValue, Verdict, default_capacity as cap,
+    FragKey, FragValue, NodeValue, RemoteFlow, ServiceKey, ServiceValue, Verdict, default_capacity as cap,
 };
 
 #[btf_map(name = "svl_services_v1")]
@@ -62,6 +62,10 @@ pub static NODES: Array<NodeValue, { cap::NODES as usize }> = Array::new();
 
 #[btf_map(name = "svl_fabric_v1")]
 pub static FABRIC: Array<Fabric, 1> = Array::new();
+
+/// LRU: losing an entry only means the flow is hashed anew.
+#[btf_map(name = "svl_remote_flows_v1")]
+pub static REMOTE_FLOWS: LruHashMap<CtKey, RemoteFlow, { cap::REMOTE_FLOWS as usize }> = LruHashMap::new();
 
 /// Per-CPU scratch space for the ingress path's largest values (the parsed
 /// packet, its conntrack key), which would otherwise take room on the

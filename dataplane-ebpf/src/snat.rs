@@ -49,7 +49,7 @@ pub fn reply_call(ctx: &XdpContext, fabric: &Fabric, s: &mut Scratch) -> u64 {
     // SAFETY: no preconditions.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
     let (flags, seq) = if p.proto == IPPROTO_TCP { (p.tcp_flags, p.tcp_seq) } else { (0, 0) };
-    let rev = match conntrack::follow_reply::<true>(&key, flags, seq, now) {
+    let rev = match conntrack::follow_reply::<true>(&key, flags, seq) {
         Ok(Some(rev)) if rev.flags & CT_F_SNAT != 0 => rev,
         Ok(_) => return pack(Verdict::PassNotVip, XDP_PASS),
         Err(verdict) => return pack(verdict, XDP_PASS),

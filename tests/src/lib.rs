@@ -87,7 +87,7 @@ impl Drop for PinDir {
 }
 
 /// Small tables: fixtures need a handful of entries, not a million.
-pub const TEST_SIZES: Sizes = Sizes { services: 64, apps: 64, backends: 256, connections: 4096, new_connections: 4096, nodes: 16 };
+pub const TEST_SIZES: Sizes = Sizes { services: 64, apps: 64, backends: 256, connections: 4096, new_connections: 4096, nodes: 16, remote_flows: 1024 };
 
 pub const VIP_RANGE4: &str = "10.96.0.0/16";
 pub const VIP_RANGE6: &str = "fd00:96::/64";

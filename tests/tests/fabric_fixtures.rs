@@ -26,6 +26,8 @@ const NODE_UNRESOLVED: &str = "192.0.2.13";
 /// A node the namespace's routes say is unreachable.
 const NODE_UNROUTED: &str = "203.0.113.50";
 const NODE_B_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x12];
+const NODE_C: &str = "192.0.2.14";
+const NODE_C_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x14];
 /// The router clients are behind.
 const ROUTER: &str = "192.0.2.1";
 const ROUTER_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
@@ -75,6 +77,8 @@ fn node_net(tag: &str) -> NodeNet {
     ns.exec("sysctl", &["-qw", "net.ipv4.ip_forward=1"]).unwrap();
     let mac = NODE_B_MAC.map(|b| format!("{b:02x}")).join(":");
     ns.ip(&format!("neigh add {NODE_B} lladdr {mac} dev fxa nud permanent")).unwrap();
+    let mac_c = NODE_C_MAC.map(|b| format!("{b:02x}")).join(":");
+    ns.ip(&format!("neigh add {NODE_C} lladdr {mac_c} dev fxa nud permanent")).unwrap();
     // Pods of node B behind it (host-gateway routes); clients behind a router.
     ns.ip(&format!("route add 10.244.2.0/24 via {NODE_B}")).unwrap();
     let router = ROUTER_MAC.map(|b| format!("{b:02x}")).join(":");
@@ -483,4 +487,39 @@ fn snat_mode_translates_the_source_to_this_node_and_replies_back() {
     let ports: std::collections::BTreeSet<u16> =
         a.conntrack().iter().filter(|(k, _)| k.dir == 0).map(|(_, e)| u16::from_be(e.client_port)).collect();
     assert_eq!(ports, (SNAT_PORTS.0..=SNAT_PORTS.1).collect(), "each connection has its own port");
+}
+
+#[test]
+fn a_flow_sent_to_another_node_keeps_going_there_when_the_pods_change() {
+    if !kernel_tests_enabled("a_flow_sent_to_another_node_keeps_going_there_when_the_pods_change") {
+        return;
+    }
+    let net = node_net("mem");
+    enter(&net.ns.name).unwrap();
+    let both = app_on("remote.example.com", REMOTE_VIP, &[(REMOTE_POD, Some(NODE_B)), ("10.244.3.2", Some(NODE_C))]);
+    let only_b = app_on("remote.example.com", REMOTE_VIP, &[(REMOTE_POD, Some(NODE_B))]);
+    let mut a = node_a(vec![both.clone()], 0);
+    let node_of = |out: &[u8]| Ipv4Addr::new(out[30], out[31], out[32], out[33]).to_string();
+    // A flow the hash sends to node C once both pods are there ...
+    let sport = (45000..45100)
+        .find(|sport| {
+            let (_, out) = a.ingress_on(net.ifindex, &Packet::tcp(CLIENT, *sport, REMOTE_VIP, 80).flags(ACK).frame()).unwrap();
+            node_of(&out) == NODE_C
+        })
+        .expect("some flow hashes to node C");
+    // ... opened while only node B had a pod.
+    let mut a2 = node_a(vec![only_b], 0);
+    std::mem::swap(&mut a, &mut a2);
+    drop(a2);
+    let (_, out) = a.ingress_on(net.ifindex, &syn(sport, REMOTE_VIP).frame()).unwrap();
+    assert_eq!(node_of(&out), NODE_B);
+    // Node C gets a pod: the connection's next segments still go to node B.
+    assert!(a.upsert(both).failed.is_empty());
+    for _ in 0..3 {
+        let (action, out) = a.ingress_on(net.ifindex, &Packet::tcp(CLIENT, sport, REMOTE_VIP, 80).flags(ACK).frame()).unwrap();
+        assert_eq!((action, node_of(&out)), (XDP_TX, NODE_B.to_string()), "the remembered node, not the new hash winner");
+    }
+    // A SYN (a new connection on the same tuple) chooses anew.
+    let (_, out) = a.ingress_on(net.ifindex, &syn(sport, REMOTE_VIP).frame()).unwrap();
+    assert_eq!(node_of(&out), NODE_C, "a new connection takes the current choice");
 }

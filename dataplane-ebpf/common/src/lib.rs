@@ -55,11 +55,14 @@ pub mod map_names {
     /// Single entry: this node's place in the cluster fabric (its address,
     /// the encapsulation port, the MTU, the remote-pod mode).
     pub const FABRIC: &str = "svl_fabric_v1";
+    /// client 5-tuple -> the node this node encapsulated the flow to (LRU):
+    /// its packets keep going there when the app's pods change.
+    pub const REMOTE_FLOWS: &str = "svl_remote_flows_v1";
 
     /// Every map the agent pins, in the order `inspect` reports them.
-    pub const ALL: [&str; 14] = [
+    pub const ALL: [&str; 15] = [
         SERVICES, APPS, BACKENDS, ACTIVITY, CONNTRACK, CT_NEW, FRAGMENTS, VERDICTS, CT_EVENTS, CT_BUDGET,
-        CT_SUMMARY, CONFIG, NODES, FABRIC,
+        CT_SUMMARY, CONFIG, NODES, FABRIC, REMOTE_FLOWS,
     ];
 
     /// Maps of earlier layouts: an upgraded agent migrates what it can from
@@ -104,6 +107,8 @@ pub mod default_capacity {
     pub const FRAGMENTS: u32 = 1 << 14;
     /// Nodes (ids) backends can be on.
     pub const NODES: u32 = 1 << 13;
+    /// Flows this node sent to pods on other nodes, remembered (LRU).
+    pub const REMOTE_FLOWS: u32 = 1 << 17;
 }
 
 /// Upper bound on live backends per app: the new-flow path scores each one
@@ -247,6 +252,19 @@ pub const FABRIC_F_PREFER_LOCAL: u32 = 2;
 /// and are routed there; replies come back here. (IPv6 ones are still
 /// encapsulated: the node address is IPv4.)
 pub const FABRIC_F_SNAT: u32 = 4;
+
+/// Value of `svl_remote_flows_v1`: where this node sent a flow for a pod on
+/// another node (the other node owns the connection). Only a hint: without
+/// it the flow is hashed anew, which picks the same node while the app's
+/// pods stay the same.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct RemoteFlow {
+    /// Index of `svl_nodes_v1`.
+    pub node: u16,
+    pub pad: u16,
+    pub app_id: u32,
+}
 
 /// Bytes encapsulation adds in front of the inner IP packet: an IPv4 and a
 /// UDP header (GUE variant 1: the UDP payload is the IP packet itself).
@@ -564,6 +582,7 @@ mod user {
     unsafe impl aya::Pod for Config {}
     unsafe impl aya::Pod for NodeValue {}
     unsafe impl aya::Pod for Fabric {}
+    unsafe impl aya::Pod for RemoteFlow {}
 }
 
 #[cfg(test)]
