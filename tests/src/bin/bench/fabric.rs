@@ -101,7 +101,7 @@ pub fn per_packet(b: &Budget, rows: &mut Vec<Row>) -> anyhow::Result<()> {
         add("remote pod: local hit for comparison, established, repeat=1", s, format!("{samples} runs on the front node (ingress interface set, as below); {proof}"));
         let remote = Packet::tcp(CLIENT, 40001, REMOTE_VIP, 80).flags(ACK).frame();
         let (s, proof) = proven(&a, &[V::EncapForwarded], samples as u64, || (0..samples).map(|_| time_on(&a, &remote)).collect())?;
-        add("remote pod: encapsulated at the front node, repeat=1", s, format!("{samples} runs; no state on the front node: rendezvous choice + route lookup per packet; {proof}"));
+        add("remote pod: encapsulated at the front node, repeat=1", s, format!("{samples} runs; no connection state on the front node: a flow-memory lookup (the node it sent the flow to) and a route lookup per packet; {proof}"));
         let (_, encapsulated) = a.ingress_on(ifindex, &remote)?;
         let (s, proof) = proven(&bnode, &[V::Decapsulated, V::BackendEstablished], 2 * samples as u64, || {
             (0..samples).map(|_| time(&bnode, &encapsulated)).collect()
