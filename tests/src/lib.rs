@@ -202,16 +202,22 @@ impl TestDataplane {
 
     /// Runs the TC egress program once.
     pub fn egress(&self, frame: &[u8]) -> anyhow::Result<(i32, Vec<u8>)> {
+        let (rc, out, _) = self.egress_repeat(frame, 1)?;
+        Ok((rc, out))
+    }
+
+    /// Runs the TC egress program `repeat` times; returns the result, output and time per run.
+    pub fn egress_repeat(&self, frame: &[u8], repeat: u32) -> anyhow::Result<(i32, Vec<u8>, std::time::Duration)> {
         let prog: &SchedClassifier = self
             .ebpf
             .program(program_names::EGRESS)
             .context("egress program")?
             .try_into()?;
         let mut out = vec![0u8; frame.len() + 256];
-        let opts = TestRunOptions { data_in: Some(frame), data_out: Some(&mut out), ..Default::default() };
+        let opts = TestRunOptions { data_in: Some(frame), data_out: Some(&mut out), repeat, ..Default::default() };
         let r = prog.test_run(opts).context("BPF_PROG_TEST_RUN (tc)")?;
         out.truncate(r.data_size_out as usize);
-        Ok((r.return_value as i32, out))
+        Ok((r.return_value as i32, out, r.duration))
     }
 
     /// Verdict counters, summed over CPUs.

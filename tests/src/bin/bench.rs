@@ -605,6 +605,17 @@ fn per_packet(
     }
     let (samples, proof) = proven(dp, &[V::PassNotVip], runs, || repeated(&pass))?;
     add("non-VIP pass-through", samples, format!("{trials} trials x repeat {repeat}; {proof}"));
+    // Egress: the reply of the first mirror connection comes from its "pod"
+    // (the other mirror VIP) and leaves from the first VIP, which is in
+    // turn the pod of the second mirror connection: every repeat is a reply
+    // translation.
+    let (_, out) = dp.ingress(&ack(vip(n + 2)))?;
+    let mirror = Ipv4Addr::new(out[30], out[31], out[32], out[33]);
+    let reply = Packet::tcp(&mirror.to_string(), 80, client, 40000).flags(serviceless_tests::packet::ACK).frame();
+    let (samples, proof) = proven(dp, &[V::ReplyTranslated], runs, || {
+        (0..trials).map(|_| dp.egress_repeat(&reply, repeat).map(|(_, _, d)| d.as_nanos() as f64)).collect()
+    })?;
+    add("egress reply translation, established", samples, format!("{trials} trials x repeat {repeat}, alternating between the two mirror connections' replies; {proof}"));
 
     // One run at a time.
     let s = b.r1_samples;
