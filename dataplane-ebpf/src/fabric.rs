@@ -21,7 +21,7 @@ use serviceless_common::{
 
 use crate::{
     ingress::pack,
-    maps::{NODES, event},
+    maps::{FABRIC, NEXT_HOPS, NODES, NextHop, event},
     nat::set_check,
     packet::*,
     parse::Parsed,
@@ -78,8 +78,8 @@ pub fn decapsulate(ctx: &XdpContext) -> Result<(), ()> {
 /// packed (verdict, action). Nothing is remembered: the other node owns the
 /// connection, so any node may forward its next packet.
 #[inline(never)]
-pub fn encapsulate_call(ctx: &XdpContext, fabric: &Fabric, p: &Parsed, node: u16) -> u64 {
-    match encapsulate(ctx, fabric, p, node) {
+pub fn encapsulate_call(ctx: &XdpContext, fabric: &Fabric, p: &Parsed, node: u16, now: u64) -> u64 {
+    match encapsulate(ctx, p, node, now) {
         Ok(action) => pack(Verdict::EncapForwarded, action),
         Err(Verdict::EncapTooBig) => pack(Verdict::EncapTooBig, too_big(ctx, fabric, p).unwrap_or(XDP_DROP)),
         Err(verdict) => pack(verdict, XDP_DROP),
@@ -212,7 +212,9 @@ fn too_big(ctx: &XdpContext, fabric: &Fabric, p: &Parsed) -> Result<u32, ()> {
 
 // Out of line, as `too_big`: the two share the stack below their caller.
 #[inline(never)]
-fn encapsulate(ctx: &XdpContext, fabric: &Fabric, p: &Parsed, node: u16) -> Result<u32, Verdict> {
+fn encapsulate(ctx: &XdpContext, p: &Parsed, node: u16, now: u64) -> Result<u32, Verdict> {
+    // Looked up here, not passed: a fifth argument would not fit a BPF call.
+    let Some(fabric) = FABRIC.get(0) else { return Err(Verdict::DropEncapNoRoute) };
     let Some(peer) = NODES.get(node as u32).filter(|n| n.flags & NODE_F_PRESENT != 0) else {
         return Err(Verdict::DropEncapNoRoute);
     };
@@ -225,28 +227,10 @@ fn encapsulate(ctx: &XdpContext, fabric: &Fabric, p: &Parsed, node: u16) -> Resu
     let (a, b) = serviceless_common::addr_words(&p.src);
     let mix = a ^ b ^ ((p.sport as u64) << 16) ^ p.dport as u64;
     let sport = ((mix ^ (mix >> 32) ^ (mix >> 16)) as u16 | 0xc000).to_be();
-    // SAFETY: an all-zero request is valid; the helper fills in the answer.
-    let mut fib: FibLookup = unsafe { core::mem::zeroed() };
-    fib.family = AF_INET;
-    fib.l4_protocol = IPPROTO_UDP;
-    fib.sport = sport;
-    fib.dport = fabric.encap_port;
-    fib.__bindgen_anon_1.tot_len = outer_len;
-    // SAFETY: reading our own context.
-    fib.ifindex = unsafe { (*ctx.ctx).ingress_ifindex };
-    fib.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(fabric.node4);
-    fib.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(peer4);
-    // SAFETY: a helper call on our own context and a stack buffer of the given size.
-    let rc = unsafe {
-        bpf_fib_lookup(ctx.ctx.cast(), &mut fib, core::mem::size_of::<FibLookup>() as i32, 0)
-    } as u32;
-    match rc {
-        BPF_FIB_LKUP_RET_SUCCESS => {}
-        BPF_FIB_LKUP_RET_NO_NEIGH => return Err(Verdict::DropEncapNoNeighbour),
-        BPF_FIB_LKUP_RET_FRAG_NEEDED => return Err(Verdict::EncapTooBig),
-        _ => return Err(Verdict::DropEncapNoRoute),
+    if outer_len > fabric.mtu {
+        return Err(Verdict::EncapTooBig);
     }
-    let ingress = fib.ifindex;
+    let hop = next_hop(ctx, fabric, node, peer4, sport, outer_len, now)?;
     // SAFETY: grows the frame at its head; every pointer is re-derived below.
     if unsafe { bpf_xdp_adjust_head(ctx.ctx, l3 as i32 - INNER_L3 as i32) } != 0 {
         return Err(Verdict::DropEncapNoRoute);
@@ -254,8 +238,8 @@ fn encapsulate(ctx: &XdpContext, fabric: &Fabric, p: &Parsed, node: u16) -> Resu
     let hdr = ptr_at::<[u8; INNER_L3]>(ctx, 0).map_err(|()| Verdict::DropEncapNoRoute)?;
     // SAFETY: bounds checked by ptr_at.
     let hdr = unsafe { &mut *hdr };
-    hdr[0..6].copy_from_slice(&fib.dmac);
-    hdr[6..12].copy_from_slice(&fib.smac);
+    hdr[0..6].copy_from_slice(&hop.dmac);
+    hdr[6..12].copy_from_slice(&hop.smac);
     hdr[12..14].copy_from_slice(&ETH_P_IP.to_ne_bytes());
     let mut ip = [0u8; 20];
     ip[0] = 0x45;
@@ -275,12 +259,59 @@ fn encapsulate(ctx: &XdpContext, fabric: &Fabric, p: &Parsed, node: u16) -> Resu
     // A zero UDP checksum over IPv4: the inner packet carries its own.
     hdr[udp + 6..udp + 8].copy_from_slice(&[0, 0]);
     // SAFETY: reading our own context.
-    if ingress == unsafe { (*ctx.ctx).ingress_ifindex } {
+    if hop.ifindex == unsafe { (*ctx.ctx).ingress_ifindex } {
         Ok(XDP_TX)
     } else {
         // SAFETY: a plain helper call.
-        Ok(unsafe { bpf_redirect(ingress, 0) } as u32)
+        Ok(unsafe { bpf_redirect(hop.ifindex, 0) } as u32)
     }
+}
+
+/// How long a node's next hop found by `bpf_fib_lookup` is reused: a
+/// route or neighbour change reaches encapsulated traffic within this.
+const NEXT_HOP_TTL_NS: u64 = 1_000_000_000;
+
+/// The next hop towards node `node` (at `peer`): this CPU's copy from the
+/// last second, else a fresh `bpf_fib_lookup` (also the MTU check of the
+/// route), remembered for the next packets.
+#[inline(always)]
+fn next_hop(ctx: &XdpContext, fabric: &Fabric, node: u16, peer: [u8; 4], sport: u16, outer_len: u16, now: u64) -> Result<NextHop, Verdict> {
+    let cached = NEXT_HOPS.get_ptr_mut(node as u32);
+    if let Some(hop) = cached
+        // SAFETY: this CPU's slot.
+        && let hop = unsafe { *hop }
+        && hop.peer == peer
+        && now < hop.expires_ns
+    {
+        return Ok(hop);
+    }
+    // SAFETY: an all-zero request is valid; the helper fills in the answer.
+    let mut fib: FibLookup = unsafe { core::mem::zeroed() };
+    fib.family = AF_INET;
+    fib.l4_protocol = IPPROTO_UDP;
+    fib.sport = sport;
+    fib.dport = fabric.encap_port;
+    fib.__bindgen_anon_1.tot_len = outer_len;
+    // SAFETY: reading our own context.
+    fib.ifindex = unsafe { (*ctx.ctx).ingress_ifindex };
+    fib.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(fabric.node4);
+    fib.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(peer);
+    // SAFETY: a helper call on our own context and a stack buffer of the given size.
+    let rc = unsafe {
+        bpf_fib_lookup(ctx.ctx.cast(), &mut fib, core::mem::size_of::<FibLookup>() as i32, 0)
+    } as u32;
+    match rc {
+        BPF_FIB_LKUP_RET_SUCCESS => {}
+        BPF_FIB_LKUP_RET_NO_NEIGH => return Err(Verdict::DropEncapNoNeighbour),
+        BPF_FIB_LKUP_RET_FRAG_NEEDED => return Err(Verdict::EncapTooBig),
+        _ => return Err(Verdict::DropEncapNoRoute),
+    }
+    let hop = NextHop { dmac: fib.dmac, smac: fib.smac, peer, ifindex: fib.ifindex, expires_ns: now + NEXT_HOP_TTL_NS };
+    if let Some(slot) = cached {
+        // SAFETY: this CPU's slot.
+        unsafe { *slot = hop };
+    }
+    Ok(hop)
 }
 
 /// The TCP header's options: where the MSS value is, if it has one.

@@ -136,10 +136,12 @@ fn icmp_error(ctx: &XdpContext, cfg: &Config, fabric: &Fabric, s: &mut Scratch, 
 fn icmp_remote_call(ctx: &XdpContext, cfg: &Config, fabric: &Fabric, s: &mut Scratch) -> u64 {
     // SAFETY: copied out at once.
     if let Some(flow) = (unsafe { REMOTE_FLOWS.get(&s.key) }).copied() {
-        return fabric::encapsulate_call(ctx, fabric, &s.parsed, flow.node);
+        // SAFETY: no preconditions.
+        return fabric::encapsulate_call(ctx, fabric, &s.parsed, flow.node, unsafe { bpf_ktime_get_coarse_ns() });
     }
     if choose_call(cfg, fabric, s) && s.opening.target.kind == CT_KIND_BACKEND && s.opening.target.node != NODE_LOCAL {
-        return fabric::encapsulate_call(ctx, fabric, &s.parsed, s.opening.target.node);
+        // SAFETY: no preconditions.
+        return fabric::encapsulate_call(ctx, fabric, &s.parsed, s.opening.target.node, unsafe { bpf_ktime_get_coarse_ns() });
     }
     pack(Verdict::IcmpErrorNoConnection, XDP_DROP)
 }
@@ -295,7 +297,7 @@ fn send_to_node(ctx: &XdpContext, fabric: &Fabric, s: &Scratch, now: u64) -> u64
     let flow = RemoteFlow { node: target.node, pad: 0, app_id: target.app_id };
     let _ = REMOTE_FLOWS.insert(&s.key, &flow, 0);
     record_activity(target.app_id, (s.parsed.ip_end() - s.parsed.l3()) as u64, now);
-    fabric::encapsulate_call(ctx, fabric, &s.parsed, target.node)
+    fabric::encapsulate_call(ctx, fabric, &s.parsed, target.node, now)
 }
 
 const NOT_REMEMBERED: u64 = u64::MAX - 3;
@@ -313,7 +315,7 @@ fn remembered_call(ctx: &XdpContext, fabric: &Fabric, s: &Scratch, now: u64) -> 
     // SAFETY: copied out at once (LRU entries can be evicted and reused).
     let Some(flow) = (unsafe { REMOTE_FLOWS.get(&s.key) }).copied() else { return NOT_REMEMBERED };
     record_activity(flow.app_id, (p.ip_end() - p.l3()) as u64, now);
-    fabric::encapsulate_call(ctx, fabric, p, flow.node)
+    fabric::encapsulate_call(ctx, fabric, p, flow.node, now)
 }
 
 /// TCP or UDP to a VIP (`s.parsed`, `s.key`). Returns the packed (verdict, action).

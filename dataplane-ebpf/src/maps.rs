@@ -67,6 +67,21 @@ pub static FABRIC: Array<Fabric, 1> = Array::new();
 #[btf_map(name = "svl_remote_flows_v1")]
 pub static REMOTE_FLOWS: LruHashMap<CtKey, RemoteFlow, { cap::REMOTE_FLOWS as usize }> = LruHashMap::new();
 
+/// A node's next hop as `bpf_fib_lookup` last found it (per CPU: no
+/// sharing; not pinned: a cache, rebuilt within a second).
+#[derive(Clone, Copy)]
+pub struct NextHop {
+    pub dmac: [u8; 6],
+    pub smac: [u8; 6],
+    /// The node address it was looked up for (an id may be reused).
+    pub peer: [u8; 4],
+    pub ifindex: u32,
+    pub expires_ns: u64,
+}
+
+#[btf_map]
+pub static NEXT_HOPS: PerCpuArray<NextHop, { cap::NODES as usize }> = PerCpuArray::new();
+
 /// Per-CPU scratch space for the ingress path's largest values (the parsed
 /// packet, its conntrack key), which would otherwise take room on the
 /// 512-byte BPF stack every call below them shares (as Cilium and Katran
