@@ -188,16 +188,7 @@ impl TestDataplane {
 
     /// Runs the XDP ingress program `repeat` times; returns action, output and time per run.
     pub fn ingress_repeat(&self, frame: &[u8], repeat: u32) -> anyhow::Result<(u32, Vec<u8>, std::time::Duration)> {
-        let prog: &Xdp = self
-            .ebpf
-            .program(program_names::INGRESS)
-            .context("ingress program")?
-            .try_into()?;
-        let mut out = vec![0u8; frame.len() + 256];
-        let opts = TestRunOptions { data_in: Some(frame), data_out: Some(&mut out), repeat, ..Default::default() };
-        let r = prog.test_run(opts).context("BPF_PROG_TEST_RUN (xdp)")?;
-        out.truncate(r.data_size_out as usize);
-        Ok((r.return_value, out, r.duration))
+        self.run_ingress(frame, repeat, None)
     }
 
     /// Runs the TC egress program once.
@@ -296,6 +287,12 @@ impl TestDataplane {
 
     /// `ingress_on`, `repeat` times; returns action, output and time per run.
     pub fn ingress_on_repeat(&self, ifindex: u32, frame: &[u8], repeat: u32) -> anyhow::Result<(u32, Vec<u8>, std::time::Duration)> {
+        self.run_ingress(frame, repeat, Some(ifindex))
+    }
+
+    /// BPF_PROG_TEST_RUN of the ingress program, with the ingress interface
+    /// set when `ifindex` is given (the kernel's loopback otherwise).
+    fn run_ingress(&self, frame: &[u8], repeat: u32, ifindex: Option<u32>) -> anyhow::Result<(u32, Vec<u8>, std::time::Duration)> {
         let prog: &Xdp = self
             .ebpf
             .program(program_names::INGRESS)
@@ -303,10 +300,12 @@ impl TestDataplane {
             .try_into()?;
         let mut out = vec![0u8; frame.len() + 256];
         // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex.
-        let md: [u32; 6] = [0, frame.len() as u32, 0, ifindex, 0, 0];
-        let ctx: Vec<u8> = md.iter().flat_map(|w| w.to_ne_bytes()).collect();
-        let opts = TestRunOptions { data_in: Some(frame), data_out: Some(&mut out), ctx_in: Some(&ctx), repeat, ..Default::default() };
-        let r = prog.test_run(opts).context("BPF_PROG_TEST_RUN (xdp, with ingress interface)")?;
+        let ctx: Option<Vec<u8>> = ifindex.map(|index| {
+            [0, frame.len() as u32, 0, index, 0, 0].iter().flat_map(|w: &u32| w.to_ne_bytes()).collect()
+        });
+        let opts =
+            TestRunOptions { data_in: Some(frame), data_out: Some(&mut out), ctx_in: ctx.as_deref(), repeat, ..Default::default() };
+        let r = prog.test_run(opts).context("BPF_PROG_TEST_RUN (xdp)")?;
         out.truncate(r.data_size_out as usize);
         Ok((r.return_value, out, r.duration))
     }
