@@ -45,12 +45,49 @@ pub struct RunArgs {
     /// Node uplink to attach to (XDP ingress, TC egress).
     #[arg(long, env = "SERVICELESS_IFACE")]
     pub iface: String,
-    /// Where apps with no ready pod (or unknown VIP ports) are sent: IPv4 ip:port.
+    /// An external activator (IPv4 ip:port) to send traffic for apps with
+    /// no ready pod (and unknown VIP ports) to. Default: this agent's own
+    /// activator, on the node address and --activator-port, which holds
+    /// those connections, wakes the app and hands them to its first pod.
     #[arg(long, env = "SERVICELESS_ACTIVATOR")]
     pub activator: Option<SocketAddr>,
-    /// IPv6 activator, [ip]:port.
+    /// An external IPv6 activator, [ip]:port (the agent's own serves IPv4).
     #[arg(long, env = "SERVICELESS_ACTIVATOR6")]
     pub activator6: Option<SocketAddr>,
+    /// Port of the agent's own activator (TCP and UDP, on the node address).
+    #[arg(long, env = "SERVICELESS_ACTIVATOR_PORT", default_value_t = 8012)]
+    pub activator_port: u16,
+    /// How long a connection to a waking app waits for a ready pod before
+    /// it gets 503 + Retry-After (HTTP) or is closed. An app may set its own
+    /// (`serviceless.io/hold-timeout`, `holdTimeout:` in the file).
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "60s")]
+    pub hold_timeout: Duration,
+    /// Connections held at once for one waking app; more get 503 / closed.
+    #[arg(long, default_value_t = 1000)]
+    pub max_held_per_app: usize,
+    /// Connections held at once for all apps.
+    #[arg(long, default_value_t = 10000)]
+    pub max_held: usize,
+    /// Wake budget: apps this node may wake per minute (bursts up to it).
+    /// Past it, wakes are refused (counted) and their connections get 503,
+    /// so a scanner sweeping sleeping VIPs cannot wake them all.
+    #[arg(long, env = "SERVICELESS_WAKES_PER_MINUTE", default_value_t = 120)]
+    pub wakes_per_minute: u32,
+    /// Wake budget per namespace (Kubernetes; the file source's apps share one).
+    #[arg(long, env = "SERVICELESS_NAMESPACE_WAKES_PER_MINUTE", default_value_t = 30)]
+    pub namespace_wakes_per_minute: u32,
+    /// How long a failing wake (scale request) is retried, with backoff.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "2m")]
+    pub wake_retry_for: Duration,
+    /// Longest a scale command (file source `scale.exec`) may run.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "30s")]
+    pub scale_exec_timeout: Duration,
+    /// Other agents (their --listen address, ip:port) whose traffic counts
+    /// when putting idle apps to sleep: an app sleeps only when none of them
+    /// saw a packet for it within its idle window. The agent with the lowest
+    /// address decides; with peers, serve --listen on an address they reach.
+    #[arg(long, env = "SERVICELESS_PEERS", value_delimiter = ',')]
+    pub peers: Vec<SocketAddr>,
     /// Desired state: `kubernetes` (Pod watch; in-cluster config or KUBECONFIG) or
     /// `file:<path>` (YAML or JSON, reloaded on change).
     #[arg(long, env = "SERVICELESS_SOURCE")]

@@ -149,7 +149,8 @@ pub fn load(pins: &Pins, sizes: Sizes) -> anyhow::Result<Loaded> {
         .map_max_entries(map_names::CONNTRACK, sizes.conntrack_entries())
         .map_max_entries(map_names::CT_NEW, sizes.ct_new_entries())
         .map_max_entries(map_names::NODES, sizes.nodes)
-        .map_max_entries(map_names::REMOTE_FLOWS, sizes.remote_flows);
+        .map_max_entries(map_names::REMOTE_FLOWS, sizes.remote_flows)
+        .map_max_entries(map_names::WAKE_GATE, sizes.apps);
     let mut ebpf = loader.load(EBPF_OBJECT).context(
         "loading the eBPF object (needs root or CAP_BPF+CAP_NET_ADMIN+CAP_PERFMON, and a kernel with BTF, >= 6.1)",
     )?;

@@ -2,9 +2,11 @@
 //! step with desired state (a local file or Kubernetes Pod watches), and
 //! reports through `inspect`, metrics and health endpoints.
 
+pub mod activator;
 pub mod cli;
 pub mod conntrack;
 pub mod dataplane;
+pub mod directory;
 pub mod fabric;
 pub mod health;
 pub mod http;
@@ -13,7 +15,10 @@ pub mod maps;
 pub mod metrics;
 pub mod model;
 pub mod nodes;
+pub mod peers;
 pub mod reconcile;
 pub mod run;
+pub mod scale;
 pub mod source;
 pub mod upgrade;
+pub mod wake;

@@ -31,6 +31,16 @@ pub struct KindLabel {
     pub kind: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabel {
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PhaseLabel {
+    pub phase: &'static str,
+}
+
 /// Buckets from 50 us to about 30 s: sub-millisecond resolution where the
 /// dataplane lives, seconds where kube-proxy lives.
 fn latency_buckets() -> impl Iterator<Item = f64> {
@@ -60,6 +70,24 @@ pub struct Metrics {
     /// Duration of one in-kernel conntrack GC pass.
     pub ct_gc_duration: Histogram,
     pub ct_gc_errors: Counter,
+    /// Cold start, from the first packet to a sleeping app, to each phase.
+    pub wake_phase: Family<PhaseLabel, Histogram>,
+    /// Wakes by outcome (`scaled`, `already_awake`, `refused_budget`, `failed`, ...).
+    pub wakes: Family<OutcomeLabel, Counter>,
+    /// Sleeps by outcome.
+    pub sleeps: Family<OutcomeLabel, Counter>,
+    /// Scale requests that failed and were retried.
+    pub scale_errors: Counter,
+    /// Connections the activator holds now.
+    pub held_connections: Gauge,
+    /// Connections the activator took, by how they ended (`spliced`,
+    /// `timeout_http_503`, `timeout_closed`, `refused_*`, `unknown_app`, ...).
+    pub activator_connections: Family<OutcomeLabel, Counter>,
+    /// UDP datagrams to sleeping apps dropped by the activator (the flow
+    /// moves to a pod once one is ready).
+    pub activator_udp_dropped: Counter,
+    /// Wake signals read from the kernel's ring buffer.
+    pub wake_signals: Counter,
 }
 
 impl Default for Metrics {
@@ -85,6 +113,14 @@ impl Metrics {
             watch_restarts: Counter::default(),
             ct_gc_duration: Histogram::new(latency_buckets()),
             ct_gc_errors: Counter::default(),
+            wake_phase: Family::new_with_constructor(|| Histogram::new(latency_buckets())),
+            wakes: Family::default(),
+            sleeps: Family::default(),
+            scale_errors: Counter::default(),
+            held_connections: Gauge::default(),
+            activator_connections: Family::default(),
+            activator_udp_dropped: Counter::default(),
+            wake_signals: Counter::default(),
         };
         {
             let mut r = m.registry.lock().unwrap_or_else(|p| p.into_inner());
@@ -109,6 +145,18 @@ impl Metrics {
             r.register("watch_restarts", "Kubernetes watch restarts", m.watch_restarts.clone());
             r.register("conntrack_gc_duration_seconds", "Duration of one in-kernel conntrack GC pass", m.ct_gc_duration.clone());
             r.register("conntrack_gc_errors", "Conntrack GC passes that failed to run", m.ct_gc_errors.clone());
+            r.register(
+                "wake_seconds",
+                "Cold start of a sleeping app: time from its first packet to each phase (scale_accepted, pod_ready, first_byte_forwarded)",
+                m.wake_phase.clone(),
+            );
+            r.register("wakes", "Wakes of sleeping apps, by outcome", m.wakes.clone());
+            r.register("sleeps", "Idle apps put to sleep, by outcome", m.sleeps.clone());
+            r.register("scale_errors", "Scale requests (wake or sleep) that failed and are retried with backoff", m.scale_errors.clone());
+            r.register("activator_held_connections", "Connections the activator holds for apps that are waking", m.held_connections.clone());
+            r.register("activator_connections", "Connections the activator took, by how they ended", m.activator_connections.clone());
+            r.register("activator_udp_dropped", "UDP datagrams to sleeping apps dropped while they wake", m.activator_udp_dropped.clone());
+            r.register("wake_signals", "Wake signals read from the kernel (first packets to sleeping apps)", m.wake_signals.clone());
         }
         m
     }

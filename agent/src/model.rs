@@ -1,7 +1,7 @@
 //! Desired state: what every source (file, Kubernetes) produces and the
 //! reconciler consumes. Values here are already validated.
 
-use std::{fmt, net::IpAddr, str::FromStr};
+use std::{fmt, net::IpAddr, str::FromStr, time::Duration};
 
 use serde::{Deserialize, Serialize};
 use serviceless_common::{Addr, IPPROTO_TCP, IPPROTO_UDP, MAX_BACKENDS_PER_APP, ipv4_mapped};
@@ -14,6 +14,58 @@ pub struct AppSpec {
     pub vip: IpAddr,
     pub ports: Vec<PortSpec>,
     pub backends: Vec<BackendSpec>,
+    /// How the app is woken and put to sleep (the maps never depend on it).
+    pub lifecycle: Lifecycle,
+}
+
+/// Scale to zero: what wakes the app, when it sleeps, how long its first
+/// connections wait.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Lifecycle {
+    /// What scales the app; `None`: nothing (its pods come and go by other
+    /// means, and connections held for it wait for them).
+    pub scaler: Option<ScaleTarget>,
+    /// Put to sleep after this long without traffic; `None`: never.
+    pub idle_after: Option<Duration>,
+    /// How long a connection held for it waits for a ready pod; `None`:
+    /// the agent's default (`--hold-timeout`).
+    pub hold_timeout: Option<Duration>,
+    /// Held connections handed to a pod start with a PROXY protocol v2
+    /// header carrying the client's address.
+    pub proxy_protocol: bool,
+}
+
+/// What the agent changes to wake or sleep an app.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum ScaleTarget {
+    /// A command (the platform's orchestrator), run with the replica count
+    /// appended (file source).
+    Exec(Vec<String>),
+    /// A Deployment's `scale` subresource (Kubernetes source).
+    Deployment { namespace: String, name: String },
+}
+
+impl ScaleTarget {
+    /// The namespace wake budgets are counted in (empty for commands).
+    pub fn namespace(&self) -> &str {
+        match self {
+            ScaleTarget::Exec(_) => "",
+            ScaleTarget::Deployment { namespace, .. } => namespace,
+        }
+    }
+}
+
+impl AppSpec {
+    /// Ready pods, for the activator.
+    pub fn ready_backends(&self) -> impl Iterator<Item = &BackendSpec> {
+        self.backends.iter().filter(|b| b.ready)
+    }
+
+    /// The port entry for a VIP port and protocol.
+    pub fn port(&self, port: u16, protocol: Protocol) -> Option<&PortSpec> {
+        self.ports.iter().find(|p| p.port == port && p.protocol == protocol)
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -309,6 +361,7 @@ mod tests {
             vip: vip.parse().unwrap(),
             ports: vec![PortSpec { port: 80, target_port: 8080, protocol: Protocol::Tcp }],
             backends: vec![BackendSpec { ip: "10.244.1.2".parse().unwrap(), ready: true, source: None, node: None }],
+            lifecycle: Lifecycle::default(),
         }
     }
 

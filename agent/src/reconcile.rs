@@ -216,6 +216,11 @@ impl Reconciler {
         self.nodes.addr(id)
     }
 
+    /// The kernel's id of a programmed app.
+    pub fn app_id(&self, host: &str) -> Option<u32> {
+        self.apps.get(host).map(|p| p.id)
+    }
+
     pub fn app_count(&self) -> usize {
         self.apps.len()
     }

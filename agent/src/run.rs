@@ -1,33 +1,41 @@
 //! `serviceless run`: load, attach, adopt, then reconcile until stopped.
 
 use std::{
-    net::IpAddr,
+    net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
+    sync::Arc,
     time::Duration,
 };
 
 use anyhow::Context as _;
+use aya::maps::RingBuf;
 use serviceless_common::{
-    CONFIG_F_ACTIVATOR4, CONFIG_F_ACTIVATOR6, CONFIG_F_UPGRADING, CONFIG_F_VIP4, CONFIG_F_VIP6, Config,
+    CONFIG_F_ACTIVATOR4, CONFIG_F_ACTIVATOR6, CONFIG_F_UPGRADING, CONFIG_F_VIP4, CONFIG_F_VIP6, Config, map_names,
 };
 use tokio::{io::unix::AsyncFd, signal::unix::SignalKind};
 use tracing::{info, warn};
 
 use crate::{
+    activator::{self, ActivatorOptions, HeldCounts},
     cli::{RunArgs, SourceSpec},
     conntrack::{self, HashKeySource},
     dataplane::{self, Pins, Sizes},
+    directory::Directory,
     fabric,
     health::Health,
     http,
+    maps::DataplaneMaps,
     metrics::Metrics,
-    model::{VipRanges, to_addr},
+    model::{AppSpec, VipRanges, to_addr},
+    peers::Peers,
     reconcile::Reconciler,
+    scale::Scaler,
     source::{
         Store, file,
         kubernetes::{self, KubeOptions},
     },
     upgrade,
+    wake::{self, WakeOptions, Waker},
 };
 
 /// How long a failed app waits before it is tried again.
@@ -35,7 +43,18 @@ const RETRY_AFTER: Duration = Duration::from_secs(5);
 
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let ranges = VipRanges::from_list(&args.vip_ranges).map_err(anyhow::Error::msg).context("--vip-range")?;
-    let mut config = kernel_config(&args, &ranges)?;
+    let node_fabric = fabric::configure(&args)?;
+    let node_ip = (node_fabric.config.node4 != [0; 4]).then(|| IpAddr::from(node_fabric.config.node4));
+    // The agent's own activator, unless an external one is named.
+    let own_activator = match (args.activator, node_ip) {
+        (Some(_), _) => None,
+        (None, Some(ip)) => Some(SocketAddr::new(ip, args.activator_port)),
+        (None, None) => {
+            warn!("no node address (--node-address, or an IPv4 address on --iface): this agent runs no activator");
+            None
+        }
+    };
+    let mut config = kernel_config(&args, &ranges, own_activator)?;
     let pins = Pins::new(&args.pin_dir);
     let metrics = Metrics::new();
     let health = Health::default();
@@ -49,7 +68,6 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         nodes: args.max_nodes,
         remote_flows: args.max_remote_flows,
     };
-    let node_fabric = fabric::configure(&args)?;
     if node_fabric.config.flags & serviceless_common::FABRIC_F_ENCAP != 0 && args.flow_hash_key_file.is_none() {
         warn!("no --flow-hash-key-file: this node's key differs from other nodes', so a connection whose packets reach several nodes can break; give every node the same key");
     }
@@ -88,6 +106,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     health.set_attached();
     metrics.register_dataplane(pins.dir.clone());
 
+    let wake_ring = loaded.ebpf.take_map(map_names::WAKES).context("the wake ring buffer is missing from the eBPF object")?;
+    let wake_ring = RingBuf::try_from(wake_ring).context("the wake ring buffer")?;
+    // A second handle on the maps, for reading (the reconciler writes).
+    let reader = Arc::new(DataplaneMaps::open_pinned(&pins.dir).context("opening the pinned maps for reading")?);
     let dataplane::Loaded { ebpf, maps } = loaded;
     let reconciler = Reconciler::adopt(maps, metrics.clone(), node_fabric.own);
     let (nodes_tx, nodes_rx) = tokio::sync::watch::channel(reconciler.remote_nodes());
@@ -96,18 +118,49 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let _gc = conntrack::spawn_gc(ebpf, args.ct_gc_interval, metrics.clone())?;
 
     let store = Store::default();
-    let source = match args.source.clone() {
+    let directory = Directory::default();
+    let (source, kube_client) = match args.source.clone() {
         SourceSpec::File(path) => {
-            tokio::spawn(file::watch(path, ranges, store.clone(), health.clone(), metrics.clone()))
+            (tokio::spawn(file::watch(path, ranges, store.clone(), health.clone(), metrics.clone())), None)
         }
         SourceSpec::Kubernetes => {
             let client = kubernetes::client(args.api_qps).await?;
             let opts = KubeOptions { ranges, instance: args.node_name.clone() };
-            tokio::spawn(kubernetes::watch(client, opts, store.clone(), health.clone(), metrics.clone()))
+            let watch = tokio::spawn(kubernetes::watch(client.clone(), opts, store.clone(), health.clone(), metrics.clone()));
+            (watch, Some(client))
         }
     };
-    let server = tokio::spawn(http::serve(args.listen, metrics.clone(), health.clone()));
-    let reconcile = tokio::spawn(reconcile_loop(reconciler, store, health.clone(), args.state_file.clone(), nodes_tx));
+
+    // Scale to zero: wake on the first packet, hold, hand over; sleep when idle.
+    let scaler = Scaler::new(kube_client, args.scale_exec_timeout);
+    let wake_options = WakeOptions {
+        node_per_minute: args.wakes_per_minute,
+        namespace_per_minute: args.namespace_wakes_per_minute,
+        retry_for: args.wake_retry_for,
+    };
+    let waker = Waker::spawn(directory.clone(), scaler.clone(), wake_options, metrics.clone());
+    tokio::spawn(wake::read_signals(wake_ring, directory.clone(), waker.clone(), metrics.clone()));
+    tokio::spawn(wake::resume_held(reader.clone(), directory.clone(), waker.clone()));
+    let held = HeldCounts::default();
+    let activator = match own_activator {
+        Some(listen) => {
+            let opts = ActivatorOptions {
+                listen,
+                hold_timeout: args.hold_timeout,
+                max_held_per_app: args.max_held_per_app,
+                max_held: args.max_held,
+                retry_after: 5,
+            };
+            tokio::spawn(activator::serve(opts, reader.clone(), directory.clone(), waker.clone(), held.clone(), metrics.clone()))
+        }
+        None => tokio::spawn(std::future::pending()),
+    };
+    let peers = Peers::new(args.peers.clone(), node_ip);
+    tokio::spawn(wake::run_sleeper(reader.clone(), directory.clone(), waker.clone(), scaler, peers, held.clone(), metrics.clone()));
+
+    let status = http::Status { metrics: metrics.clone(), health: health.clone(), maps: reader.clone(), directory: directory.clone() };
+    let server = tokio::spawn(http::serve(args.listen, status));
+    let reconcile = tokio::spawn(reconcile_loop(reconciler, store, directory, health.clone(), args.state_file.clone(), nodes_tx));
 
     let mut term = tokio::signal::unix::signal(SignalKind::terminate())?;
     let outcome: anyhow::Result<()> = tokio::select! {
@@ -115,6 +168,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         _ = term.recv() => { info!("terminated"); Ok(()) }
         r = source => r.context("source task").and_then(|r| r.context("desired-state source failed")),
         r = server => r.context("http task").and_then(|r| r),
+        r = activator => r.context("activator task").and_then(|r| r),
         r = reconcile => r.context("reconcile task"),
     };
     if args.detach_on_exit {
@@ -127,9 +181,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
 }
 
 /// The single `svl_config_v1` entry.
-fn kernel_config(args: &RunArgs, ranges: &VipRanges) -> anyhow::Result<Config> {
+fn kernel_config(args: &RunArgs, ranges: &VipRanges, own_activator: Option<SocketAddr>) -> anyhow::Result<Config> {
     let mut c = Config::default();
-    if let Some(a) = args.activator {
+    if let Some(a) = args.activator.or(own_activator) {
         anyhow::ensure!(a.is_ipv4(), "--activator {a} must be IPv4 (use --activator6 for IPv6)");
         c.activator4 = to_addr(a.ip());
         c.activator4_port = a.port().to_be();
@@ -142,7 +196,7 @@ fn kernel_config(args: &RunArgs, ranges: &VipRanges) -> anyhow::Result<Config> {
         c.flags |= CONFIG_F_ACTIVATOR6;
     }
     if c.flags & (CONFIG_F_ACTIVATOR4 | CONFIG_F_ACTIVATOR6) == 0 {
-        warn!("no --activator: traffic for apps without ready pods will be dropped");
+        warn!("no activator (neither --activator nor a node address for the agent's own): traffic for apps without ready pods will be dropped");
     }
     conntrack::Timeouts {
         syn: args.ct_syn_timeout,
@@ -160,7 +214,7 @@ fn kernel_config(args: &RunArgs, ranges: &VipRanges) -> anyhow::Result<Config> {
         (c.vip6_net, c.vip6_mask) = r.to_net_mask();
         c.flags |= CONFIG_F_VIP6;
     }
-    for activator in [args.activator, args.activator6].into_iter().flatten() {
+    for activator in [args.activator.or(own_activator), args.activator6].into_iter().flatten() {
         let ip: IpAddr = activator.ip();
         if ranges.for_ip(ip).is_some_and(|r| r.contains(ip)) {
             anyhow::bail!("activator {ip} lies inside the VIP range; its traffic would loop");
@@ -172,6 +226,7 @@ fn kernel_config(args: &RunArgs, ranges: &VipRanges) -> anyhow::Result<Config> {
 async fn reconcile_loop(
     mut reconciler: Reconciler,
     store: Store,
+    directory: Directory,
     health: Health,
     state_file: PathBuf,
     nodes: tokio::sync::watch::Sender<Vec<IpAddr>>,
@@ -196,8 +251,18 @@ async fn reconcile_loop(
         }
         let full = batch.full.is_some();
         let changed = batch.changed.len();
+        let specs: Vec<(String, Option<AppSpec>)> = batch.changed.iter().map(|(h, a, _)| (h.clone(), a.clone())).collect();
         let started = std::time::Instant::now();
         let outcome = reconciler.apply(batch);
+        // Apps whose write failed are retried; the activator sees them as
+        // the reconciler left them (a removed app stays gone).
+        directory.update(
+            specs.into_iter().map(|(h, a)| {
+                let id = reconciler.app_id(&h);
+                (h, a.filter(|_| id.is_some()), id)
+            }),
+            full,
+        );
         nodes.send_if_modified(|known| {
             let now = reconciler.remote_nodes();
             let changed = *known != now;

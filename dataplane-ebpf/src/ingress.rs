@@ -23,7 +23,7 @@ use serviceless_common::{
 
 use crate::{
     conntrack::{self, Refused, Table, Target},
-    fabric, frag, icmp, snat,
+    fabric, frag, icmp, snat, wake,
     lb::{self, Scope},
     maps::{ACTIVITY, APPS, CONFIG, FABRIC, REMOTE_FLOWS, SCRATCH, SERVICES, Scratch, count, event},
     nat,
@@ -361,6 +361,10 @@ fn connection(ctx: &XdpContext, cfg: &Config, fabric: &Fabric, s: &mut Scratch) 
         // No ready pod here after all (the sender's view was newer or
         // older): drop, and let the client's retransmission find one.
         return pack(Verdict::DropTunnelInvalid, XDP_DROP);
+    }
+    if s.opening.verdict == Verdict::ActivatorNoBackend {
+        // A sleeping app: start waking it now, at the first packet.
+        wake::signal_call(s.opening.target.app_id, s.parsed.proto, now);
     }
     let (verdict, action) = unpack(track_call(cfg, s, now, snat));
     if action != XDP_PASS {

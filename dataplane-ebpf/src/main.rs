@@ -19,6 +19,7 @@ mod nat;
 mod packet;
 mod snat;
 mod parse;
+mod wake;
 
 use aya_log_ebpf::error;
 use aya_ebpf::{

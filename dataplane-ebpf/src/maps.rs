@@ -2,7 +2,7 @@
 //! Capacities here are defaults; the agent sets the real ones at load time.
 
 use aya_ebpf::{
-    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
     macros::btf_map,
 };
 use crate::{
@@ -12,7 +12,8 @@ use crate::{
 };
 use serviceless_common::{
     Activity, AppValue, Backend, BackendKey, Config, CtBudget, CtEntry, CtEvent, CtKey, CtSummary, Fabric,
-    FragKey, FragValue, NodeValue, RemoteFlow, ServiceKey, ServiceValue, Verdict, default_capacity as cap,
+    FragKey, FragValue, NodeValue, RemoteFlow, ServiceKey, ServiceValue, Verdict, WAKE_RING_BYTES, WakeEvent,
+    default_capacity as cap,
 };
 
 #[btf_map(name = "svl_services_v1")]
@@ -45,7 +46,7 @@ pub static FRAGMENTS: LruHashMap<FragKey, FragValue, { cap::FRAGMENTS as usize }
 #[btf_map(name = "svl_verdicts_v3")]
 pub static VERDICTS: PerCpuArray<u64, { Verdict::COUNT as usize }> = PerCpuArray::new();
 
-#[btf_map(name = "svl_ct_events_v1")]
+#[btf_map(name = "svl_ct_events_v2")]
 pub static CT_EVENTS: PerCpuArray<u64, { CtEvent::COUNT as usize }> = PerCpuArray::new();
 
 #[btf_map(name = "svl_ct_budget_v1")]
@@ -66,6 +67,12 @@ pub static FABRIC: Array<Fabric, 1> = Array::new();
 /// LRU: losing an entry only means the flow is hashed anew.
 #[btf_map(name = "svl_remote_flows_v1")]
 pub static REMOTE_FLOWS: LruHashMap<CtKey, RemoteFlow, { cap::REMOTE_FLOWS as usize }> = LruHashMap::new();
+
+#[btf_map(name = "svl_wakes_v1")]
+pub static WAKES: RingBuf<WakeEvent, { WAKE_RING_BYTES as usize }> = RingBuf::new();
+
+#[btf_map(name = "svl_wake_gate_v1")]
+pub static WAKE_GATE: Array<u64, { cap::APPS as usize }> = Array::new();
 
 /// A node's next hop as `bpf_fib_lookup` last found it (per CPU: no
 /// sharing; not pinned: a cache, rebuilt within a second).

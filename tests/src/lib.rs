@@ -366,5 +366,6 @@ pub fn app(hostname: &str, vip: &str, pods: &[(&str, bool)]) -> AppSpec {
                 node: None,
             })
             .collect(),
+        lifecycle: Default::default(),
     }
 }

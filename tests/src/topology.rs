@@ -65,6 +65,9 @@ pub struct Topology {
     pub max_apps: u32,
     /// Conntrack capacity (connections) the agent is started with.
     pub max_connections: u32,
+    /// Start agents with `--activator` naming the stand-in (the default);
+    /// false: the agent's own activator serves (on 10.0.0.1:8012).
+    pub external_activator: bool,
     /// The XDP_PASS program on the client's interface (see `new`).
     _client_xdp: OwnedFd,
     server_bin: PathBuf,
@@ -126,6 +129,7 @@ impl Topology {
             work_dir,
             max_apps: 1024,
             max_connections: 65536,
+            external_activator: true,
             _client_xdp: client_xdp,
             server_bin: server_bin.into(),
         };
@@ -182,8 +186,6 @@ impl Topology {
             "run".to_string(),
             "--iface".into(),
             UPLINK.into(),
-            "--activator".into(),
-            ACTIVATOR.into(),
             "--state-file".into(),
             state_file.display().to_string(),
             "--source".into(),
@@ -201,6 +203,9 @@ impl Topology {
             "--max-backends".into(),
             (self.max_apps * 8).to_string(),
         ];
+        if self.external_activator {
+            args.extend(["--activator".to_string(), ACTIVATOR.to_string()]);
+        }
         args.extend(extra.iter().map(|s| s.to_string()));
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let proc = self.node.spawn_env(bin.to_str().context("path")?, &args, Some(&self.work_dir.join(log_name)), env)?;

@@ -19,7 +19,7 @@ use super::{Observed, Store};
 use crate::{
     health::Health,
     metrics::Metrics,
-    model::{AppSpec, BackendSpec, PortSpec, Protocol, VipRanges},
+    model::{AppSpec, BackendSpec, Lifecycle, PortSpec, Protocol, ScaleTarget, VipRanges},
 };
 
 /// The file format. Example:
@@ -31,6 +31,12 @@ use crate::{
 ///     ports: [{ port: 80, targetPort: 8080 }]
 ///     pods:
 ///       - { name: hello-1, ip: 10.244.1.2, ready: true }
+///     # Optional scale to zero: the command (the platform's orchestrator)
+///     # is run with the replica count appended; it starts or stops the
+///     # app and writes its pods into this file.
+///     scale: { exec: ["/usr/local/bin/orchestrate", "hello"] }
+///     idleAfter: 15m
+///     holdTimeout: 60s
 /// ```
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -47,6 +53,25 @@ pub struct FileApp {
     pub ports: Vec<FilePort>,
     #[serde(default)]
     pub pods: Vec<FilePod>,
+    /// How to wake and sleep the app.
+    #[serde(default)]
+    pub scale: Option<FileScale>,
+    /// Put to sleep after this long without traffic (`15m`, `4s`; `0`: never).
+    #[serde(default, rename = "idleAfter")]
+    pub idle_after: Option<String>,
+    /// How long connections wait for a pod while it wakes (default: `--hold-timeout`).
+    #[serde(default, rename = "holdTimeout")]
+    pub hold_timeout: Option<String>,
+    /// Held connections reach the pod with a PROXY protocol v2 header.
+    #[serde(default, rename = "proxyProtocol")]
+    pub proxy_protocol: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileScale {
+    /// Program and arguments; the replica count is appended.
+    pub exec: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -157,7 +182,23 @@ fn convert(raw: FileApp) -> Result<AppSpec, String> {
         };
         backends.push(BackendSpec { ip, ready: pod.ready && !pod.terminating, source: pod.name, node });
     }
-    Ok(AppSpec { hostname: raw.hostname, vip, ports, backends })
+    let duration = |what: &str, text: Option<&str>| -> Result<Option<Duration>, String> {
+        text.map(|t| humantime::parse_duration(t.trim()).map_err(|e| format!("{what} '{t}': {e} (e.g. 15m, 4s)"))).transpose()
+    };
+    let scaler = match raw.scale {
+        None => None,
+        Some(FileScale { exec }) if exec.is_empty() || exec[0].is_empty() => {
+            return Err("scale.exec needs at least a program".into());
+        }
+        Some(FileScale { exec }) => Some(ScaleTarget::Exec(exec)),
+    };
+    let lifecycle = Lifecycle {
+        scaler,
+        idle_after: duration("idleAfter", raw.idle_after.as_deref())?.filter(|d| !d.is_zero()),
+        hold_timeout: duration("holdTimeout", raw.hold_timeout.as_deref())?,
+        proxy_protocol: raw.proxy_protocol,
+    };
+    Ok(AppSpec { hostname: raw.hostname, vip, ports, backends, lifecycle })
 }
 
 /// Loads the file into the store: on a parse error the store keeps what it had.
@@ -275,6 +316,39 @@ apps:
         );
         assert!(rejected[2].reason.contains("70000"), "{:?}", rejected[2]);
         assert!(rejected[3].reason.contains("outside the configured VIP range"), "{:?}", rejected[3]);
+    }
+
+    #[test]
+    fn scale_hooks_and_idle_windows_are_read_and_bad_ones_rejected() {
+        let text = r#"
+apps:
+  - hostname: sleepy.example.com
+    vip: 10.96.0.10
+    ports: [{ port: 80, targetPort: 8080 }]
+    scale: { exec: ["/bin/orchestrate", "sleepy"] }
+    idleAfter: 4s
+    holdTimeout: 1m
+  - hostname: never.example.com
+    vip: 10.96.0.11
+    ports: [{ port: 80 }]
+    idleAfter: "0"
+  - hostname: badidle.example.com
+    vip: 10.96.0.12
+    ports: [{ port: 80 }]
+    idleAfter: soon
+  - hostname: noprog.example.com
+    vip: 10.96.0.13
+    ports: [{ port: 80 }]
+    scale: { exec: [] }
+"#;
+        let (apps, rejected) = parse(Path::new("apps.yaml"), text, &ranges()).unwrap();
+        assert_eq!(apps.len(), 2);
+        let l = &apps[0].lifecycle;
+        assert_eq!(l.scaler, Some(ScaleTarget::Exec(vec!["/bin/orchestrate".into(), "sleepy".into()])));
+        assert_eq!((l.idle_after, l.hold_timeout), (Some(Duration::from_secs(4)), Some(Duration::from_secs(60))));
+        assert_eq!(apps[1].lifecycle.idle_after, None, "0 disables sleeping");
+        assert!(rejected[0].reason.contains("idleAfter 'soon'"), "{:?}", rejected[0]);
+        assert!(rejected[1].reason.contains("scale.exec"), "{:?}", rejected[1]);
     }
 
     #[test]

@@ -273,7 +273,7 @@ impl PodIndex {
         // Ready first, then the per-app limit.
         backends.sort_by_key(|b| !b.ready);
         backends.truncate(serviceless_common::MAX_BACKENDS_PER_APP as usize);
-        let spec = AppSpec { hostname: host.to_string(), vip, ports: vec![newest.port], backends };
+        let spec = AppSpec { hostname: host.to_string(), vip, ports: vec![newest.port], backends, lifecycle: Default::default() };
         (Some(spec), conflict)
     }
 

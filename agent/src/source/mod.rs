@@ -160,6 +160,7 @@ mod tests {
             vip: "10.96.0.1".parse().unwrap(),
             ports: vec![PortSpec { port: 80, target_port: 80, protocol: Protocol::Tcp }],
             backends: vec![],
+            lifecycle: Default::default(),
         }
     }
 

@@ -316,12 +316,18 @@ pub enum CtEvent {
     /// The MSS option of a SYN or SYN-ACK was lowered so that segments fit
     /// the fabric once encapsulated.
     MssClamped = 14,
+    /// The agent was told, through the wake ring buffer, that a sleeping
+    /// app was hit (at most once per app per `WAKE_SIGNAL_INTERVAL_NS`).
+    WakeSignalled = 15,
+    /// A wake signal was lost: the ring buffer was full (the agent is
+    /// behind; it also wakes apps from the connections its activator takes).
+    WakeSignalLost = 16,
 }
 
 impl CtEvent {
-    pub const COUNT: u32 = 16;
+    pub const COUNT: u32 = 32;
 
-    pub const ALL: [CtEvent; 15] = [
+    pub const ALL: [CtEvent; 17] = [
         CtEvent::Created,
         CtEvent::Reopened,
         CtEvent::PortRewritten,
@@ -337,6 +343,8 @@ impl CtEvent {
         CtEvent::PromoteFailed,
         CtEvent::HandshakeMismatch,
         CtEvent::MssClamped,
+        CtEvent::WakeSignalled,
+        CtEvent::WakeSignalLost,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -356,6 +364,8 @@ impl CtEvent {
             CtEvent::PromoteFailed => "promote_failed",
             CtEvent::HandshakeMismatch => "handshake_mismatch",
             CtEvent::MssClamped => "mss_clamped",
+            CtEvent::WakeSignalled => "wake_signalled",
+            CtEvent::WakeSignalLost => "wake_signal_lost",
         }
     }
 

@@ -41,8 +41,8 @@ pub mod map_names {
     pub const FRAGMENTS: &str = "svl_frags_v1";
     /// verdict -> packet count (per-CPU array).
     pub const VERDICTS: &str = "svl_verdicts_v3";
-    /// conntrack lifecycle event -> count (per-CPU array).
-    pub const CT_EVENTS: &str = "svl_ct_events_v1";
+    /// conntrack (and wake-signal) event -> count (per-CPU array).
+    pub const CT_EVENTS: &str = "svl_ct_events_v2";
     /// Per-CPU budget of new connections (flood guard scratch state).
     pub const CT_BUDGET: &str = "svl_ct_budget_v1";
     /// Single entry: live conntrack entries by state, as the last GC pass counted them.
@@ -58,6 +58,13 @@ pub mod map_names {
     /// client 5-tuple -> the node this node encapsulated the flow to (LRU):
     /// its packets keep going there when the app's pods change.
     pub const REMOTE_FLOWS: &str = "svl_remote_flows_v1";
+    /// Ring buffer of `WakeEvent`s: a sleeping app was hit. Not pinned (a
+    /// signal, not state: a restarted agent finds held connections in
+    /// conntrack).
+    pub const WAKES: &str = "svl_wakes_v1";
+    /// app id -> when its last wake signal was sent (array), so a flood to
+    /// a sleeping app sends one signal per interval. Not pinned.
+    pub const WAKE_GATE: &str = "svl_wake_gate_v1";
 
     /// Every map the agent pins, in the order `inspect` reports them.
     pub const ALL: [&str; 15] = [
@@ -79,7 +86,7 @@ pub mod map_names {
 
     /// Maps an earlier release pinned that nothing carries over (counters
     /// that restart from zero): unpinned once the new programs are live.
-    pub const RETIRED: [&str; 1] = ["svl_verdicts_v2"];
+    pub const RETIRED: [&str; 2] = ["svl_verdicts_v2", "svl_ct_events_v1"];
 }
 
 /// Program names, as `bpftool prog` shows them (the kernel keeps 15 chars).
@@ -292,6 +299,27 @@ pub struct Fabric {
     pub snat_port_min: u16,
     pub snat_port_max: u16,
 }
+
+/// An entry of `svl_wakes_v1`: a new connection (or UDP flow) to an app
+/// with no ready pod was sent to the activator.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct WakeEvent {
+    pub app_id: u32,
+    /// IPPROTO_TCP or IPPROTO_UDP.
+    pub proto: u8,
+    pub pad: [u8; 3],
+    /// CLOCK_MONOTONIC (coarse) nanoseconds of the packet.
+    pub at_ns: u64,
+}
+
+/// At most one wake signal per app per this interval; the agent retries
+/// a wake on its own, so one signal is enough.
+pub const WAKE_SIGNAL_INTERVAL_NS: u64 = 1_000_000_000;
+
+/// Bytes of the wake ring buffer: 16k signals (16 B each plus an 8-byte
+/// header): a sweep over many sleeping apps at once is absorbed.
+pub const WAKE_RING_BYTES: u32 = 1 << 19;
 
 /// Value of `svl_activity_v2` (per-CPU array indexed by app id): each CPU
 /// counts its own packets without atomics or shared cache lines; the agent
@@ -583,6 +611,7 @@ mod user {
     unsafe impl aya::Pod for NodeValue {}
     unsafe impl aya::Pod for Fabric {}
     unsafe impl aya::Pod for RemoteFlow {}
+    unsafe impl aya::Pod for WakeEvent {}
 }
 
 #[cfg(test)]
@@ -608,6 +637,7 @@ mod tests {
         assert_eq!(size_of::<Config>(), 6 * 16 + 8 + 16 + 24);
         assert_eq!(size_of::<NodeValue>(), 24);
         assert_eq!(size_of::<Fabric>(), 20);
+        assert_eq!(size_of::<WakeEvent>(), 16);
         assert!(Verdict::ALL.len() as u32 <= Verdict::COUNT);
         assert!(CtEvent::ALL.len() as u32 <= CtEvent::COUNT);
         assert!(align_of::<Activity>() <= 8);

@@ -380,6 +380,7 @@ fn bench_app_to(host: String, vip: Ipv4Addr, pods: &[(Ipv4Addr, bool)], target_p
                 node: None,
             })
             .collect(),
+        lifecycle: Default::default(),
     }
 }
 

@@ -1,0 +1,218 @@
+//! Scale to zero on the file source, through the agent's own activator and
+//! real traffic between network namespaces: the platform's orchestrator is
+//! a script (`scale.exec`) that writes the app's pods into the desired-state
+//! file, as a platform without Kubernetes would. Needs root.
+
+use std::{
+    io::{Read as _, Write as _},
+    net::TcpStream,
+    path::PathBuf,
+    thread,
+    time::{Duration, Instant},
+};
+
+use serviceless_tests::{
+    kernel_tests_enabled,
+    netns::enter,
+    scenario::{inspect, wait_until},
+    topology::{Topology, http_get},
+};
+
+const VIP: &str = "10.96.0.10:80";
+
+fn server_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_svl-test-server"))
+}
+
+struct Setup {
+    topo: Topology,
+    file: PathBuf,
+    scale_log: PathBuf,
+}
+
+/// One app per (hostname, VIP), each backed when awake by pod-1
+/// (10.244.1.2:8080). The orchestrator script logs `<app> <replicas>` and,
+/// after `start_delay`, writes the file with the app awake or asleep.
+fn setup(tag: &str, apps: &[(&str, &str)], extra_yaml: &str, start_delay: &str) -> Setup {
+    let mut topo = Topology::new(tag, &server_bin()).expect("topology");
+    topo.external_activator = false;
+    topo.add_pod(1, "pod-1").expect("pod");
+    let dir = topo.work_dir.clone();
+    let file = dir.join("apps.yaml");
+    let scale_log = dir.join("scale.log");
+    let script = dir.join("orchestrate.sh");
+    // The state of every app lives in <dir>/state/<app> (0 or 1).
+    std::fs::create_dir_all(dir.join("state")).expect("state dir");
+    let mut render = String::from("#!/bin/sh\nset -e\nrender() {\n  echo 'apps:'\n");
+    for (host, vip) in apps {
+        render.push_str(&format!(
+            "  echo '  - hostname: {host}'\n  echo '    vip: {vip}'\n  echo '    ports: [{{ port: 80, targetPort: 8080 }}]'\n  echo '    scale: {{ exec: [\"{}\"] }}'\n",
+            script.display()
+        ));
+        for line in extra_yaml.lines() {
+            render.push_str(&format!("  echo '    {line}'\n"));
+        }
+        render.push_str(&format!(
+            "  if [ \"$(cat {d}/state/{host} 2>/dev/null)\" = 1 ]; then echo '    pods: [{{ name: pod-1, ip: 10.244.1.2 }}]'; fi\n",
+            d = dir.display()
+        ));
+    }
+    render.push_str("}\n");
+    let body = format!(
+        "{render}if [ $# -gt 0 ]; then\n  echo \"$SERVICELESS_APP $1\" >> {log}\n  sleep {start_delay}\n  echo \"$1\" > {d}/state/$SERVICELESS_APP\nfi\nrender > {file}.tmp && mv {file}.tmp {file}\n",
+        log = scale_log.display(),
+        d = dir.display(),
+        file = file.display(),
+    );
+    std::fs::write(&script, body).expect("script");
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).expect("chmod");
+    let status = std::process::Command::new("sh").arg(&script).status().expect("render");
+    assert!(status.success());
+    Setup { topo, file, scale_log }
+}
+
+fn scale_calls(s: &Setup) -> Vec<String> {
+    std::fs::read_to_string(&s.scale_log).unwrap_or_default().lines().map(str::to_string).collect()
+}
+
+fn counter(s: &Setup, name: &str) -> u64 {
+    inspect(&s.topo)["counters"][name].as_u64().unwrap_or(0)
+}
+
+fn metrics(s: &Setup) -> String {
+    s.topo.node.run(|| http_get("127.0.0.1:9095", "/metrics").map(|r| r.body).unwrap_or_default()).unwrap_or_default()
+}
+
+fn start(s: &Setup, extra: &[&str]) -> serviceless_tests::netns::Proc {
+    let agent = s.topo.start_agent(&s.file, "agent.log", extra).expect("agent");
+    s.topo.wait_ready(Duration::from_secs(20)).unwrap_or_else(|e| panic!("{e:#}\n{}", s.topo.agent_log("agent.log")));
+    agent
+}
+
+#[test]
+fn a_sleeping_app_wakes_on_its_first_request_and_sleeps_again_when_idle() {
+    if !kernel_tests_enabled("scale to zero: wake and sleep") {
+        return;
+    }
+    let s = setup("svz1", &[("sleepy.example.com", "10.96.0.10")], "idleAfter: 3s", "0.3");
+    let _agent = start(&s, &[]);
+    assert!(s.topo.agent_log("agent.log").contains("activator serving"), "{}", s.topo.agent_log("agent.log"));
+
+    let started = Instant::now();
+    let r = s.topo.request(VIP).unwrap_or_else(|e| panic!("first request: {e:#}\n{}", s.topo.agent_log("agent.log")));
+    let took = started.elapsed();
+    assert_eq!((r.status, r.server()), (200, "pod-1"), "{r:?}");
+    assert_eq!(r.peer.to_string(), VIP, "the woken app answers from the VIP");
+    assert_eq!(scale_calls(&s), ["sleepy.example.com 1"], "woken exactly once");
+    println!("first request to a sleeping app answered in {:.0} ms (orchestrator takes 300 ms)", took.as_secs_f64() * 1e3);
+
+    // New connections now bypass the activator.
+    let (activator, direct) = (counter(&s, "activator_no_backend"), counter(&s, "backend_new_flow"));
+    for _ in 0..5 {
+        assert_eq!(s.topo.request(VIP).expect("request").server(), "pod-1");
+    }
+    assert_eq!(counter(&s, "activator_no_backend"), activator, "no new connection went to the activator");
+    assert!(counter(&s, "backend_new_flow") >= direct + 5);
+    let m = metrics(&s);
+    assert!(m.contains("serviceless_wakes_total{outcome=\"scaled\"} 1"), "{m}");
+    assert!(m.contains("serviceless_wake_seconds_count{phase=\"first_byte_forwarded\"} 1"), "{m}");
+
+    // Idle for its window: put to sleep, and the next request wakes it again.
+    wait_until("the idle app to be put to sleep", Duration::from_secs(15), || scale_calls(&s).len() == 2);
+    assert_eq!(scale_calls(&s)[1], "sleepy.example.com 0");
+    wait_until("the app to have no pods", Duration::from_secs(5), || {
+        inspect(&s.topo)["apps"][0]["backends"].as_array().is_some_and(|b| b.is_empty())
+    });
+    let r = s.topo.request(VIP).expect("request after sleeping");
+    assert_eq!(r.server(), "pod-1");
+    assert_eq!(scale_calls(&s).last().map(String::as_str), Some("sleepy.example.com 1"));
+    assert!(s.topo.agent_log("agent.log").contains("idle app put to sleep"), "{}", s.topo.agent_log("agent.log"));
+}
+
+#[test]
+fn parallel_first_requests_share_one_wake_and_a_chatty_connection_keeps_the_app_awake() {
+    if !kernel_tests_enabled("scale to zero: parallel wake") {
+        return;
+    }
+    let s = setup("svz2", &[("busy.example.com", "10.96.0.10")], "idleAfter: 2s", "0.5");
+    let _agent = start(&s, &[]);
+    let handles: Vec<_> = (0..100)
+        .map(|_| {
+            let client = s.topo.client.name.clone();
+            thread::spawn(move || {
+                enter(&client).expect("client netns");
+                http_get(VIP, "/").map(|r| (r.status, r.server().to_string()))
+            })
+        })
+        .collect();
+    let results: Vec<_> = handles.into_iter().map(|h| h.join().expect("thread")).collect();
+    let ok = results.iter().filter(|r| matches!(r, Ok((200, s)) if s == "pod-1")).count();
+    assert_eq!(ok, 100, "every held request is answered by the woken pod: {:?}", results.iter().filter(|r| r.is_err()).take(3).collect::<Vec<_>>());
+    assert_eq!(scale_calls(&s), ["busy.example.com 1"], "one wake for 100 first requests");
+
+    // A live connection that keeps sending keeps its app awake past the window.
+    let mut conn = s.topo.connect(VIP).expect("connect");
+    let until = Instant::now() + Duration::from_secs(6);
+    while Instant::now() < until {
+        assert_eq!(conn.get().expect("request on the chatty connection").server(), "pod-1");
+        thread::sleep(Duration::from_millis(300));
+    }
+    assert_eq!(scale_calls(&s).len(), 1, "not put to sleep while traffic flows: {:?}", scale_calls(&s));
+}
+
+#[test]
+fn held_connections_time_out_with_a_503_for_http_and_a_close_for_anything_else() {
+    if !kernel_tests_enabled("scale to zero: hold timeout") {
+        return;
+    }
+    // The orchestrator never starts a pod (its pods never become ready).
+    let s = setup("svz3", &[("stuck.example.com", "10.96.0.10")], "holdTimeout: 1s", "0");
+    std::fs::write(s.topo.work_dir.join("state").join("stuck.example.com"), "0").expect("state");
+    // Start-up writes nothing: make the script ignore wakes.
+    let script = s.topo.work_dir.join("orchestrate.sh");
+    let text = std::fs::read_to_string(&script).expect("script").replace("echo \"$1\" >", "echo 0 >");
+    std::fs::write(&script, text).expect("script");
+    let _agent = start(&s, &[]);
+
+    let started = Instant::now();
+    let r = s.topo.request(VIP).expect("a held HTTP request is answered");
+    assert_eq!(r.status, 503, "{r:?}");
+    assert!(started.elapsed() >= Duration::from_millis(900), "held for the app's 1 s timeout");
+    let raw = s.topo.client.run(|| {
+        let mut c = TcpStream::connect(VIP).expect("connect");
+        c.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+        let mut headers = String::new();
+        let mut http = TcpStream::connect(VIP).expect("connect");
+        http.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").expect("send");
+        http.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+        http.read_to_string(&mut headers).expect("503 answer");
+        let mut buf = [0u8; 16];
+        (c.read(&mut buf).map_err(|e| e.kind()), headers)
+    }).expect("netns");
+    assert_eq!(raw.0, Ok(0), "a raw TCP connection is closed at the timeout");
+    assert!(raw.1.contains("503 Service Unavailable") && raw.1.contains("Retry-After:"), "{}", raw.1);
+    let m = metrics(&s);
+    assert!(m.contains("outcome=\"timeout_http_503\""), "{m}");
+    assert!(m.contains("outcome=\"timeout_closed\""), "{m}");
+}
+
+#[test]
+fn a_sweep_over_sleeping_vips_wakes_no_more_than_the_budget() {
+    if !kernel_tests_enabled("scale to zero: wake budget") {
+        return;
+    }
+    let apps: Vec<(String, String)> = (1..=6).map(|i| (format!("app{i}.example.com"), format!("10.96.0.{}", 10 + i))).collect();
+    let refs: Vec<(&str, &str)> = apps.iter().map(|(h, v)| (h.as_str(), v.as_str())).collect();
+    let s = setup("svz4", &refs, "holdTimeout: 3s", "0.2");
+    let _agent = start(&s, &["--wakes-per-minute", "2"]);
+    let mut statuses = Vec::new();
+    for (_, vip) in &apps {
+        let target = format!("{vip}:80");
+        statuses.push(s.topo.request(&target).map(|r| r.status).unwrap_or(0));
+    }
+    assert!(scale_calls(&s).len() <= 2, "at most the budget woke: {:?}", scale_calls(&s));
+    assert_eq!(statuses.iter().filter(|s| **s == 200).count(), 2, "{statuses:?}");
+    assert_eq!(statuses.iter().filter(|s| **s == 503).count(), 4, "the rest are told to retry: {statuses:?}");
+    let m = metrics(&s);
+    assert!(m.contains("serviceless_wakes_total{outcome=\"refused_node_budget\"}"), "{m}");
+}
