@@ -14,6 +14,7 @@ use kube::{
     api::{Patch, PatchParams},
 };
 use tokio::io::AsyncReadExt as _;
+use tracing::debug;
 
 use crate::model::{AppSpec, ScaleTarget};
 
@@ -30,8 +31,8 @@ pub enum Scaled {
 pub enum ScaleError {
     #[error("the app has no scale target (no Deployment, no scale.exec)")]
     NoTarget,
-    #[error("the Deployment changed while it was being scaled; retrying")]
-    Conflict,
+    #[error("the Deployment changed while it was being scaled ({0}); retrying")]
+    Conflict(String),
     #[error("Kubernetes API: {0}")]
     Api(#[from] kube::Error),
     #[error("this agent has no Kubernetes client for Deployment {0}")]
@@ -98,23 +99,35 @@ impl Scaler {
     }
 }
 
-/// 0 -> 1 in one request; `Already` when it was not at 0.
+/// 0 -> 1 as a compare-and-set; `Already` when it was not at 0.
+///
+/// The API server serialises a Scale at 0 replicas with an empty `spec`
+/// (`replicas` is omitted when 0), so one JSON patch tests `spec == {}`
+/// and adds `replicas: 1`. Should the test fail while the Scale is at 0
+/// (a server that writes `replicas: 0` out), a patch guarded by the
+/// Scale's resourceVersion does the same in two requests.
 async fn wake_deployment(api: &Api<Deployment>, name: &str) -> Result<Scaled, ScaleError> {
     let patch: json_patch::Patch = serde_json::from_value(serde_json::json!([
-        { "op": "test", "path": "/spec/replicas", "value": 0 },
-        { "op": "replace", "path": "/spec/replicas", "value": 1 },
+        { "op": "test", "path": "/spec", "value": {} },
+        { "op": "add", "path": "/spec/replicas", "value": 1 },
     ]))
     .expect("a valid JSON patch");
     match api.patch_scale(name, &PatchParams::default(), &Patch::<()>::Json(patch)).await {
+        Ok(_) => return Ok(Scaled::Changed),
+        Err(kube::Error::Api(e)) if e.code == 422 || e.code == 409 => debug!(code = e.code, message = %e.message, "wake: the 0 -> 1 patch did not apply; looking at the Scale"),
+        Err(e) => return Err(e.into()),
+    }
+    let scale = api.get_scale(name).await?;
+    if scale.spec.as_ref().and_then(|s| s.replicas).unwrap_or(0) >= 1 {
+        return Ok(Scaled::Already);
+    }
+    let guarded = serde_json::json!({
+        "metadata": { "resourceVersion": scale.metadata.resource_version },
+        "spec": { "replicas": 1 },
+    });
+    match api.patch_scale(name, &PatchParams::default(), &Patch::Merge(&guarded)).await {
         Ok(_) => Ok(Scaled::Changed),
-        // The test failed: it is not at 0 (or changed under us: look).
-        Err(kube::Error::Api(e)) if e.code == 422 || e.code == 409 => {
-            let scale = api.get_scale(name).await?;
-            match scale.spec.and_then(|s| s.replicas) {
-                Some(n) if n >= 1 => Ok(Scaled::Already),
-                _ => Err(ScaleError::Conflict),
-            }
-        }
+        Err(kube::Error::Api(e)) if e.code == 409 => Err(ScaleError::Conflict(e.message)),
         Err(e) => Err(e.into()),
     }
 }

@@ -45,6 +45,72 @@ spec:
     )
 }
 
+/// A Deployment that sleeps: the label and the app's annotations on the
+/// Deployment itself (so the app exists at zero replicas) and on its pods.
+fn sleeping_deployment(name: &str, ns: &str, host: &str, vip: &str, idle_after: &str) -> String {
+    let annotations = format!(
+        "serviceless.io/hostname: {host}\n        serviceless.io/vip: \"{vip}\"\n        serviceless.io/port: \"80\"\n        serviceless.io/target-port: \"8080\"\n        serviceless.io/idle-after: \"{idle_after}\""
+    );
+    format!(
+        r#"apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: {name}
+  namespace: {ns}
+  labels: {{ serviceless.io/enabled: "true" }}
+  annotations:
+    {}
+spec:
+  replicas: 0
+  selector: {{ matchLabels: {{ app: {name} }} }}
+  template:
+    metadata:
+      labels: {{ app: {name}, serviceless.io/enabled: "true" }}
+      annotations:
+        {annotations}
+    spec:
+      containers: [{{ name: app, image: example/app }}]
+"#,
+        annotations.replace("\n        ", "\n    ")
+    )
+}
+
+/// A request that may be held while its app wakes (longer timeout than
+/// `Topology::request`).
+fn held_request(topo: &Topology, target: &str) -> std::thread::JoinHandle<anyhow::Result<(u16, String)>> {
+    let client = topo.client.name.clone();
+    let target: std::net::SocketAddr = target.parse().expect("target");
+    thread::spawn(move || {
+        serviceless_tests::netns::enter(&client)?;
+        let mut c = std::net::TcpStream::connect_timeout(&target, Duration::from_secs(5))?;
+        c.set_read_timeout(Some(Duration::from_secs(60)))?;
+        std::io::Write::write_all(&mut c, b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")?;
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut c, &mut text)?;
+        let status = text.split_whitespace().nth(1).unwrap_or("0").parse()?;
+        let body = text.split("\r\n\r\n").nth(1).unwrap_or("").split_whitespace().next().unwrap_or("").to_string();
+        Ok((status, body))
+    })
+}
+
+/// `spec.replicas` and `metadata.generation` of a Deployment.
+fn replicas_and_generation(kube: &KubeEnv, name: &str) -> (u64, u64) {
+    let out = kube.kubectl(&["get", "deployment", name, "-o", "json"]).expect("get deployment");
+    let d: serde_json::Value = serde_json::from_str(&out).expect("json");
+    (d["spec"]["replicas"].as_u64().unwrap_or(99), d["metadata"]["generation"].as_u64().unwrap_or(0))
+}
+
+/// `wait_until` that shows the agent's log when it times out.
+fn wait_or_log(log: &std::path::Path, what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !cond() {
+        if Instant::now() > deadline {
+            panic!("timed out after {timeout:?} waiting for {what}; agent log:\n{}", std::fs::read_to_string(log).unwrap_or_default());
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
 fn metrics(topo: &Topology) -> String {
     topo.node
         .run(|| http_get("127.0.0.1:9095", "/metrics").map(|r| r.body).unwrap_or_default())
@@ -159,6 +225,62 @@ fn deployment_lifecycle_and_api_server_outage() {
         let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
         report["apps"][0]["backends"][0]["node"] == "10.0.0.99" && report["config"]["nodes"][0] == "10.0.0.99"
     });
+}
+
+#[test]
+fn a_sleeping_deployment_wakes_on_its_first_request_once_and_sleeps_when_idle() {
+    if !kernel_tests_enabled("kubernetes: scale to zero") {
+        return;
+    }
+    let mut topo = Topology::new("svk4", &server_bin()).expect("topology");
+    topo.external_activator = false;
+    let mut kube = KubeEnv::start(&topo).expect("control plane");
+    let _agent = kube.start_agent(&topo, "agent.log").expect("agent");
+    topo.wait_ready(Duration::from_secs(30)).unwrap_or_else(|e| panic!("{e:#}\n{}", topo.agent_log("agent.log")));
+    let log = topo.work_dir.join("agent.log");
+    kube.apply(&sleeping_deployment("sleepy", "default", "sleepy.example.com", "10.96.0.10", "4s")).expect("deployment");
+    wait_until("the sleeping app to be programmed", Duration::from_secs(20), || {
+        serviceless_tests::scenario::inspect(&topo)["apps"][0]["hostname"] == "sleepy.example.com"
+    });
+    assert_eq!(replicas_and_generation(&kube, "sleepy"), (0, 1));
+
+    // The first request wakes it: held until the pod is ready, then answered by it.
+    let started = Instant::now();
+    let first = held_request(&topo, VIP);
+    wait_or_log(&log, "the woken pod to be created", Duration::from_secs(30), || kube.kubelet_sync(&mut topo).unwrap_or(0) > 0);
+    let (status, server) = first.join().expect("thread").expect("the held request is answered");
+    println!("first request to a sleeping Deployment answered in {:.2} s (pod created and made ready by the harness)", started.elapsed().as_secs_f64());
+    assert_eq!(status, 200);
+    assert!(server.starts_with("sleepy-"), "{server}");
+    assert_eq!(replicas_and_generation(&kube, "sleepy"), (1, 2), "scaled 0 -> 1 exactly once");
+    let m = metrics(&topo);
+    assert!(m.contains("serviceless_wakes_total{outcome=\"scaled\"} 1"), "{m}");
+    let activator = metric(&topo, "serviceless_activator_connections_total{outcome=\"spliced\"}").unwrap_or(0.0);
+    for _ in 0..5 {
+        assert!(topo.request(VIP).expect("request").server().starts_with("sleepy-"));
+    }
+    assert_eq!(
+        metric(&topo, "serviceless_activator_connections_total{outcome=\"spliced\"}").unwrap_or(0.0),
+        activator,
+        "new connections bypass the activator"
+    );
+
+    // Idle past its window: scaled to 0 (one more transition).
+    wait_or_log(&log, "the idle Deployment to be scaled to 0", Duration::from_secs(30), || replicas_and_generation(&kube, "sleepy").0 == 0);
+    assert_eq!(replicas_and_generation(&kube, "sleepy").1, 3);
+    let text = topo.agent_log("agent.log");
+    assert!(text.contains("idle app put to sleep"), "{text}");
+    // Its pod goes (the harness kubelet never confirms deletion: it stays
+    // Terminating, which takes no new connections); the next request wakes it again.
+    wait_until("the app to have no ready pod", Duration::from_secs(20), || {
+        let report = serviceless_tests::scenario::inspect(&topo);
+        report["apps"][0]["backends"].as_array().is_some_and(|b| b.iter().all(|b| b["state"] != "ready"))
+    });
+    let again = held_request(&topo, VIP);
+    wait_or_log(&log, "a new pod", Duration::from_secs(30), || kube.kubelet_sync(&mut topo).unwrap_or(0) > 0);
+    let (status, _) = again.join().expect("thread").expect("answered after the second wake");
+    assert_eq!(status, 200);
+    assert_eq!(replicas_and_generation(&kube, "sleepy"), (1, 4));
 }
 
 #[test]
@@ -294,7 +416,16 @@ fn deploy_manifests_pass_server_side_dry_run_and_rbac_is_minimal() {
     granted.sort();
     assert_eq!(
         granted,
-        ["/pods/list", "/pods/watch", "events.k8s.io/events/create", "events.k8s.io/events/patch"],
+        [
+            "/pods/list",
+            "/pods/watch",
+            "apps/deployments/list",
+            "apps/deployments/scale/get",
+            "apps/deployments/scale/patch",
+            "apps/deployments/watch",
+            "events.k8s.io/events/create",
+            "events.k8s.io/events/patch"
+        ],
         "the ClusterRole must grant nothing beyond the agent's calls"
     );
     let ds = std::fs::read_to_string(deploy.join("daemonset.yaml")).expect("daemonset");

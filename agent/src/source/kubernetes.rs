@@ -1,11 +1,19 @@
-//! Desired state from one Kubernetes Pod watch (no Services read or created).
+//! Desired state from one Kubernetes Pod watch and one metadata-only
+//! Deployment watch (no Services read or created).
 //!
 //! Pods opt in with the label `serviceless.io/enabled=true`; their pod
 //! template carries the app in annotations (see `annotations`). Ready pods
 //! with an IP are backends; terminating or not-ready pods with an IP drain;
 //! pods on every node count, since any node can receive any app's traffic.
 //!
-//! A good API-server citizen: one list-then-watch for the whole cluster,
+//! An app must exist while it sleeps (no pods): Deployments with the same
+//! label and the app's annotations on the Deployment itself are watched as
+//! metadata only (`PartialObjectMetadata`, never whole objects). Such an
+//! app keeps its VIP at zero replicas, its settings come from the
+//! Deployment (so they do not change when it wakes), and it is woken and
+//! put to sleep through the Deployment's `scale` subresource.
+//!
+//! A good API-server citizen: one list-then-watch per kind for the whole cluster,
 //! bookmarks and resourceVersion resume (kube-runtime's watcher), a relist
 //! only when the server says 410 Gone, exponential backoff with jitter on
 //! errors, a client-side request rate limit, no periodic relists. Only the
@@ -18,9 +26,13 @@ use std::{
 };
 
 use futures::{StreamExt as _, TryStreamExt as _};
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::{
+    api::{apps::v1::Deployment, core::v1::Pod},
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
+};
 use kube::{
     Api, Client, Resource as _,
+    core::PartialObjectMeta,
     runtime::{
         WatchStreamExt as _,
         events::{Event as K8sEvent, EventType, Recorder, Reporter},
@@ -34,7 +46,7 @@ use super::{Observed, Store};
 use crate::{
     health::Health,
     metrics::Metrics,
-    model::{AppSpec, BackendSpec, PortSpec, Protocol, VipRanges, validate_hostname},
+    model::{AppSpec, BackendSpec, Lifecycle, PortSpec, Protocol, ScaleTarget, VipRanges, validate_hostname},
 };
 
 /// Label that opts a pod in (the watch's label selector).
@@ -51,7 +63,17 @@ pub mod annotations {
     pub const TARGET_PORT: &str = "serviceless.io/target-port";
     /// TCP (default) or UDP.
     pub const PROTOCOL: &str = "serviceless.io/protocol";
+    /// On the Deployment: put to sleep after this long without traffic
+    /// (default 15m; `0` never).
+    pub const IDLE_AFTER: &str = "serviceless.io/idle-after";
+    /// On the Deployment: how long connections wait while it wakes (default: `--hold-timeout`).
+    pub const HOLD_TIMEOUT: &str = "serviceless.io/hold-timeout";
+    /// On the Deployment: `v2` to hand held connections to the pod with a PROXY protocol v2 header.
+    pub const PROXY_PROTOCOL: &str = "serviceless.io/proxy-protocol";
 }
+
+/// How long a Deployment's app may idle before it sleeps, unless annotated.
+pub const DEFAULT_IDLE_AFTER: Duration = Duration::from_secs(15 * 60);
 
 /// Settings of the Kubernetes source.
 #[derive(Clone, Debug)]
@@ -81,10 +103,14 @@ pub struct PodInfo {
     pub ready_since: Option<SystemTime>,
 }
 
-/// Reads a pod's app description; `Err` explains a bad annotation.
-pub fn parse_pod(pod: &Pod, ranges: &VipRanges) -> Result<PodInfo, String> {
-    let meta = &pod.metadata;
-    let ann = meta.annotations.clone().unwrap_or_default();
+/// The app an object's annotations describe.
+struct Declared {
+    hostname: String,
+    vip: Option<IpAddr>,
+    port: PortSpec,
+}
+
+fn parse_annotations(ann: &BTreeMap<String, String>, ranges: &VipRanges) -> Result<Declared, String> {
     let get = |k: &str| ann.get(k).map(|v| v.trim().to_string());
     let hostname = get(annotations::HOSTNAME).ok_or_else(|| format!("annotation {} is missing", annotations::HOSTNAME))?;
     validate_hostname(&hostname).map_err(|e| format!("annotation {}: {e}", annotations::HOSTNAME))?;
@@ -119,6 +145,13 @@ pub fn parse_pod(pod: &Pod, ranges: &VipRanges) -> Result<PodInfo, String> {
         Some("UDP") => Protocol::Udp,
         Some(other) => return Err(format!("annotation {}: '{other}' is not TCP or UDP", annotations::PROTOCOL)),
     };
+    Ok(Declared { hostname, vip, port: PortSpec { port, target_port, protocol } })
+}
+
+/// Reads a pod's app description; `Err` explains a bad annotation.
+pub fn parse_pod(pod: &Pod, ranges: &VipRanges) -> Result<PodInfo, String> {
+    let meta = &pod.metadata;
+    let Declared { hostname, vip, port } = parse_annotations(&meta.annotations.clone().unwrap_or_default(), ranges)?;
     let status = pod.status.as_ref();
     let finished = status.and_then(|s| s.phase.as_deref()).is_some_and(|p| p == "Succeeded" || p == "Failed");
     let ip = if finished { None } else { status.and_then(|s| s.pod_ip.as_deref()).and_then(|ip| ip.parse().ok()) };
@@ -136,13 +169,62 @@ pub fn parse_pod(pod: &Pod, ranges: &VipRanges) -> Result<PodInfo, String> {
         uid: meta.uid.clone().unwrap_or_default(),
         hostname,
         vip,
-        port: PortSpec { port, target_port, protocol },
+        port,
         ip,
         node,
         ready,
         terminating: meta.deletion_timestamp.is_some(),
         created: meta.creation_timestamp.as_ref().map_or(0, |t| t.0.as_second()),
         ready_since,
+    })
+}
+
+/// The app a Deployment declares on itself (metadata only).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeploymentInfo {
+    pub namespace: String,
+    pub name: String,
+    pub hostname: String,
+    pub vip: Option<IpAddr>,
+    pub port: PortSpec,
+    pub lifecycle: Lifecycle,
+    pub created: i64,
+}
+
+/// Reads a Deployment's app description and scale-to-zero settings.
+pub fn parse_deployment(meta: &ObjectMeta, ranges: &VipRanges) -> Result<DeploymentInfo, String> {
+    let ann = meta.annotations.clone().unwrap_or_default();
+    let Declared { hostname, vip, port } = parse_annotations(&ann, ranges)?;
+    let duration = |key: &str| -> Result<Option<Duration>, String> {
+        ann.get(key)
+            .map(|v| humantime::parse_duration(v.trim()).map_err(|e| format!("annotation {key}: '{v}': {e} (e.g. 15m, 30s)")))
+            .transpose()
+    };
+    let idle_after = match duration(annotations::IDLE_AFTER)? {
+        None => Some(DEFAULT_IDLE_AFTER),
+        Some(d) if d.is_zero() => None,
+        Some(d) => Some(d),
+    };
+    let proxy_protocol = match ann.get(annotations::PROXY_PROTOCOL).map(|v| v.trim()) {
+        None | Some("") | Some("none") => false,
+        Some("v2") => true,
+        Some(other) => return Err(format!("annotation {}: '{other}' is not v2 or none", annotations::PROXY_PROTOCOL)),
+    };
+    let namespace = meta.namespace.clone().unwrap_or_default();
+    let name = meta.name.clone().unwrap_or_default();
+    Ok(DeploymentInfo {
+        lifecycle: Lifecycle {
+            scaler: Some(ScaleTarget::Deployment { namespace: namespace.clone(), name: name.clone() }),
+            idle_after,
+            hold_timeout: duration(annotations::HOLD_TIMEOUT)?,
+            proxy_protocol,
+        },
+        namespace,
+        name,
+        hostname,
+        vip,
+        port,
+        created: meta.creation_timestamp.as_ref().map_or(0, |t| t.0.as_second()),
     })
 }
 
@@ -163,6 +245,8 @@ pub fn derive_vip(hostname: &str, ranges: &VipRanges) -> Option<IpAddr> {
 pub struct PodIndex {
     pods: HashMap<PodKey, PodInfo>,
     by_host: HashMap<String, BTreeSet<PodKey>>,
+    deployments: HashMap<PodKey, DeploymentInfo>,
+    deployments_by_host: HashMap<String, BTreeSet<PodKey>>,
     /// The VIP each published app holds, and who holds each VIP.
     app_vip: HashMap<String, IpAddr>,
     vip_hosts: HashMap<IpAddr, BTreeSet<String>>,
@@ -203,17 +287,51 @@ impl PodIndex {
     pub fn remove(&mut self, namespace: &str, name: &str) -> Option<String> {
         let key = (namespace.to_string(), name.to_string());
         let old = self.pods.remove(&key)?;
-        self.unindex(&key, &old.hostname);
+        unindex(&mut self.by_host, &key, &old.hostname);
         Some(old.hostname)
     }
 
     fn unindex(&mut self, key: &PodKey, host: &str) {
-        if let Some(set) = self.by_host.get_mut(host) {
-            set.remove(key);
-            if set.is_empty() {
-                self.by_host.remove(host);
-            }
+        unindex(&mut self.by_host, key, host);
+    }
+
+    /// Inserts or replaces a Deployment; returns the hostnames whose app changed.
+    pub fn upsert_deployment(&mut self, info: DeploymentInfo) -> Vec<String> {
+        let key = (info.namespace.clone(), info.name.clone());
+        let mut touched = vec![info.hostname.clone()];
+        if let Some(old) = self.deployments.get(&key)
+            && old.hostname != info.hostname
+        {
+            let old_host = old.hostname.clone();
+            touched.push(old_host.clone());
+            unindex(&mut self.deployments_by_host, &key, &old_host);
         }
+        self.deployments_by_host.entry(info.hostname.clone()).or_default().insert(key.clone());
+        self.deployments.insert(key, info);
+        touched
+    }
+
+    pub fn remove_deployment(&mut self, namespace: &str, name: &str) -> Option<String> {
+        let key = (namespace.to_string(), name.to_string());
+        let old = self.deployments.remove(&key)?;
+        unindex(&mut self.deployments_by_host, &key, &old.hostname);
+        Some(old.hostname)
+    }
+
+    /// Takes the Deployments of another index (a Pod relist keeps them, and
+    /// a Deployment relist keeps the pods).
+    pub fn take_deployments_from(&mut self, other: &mut PodIndex) {
+        self.deployments = std::mem::take(&mut other.deployments);
+        self.deployments_by_host = std::mem::take(&mut other.deployments_by_host);
+    }
+
+    pub fn take_pods_from(&mut self, other: &mut PodIndex) {
+        self.pods = std::mem::take(&mut other.pods);
+        self.by_host = std::mem::take(&mut other.by_host);
+    }
+
+    pub fn deployment_count(&self) -> usize {
+        self.deployments.len()
     }
 
     /// Records that `host` now holds `vip` (or nothing); returns the other
@@ -235,26 +353,37 @@ impl PodIndex {
     }
 
     pub fn hostnames(&self) -> Vec<String> {
-        self.by_host.keys().cloned().collect()
+        self.by_host.keys().chain(self.deployments_by_host.keys()).cloned().collect::<BTreeSet<_>>().into_iter().collect()
     }
 
     pub fn pod(&self, key: &PodKey) -> Option<&PodInfo> {
         self.pods.get(key)
     }
 
-    /// The app for `host`, or None if no pod claims it. A hostname claimed
-    /// from several namespaces is contested: it gets no backends (its VIP
-    /// goes to the activator) and is returned as a conflict.
+    /// The app for `host`, or None if no pod or Deployment claims it. A
+    /// hostname claimed from several namespaces is contested: it gets no
+    /// backends (its VIP goes to the activator) and is returned as a conflict.
     pub fn app(&self, host: &str, ranges: &VipRanges) -> (Option<AppSpec>, Option<Conflict>) {
-        let Some(keys) = self.by_host.get(host) else { return (None, None) };
-        let pods: Vec<&PodInfo> = keys.iter().filter_map(|k| self.pods.get(k)).collect();
-        let namespaces: BTreeSet<&str> = pods.iter().map(|p| p.namespace.as_str()).collect();
-        // The newest pod's settings win (a rollout changes them pod by pod).
-        let Some(newest) = pods.iter().max_by_key(|p| (p.created, p.name.as_str())) else { return (None, None) };
-        let Some(vip) = newest.vip.or_else(|| derive_vip(host, ranges)) else { return (None, None) };
+        let pod_keys = self.by_host.get(host);
+        let deployment_keys = self.deployments_by_host.get(host);
+        let pods: Vec<&PodInfo> = pod_keys.into_iter().flatten().filter_map(|k| self.pods.get(k)).collect();
+        let deployments: Vec<&DeploymentInfo> =
+            deployment_keys.into_iter().flatten().filter_map(|k| self.deployments.get(k)).collect();
+        let namespaces: BTreeSet<&str> =
+            pods.iter().map(|p| p.namespace.as_str()).chain(deployments.iter().map(|d| d.namespace.as_str())).collect();
+        // A Deployment's settings win (they hold while it sleeps); else the
+        // newest pod's (a rollout changes them pod by pod).
+        let deployment = deployments.iter().max_by_key(|d| (d.created, d.name.as_str()));
+        let newest = pods.iter().max_by_key(|p| (p.created, p.name.as_str()));
+        let (vip, port) = match (deployment, newest) {
+            (Some(d), _) => (d.vip, d.port),
+            (None, Some(p)) => (p.vip, p.port),
+            (None, None) => return (None, None),
+        };
+        let Some(vip) = vip.or_else(|| derive_vip(host, ranges)) else { return (None, None) };
         let conflict = (namespaces.len() > 1).then(|| Conflict {
             what: format!("hostname {host} is claimed from namespaces {}", namespaces.iter().copied().collect::<Vec<_>>().join(", ")),
-            pods: keys.iter().cloned().collect(),
+            pods: pod_keys.into_iter().flatten().cloned().collect(),
         });
         let mut backends: Vec<BackendSpec> = if conflict.is_some() {
             Vec::new()
@@ -273,7 +402,12 @@ impl PodIndex {
         // Ready first, then the per-app limit.
         backends.sort_by_key(|b| !b.ready);
         backends.truncate(serviceless_common::MAX_BACKENDS_PER_APP as usize);
-        let spec = AppSpec { hostname: host.to_string(), vip, ports: vec![newest.port], backends, lifecycle: Default::default() };
+        // A contested app is never woken nor put to sleep.
+        let lifecycle = match (deployment, &conflict) {
+            (Some(d), None) => d.lifecycle.clone(),
+            _ => Lifecycle::default(),
+        };
+        let spec = AppSpec { hostname: host.to_string(), vip, ports: vec![port], backends, lifecycle };
         (Some(spec), conflict)
     }
 
@@ -291,6 +425,15 @@ impl PodIndex {
                 pods: hosts.iter().flat_map(|h| self.by_host.get(*h).into_iter().flatten().cloned()).collect(),
             })
             .collect()
+    }
+}
+
+fn unindex(index: &mut HashMap<String, BTreeSet<PodKey>>, key: &PodKey, host: &str) {
+    if let Some(set) = index.get_mut(host) {
+        set.remove(key);
+        if set.is_empty() {
+            index.remove(host);
+        }
     }
 }
 
@@ -316,19 +459,36 @@ pub async fn client(api_qps: u32) -> anyhow::Result<Client> {
     Ok(client)
 }
 
-/// Runs the watch until the process stops; errors are retried with backoff.
+/// What either watch reported.
+enum Change {
+    Pod(Event<Pod>),
+    Deployment(Event<PartialObjectMeta<Deployment>>),
+}
+
+/// Runs the watches until the process stops; errors are retried with backoff.
 pub async fn watch(client: Client, opts: KubeOptions, store: Store, health: Health, metrics: Metrics) -> anyhow::Result<()> {
     let (events_tx, events_rx) = mpsc::channel::<PodEvent>(EVENT_QUEUE);
     tokio::spawn(post_events(client.clone(), opts.instance.clone(), events_rx));
 
-    let pods: Api<Pod> = Api::all(client);
-    let config = watcher::Config::default().labels(&format!("{LABEL}=true"));
-    let mut stream = watcher::watcher(pods, config).default_backoff().boxed();
+    let selector = format!("{LABEL}=true");
+    let pods = watcher::watcher(Api::<Pod>::all(client.clone()), watcher::Config::default().labels(&selector))
+        .default_backoff()
+        .map_ok(Change::Pod);
+    let deployments =
+        watcher::watcher(Api::<PartialObjectMeta<Deployment>>::all(client), watcher::Config::default().labels(&selector))
+            .default_backoff()
+            .map_ok(Change::Deployment);
+    let mut stream = futures::stream::select(pods.boxed(), deployments.boxed());
     let mut index = PodIndex::default();
-    let mut listing: Option<PodIndex> = None;
+    let mut pod_listing: Option<PodIndex> = None;
+    let mut deployment_listing: Option<PodIndex> = None;
     let mut invalid: HashMap<PodKey, String> = HashMap::new();
+    let mut invalid_deployments: HashMap<PodKey, String> = HashMap::new();
     let mut reported: HashMap<PodKey, String> = HashMap::new();
-    let mut synced = false;
+    // Nothing is published until both lists are in: a Pod list without the
+    // Deployments would put every app to sleep for a moment, and the other
+    // way round would send them all to the activator.
+    let (mut pods_synced, mut deployments_synced) = (false, false);
     let emit = |pod: &PodInfo, reason: &'static str, note: String, reported: &mut HashMap<PodKey, String>| {
         let key = (pod.namespace.clone(), pod.name.clone());
         if reported.get(&key) == Some(&note) {
@@ -341,28 +501,29 @@ pub async fn watch(client: Client, opts: KubeOptions, store: Store, health: Heal
     };
 
     loop {
-        let event = match stream.try_next().await {
-            Ok(Some(event)) => event,
-            Ok(None) => anyhow::bail!("Pod watch ended"),
+        let change = match stream.try_next().await {
+            Ok(Some(change)) => change,
+            Ok(None) => anyhow::bail!("Kubernetes watch ended"),
             Err(e) => {
                 // The maps keep their last state; the watcher retries with backoff.
                 metrics.watch_restarts.inc();
                 metrics.source_errors.inc();
-                warn!(error = %e, "Pod watch failed; retrying with backoff (the dataplane keeps its last state)");
+                warn!(error = %e, "Kubernetes watch failed; retrying with backoff (the dataplane keeps its last state)");
                 health.set_source_error(format!("Kubernetes API: {e}"));
                 continue;
             }
         };
+        let synced = pods_synced && deployments_synced;
         if synced {
             health.set_source_ok();
         }
-        match event {
-            Event::Init => {
-                listing = Some(PodIndex::default());
+        match change {
+            Change::Pod(Event::Init) => {
+                pod_listing = Some(PodIndex::default());
                 invalid.clear();
             }
-            Event::InitApply(pod) => {
-                if let Some(next) = listing.as_mut() {
+            Change::Pod(Event::InitApply(pod)) => {
+                if let Some(next) = pod_listing.as_mut() {
                     match parse_pod(&pod, &opts.ranges) {
                         Ok(info) => {
                             next.upsert(info);
@@ -373,29 +534,21 @@ pub async fn watch(client: Client, opts: KubeOptions, store: Store, health: Heal
                     }
                 }
             }
-            Event::InitDone => {
-                // Level-triggered: the listing replaces everything; pods not
+            Change::Pod(Event::InitDone) => {
+                // Level-triggered: the listing replaces every pod; pods not
                 // listed are gone, whatever delete events were missed.
-                if let Some(next) = listing.take() {
-                    index = next;
+                if let Some(mut next) = pod_listing.take() {
+                    index.take_pods_from(&mut next);
                 }
-                let mut apps = Vec::new();
-                let mut conflicts = Vec::new();
-                for host in index.hostnames() {
-                    let (app, conflict) = index.app(&host, &opts.ranges);
-                    index.claim_vip(&host, app.as_ref().map(|a| a.vip));
-                    apps.extend(app);
-                    conflicts.extend(conflict);
+                pods_synced = true;
+                info!(pods = index.len(), invalid = invalid.len(), "Pod list synced");
+                if deployments_synced {
+                    publish_all(&mut index, &opts.ranges, &store, &emit, &mut reported);
+                    health.set_source_ok();
                 }
-                conflicts.extend(index.vip_conflicts(&apps));
-                info!(pods = index.len(), apps = apps.len(), invalid = invalid.len(), "Pod list synced");
-                store.replace_all(apps, Observed::now());
-                report_conflicts(&index, &conflicts, &emit, &mut reported);
-                metrics.invalid_apps.set(invalid.len() as i64);
-                synced = true;
-                health.set_source_ok();
+                metrics.invalid_apps.set((invalid.len() + invalid_deployments.len()) as i64);
             }
-            Event::Apply(pod) => {
+            Change::Pod(Event::Apply(pod)) => {
                 let key = key_of(&pod);
                 let observed_at = Observed::now();
                 let touched = match parse_pod(&pod, &opts.ranges) {
@@ -403,8 +556,10 @@ pub async fn watch(client: Client, opts: KubeOptions, store: Store, health: Heal
                         invalid.remove(&key);
                         let origin = info.ready_since;
                         let touched = index.upsert(info);
-                        let observed = Observed { origin, ..observed_at };
-                        publish(&mut index, &touched, &opts.ranges, &store, observed, &emit, &mut reported);
+                        if synced {
+                            let observed = Observed { origin, ..observed_at };
+                            publish(&mut index, &touched, &opts.ranges, &store, observed, &emit, &mut reported);
+                        }
                         touched
                     }
                     Err(reason) => {
@@ -415,24 +570,111 @@ pub async fn watch(client: Client, opts: KubeOptions, store: Store, health: Heal
                         }
                         // A pod that turned invalid no longer backs its old app.
                         let touched: Vec<String> = index.remove(&key.0, &key.1).into_iter().collect();
-                        publish(&mut index, &touched, &opts.ranges, &store, observed_at, &emit, &mut reported);
+                        if synced {
+                            publish(&mut index, &touched, &opts.ranges, &store, observed_at, &emit, &mut reported);
+                        }
                         touched
                     }
                 };
                 debug!(pod = %format!("{}/{}", key.0, key.1), apps = ?touched, "pod applied");
-                metrics.invalid_apps.set(invalid.len() as i64);
+                metrics.invalid_apps.set((invalid.len() + invalid_deployments.len()) as i64);
             }
-            Event::Delete(pod) => {
+            Change::Pod(Event::Delete(pod)) => {
                 // A hint only: the next relist is the truth.
                 let key = key_of(&pod);
                 invalid.remove(&key);
                 reported.remove(&key);
                 let touched: Vec<String> = index.remove(&key.0, &key.1).into_iter().collect();
-                publish(&mut index, &touched, &opts.ranges, &store, Observed::now(), &emit, &mut reported);
-                metrics.invalid_apps.set(invalid.len() as i64);
+                if synced {
+                    publish(&mut index, &touched, &opts.ranges, &store, Observed::now(), &emit, &mut reported);
+                }
+                metrics.invalid_apps.set((invalid.len() + invalid_deployments.len()) as i64);
+            }
+            Change::Deployment(Event::Init) => {
+                deployment_listing = Some(PodIndex::default());
+                invalid_deployments.clear();
+            }
+            Change::Deployment(Event::InitApply(d)) => {
+                if let Some(next) = deployment_listing.as_mut() {
+                    match parse_deployment(&d.metadata, &opts.ranges) {
+                        Ok(info) => {
+                            next.upsert_deployment(info);
+                        }
+                        Err(reason) => {
+                            invalid_deployments.insert(meta_key(&d.metadata), reason);
+                        }
+                    }
+                }
+            }
+            Change::Deployment(Event::InitDone) => {
+                if let Some(mut next) = deployment_listing.take() {
+                    index.take_deployments_from(&mut next);
+                }
+                deployments_synced = true;
+                info!(deployments = index.deployment_count(), invalid = invalid_deployments.len(), "Deployment list synced");
+                if pods_synced {
+                    publish_all(&mut index, &opts.ranges, &store, &emit, &mut reported);
+                    health.set_source_ok();
+                }
+                metrics.invalid_apps.set((invalid.len() + invalid_deployments.len()) as i64);
+            }
+            Change::Deployment(Event::Apply(d)) => {
+                let key = meta_key(&d.metadata);
+                let touched = match parse_deployment(&d.metadata, &opts.ranges) {
+                    Ok(info) => {
+                        invalid_deployments.remove(&key);
+                        index.upsert_deployment(info)
+                    }
+                    Err(reason) => {
+                        if invalid_deployments.insert(key.clone(), reason.clone()).as_ref() != Some(&reason) {
+                            warn!(deployment = %format!("{}/{}", key.0, key.1), %reason, "Deployment's app skipped: bad serviceless annotation");
+                        }
+                        index.remove_deployment(&key.0, &key.1).into_iter().collect()
+                    }
+                };
+                if synced {
+                    publish(&mut index, &touched, &opts.ranges, &store, Observed::now(), &emit, &mut reported);
+                }
+                metrics.invalid_apps.set((invalid.len() + invalid_deployments.len()) as i64);
+            }
+            Change::Deployment(Event::Delete(d)) => {
+                let key = meta_key(&d.metadata);
+                invalid_deployments.remove(&key);
+                let touched: Vec<String> = index.remove_deployment(&key.0, &key.1).into_iter().collect();
+                if synced {
+                    publish(&mut index, &touched, &opts.ranges, &store, Observed::now(), &emit, &mut reported);
+                }
+                metrics.invalid_apps.set((invalid.len() + invalid_deployments.len()) as i64);
             }
         }
     }
+}
+
+/// Replaces the whole desired state with what the index holds.
+fn publish_all(
+    index: &mut PodIndex,
+    ranges: &VipRanges,
+    store: &Store,
+    emit: &impl Fn(&PodInfo, &'static str, String, &mut HashMap<PodKey, String>),
+    reported: &mut HashMap<PodKey, String>,
+) {
+    let mut apps = Vec::new();
+    let mut conflicts = Vec::new();
+    for host in index.hostnames() {
+        let (app, conflict) = index.app(&host, ranges);
+        index.claim_vip(&host, app.as_ref().map(|a| a.vip));
+        apps.extend(app);
+        conflicts.extend(conflict);
+    }
+    conflicts.extend(index.vip_conflicts(&apps));
+    let asleep = apps.iter().filter(|a| a.ready_backends().next().is_none()).count();
+    info!(apps = apps.len(), asleep, "desired state from Kubernetes replaced");
+    store.replace_all(apps, Observed::now());
+    report_conflicts(index, &conflicts, emit, reported);
+}
+
+fn meta_key(meta: &ObjectMeta) -> PodKey {
+    (meta.namespace.clone().unwrap_or_default(), meta.name.clone().unwrap_or_default())
 }
 
 fn key_of(pod: &Pod) -> PodKey {
