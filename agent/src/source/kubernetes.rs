@@ -460,6 +460,7 @@ pub async fn client(api_qps: u32) -> anyhow::Result<Client> {
 }
 
 /// What either watch reported.
+#[expect(clippy::large_enum_variant, reason = "one value at a time, moved straight into the match")]
 enum Change {
     Pod(Event<Pod>),
     Deployment(Event<PartialObjectMeta<Deployment>>),
