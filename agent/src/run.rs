@@ -137,6 +137,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         node_per_minute: args.wakes_per_minute,
         namespace_per_minute: args.namespace_wakes_per_minute,
         retry_for: args.wake_retry_for,
+        journal: Some(args.state_file.with_extension("wakes.json")),
+        resume_window: args.scale_exec_timeout.max(Duration::from_secs(10)),
     };
     let waker = Waker::spawn(directory.clone(), scaler.clone(), wake_options, metrics.clone());
     tokio::spawn(wake::read_signals(wake_ring, directory.clone(), waker.clone(), metrics.clone()));

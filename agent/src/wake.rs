@@ -15,6 +15,7 @@
 
 use std::{
     collections::HashMap,
+    path::PathBuf,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
@@ -52,6 +53,12 @@ pub struct WakeOptions {
     pub namespace_per_minute: u32,
     /// How long a failing scale request is retried.
     pub retry_for: Duration,
+    /// Where wakes in flight are recorded, so a restarted agent does not
+    /// start them again (a scale command is not a compare-and-set).
+    pub journal: Option<PathBuf>,
+    /// How long a wake in flight when the agent stopped keeps others from
+    /// starting (the longest a scale command runs).
+    pub resume_window: Duration,
 }
 
 /// What a person (and `inspect`) calls the app's state.
@@ -69,7 +76,8 @@ pub enum Phase {
 
 struct Waking {
     first_packet: Instant,
-    started: Instant,
+    /// Forgotten (and tried again by the next packet) if no pod is ready by then.
+    forget_at: Instant,
     ready_at: Option<Instant>,
     first_byte_seen: bool,
 }
@@ -80,6 +88,37 @@ struct Shared {
     refused: HashMap<String, Instant>,
     /// Apps put to sleep, and when (until their pods are gone).
     sleeping: HashMap<String, Instant>,
+}
+
+/// Wakes in flight, by app: UNIX seconds when each started.
+#[derive(Default, serde::Serialize, serde::Deserialize)]
+struct Journal {
+    wakes: HashMap<String, u64>,
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+impl Journal {
+    fn load(path: &std::path::Path) -> Self {
+        std::fs::read(path).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default()
+    }
+
+    /// Best effort: without it a restart may only repeat a wake.
+    fn save(&self, path: &std::path::Path) {
+        let write = || -> std::io::Result<()> {
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir)?;
+            }
+            let tmp = path.with_extension("tmp");
+            std::fs::write(&tmp, serde_json::to_vec(self).unwrap_or_default())?;
+            std::fs::rename(&tmp, path)
+        };
+        if let Err(e) = write() {
+            debug!(error = %e, path = %path.display(), "wake journal not written");
+        }
+    }
 }
 
 struct Request {
@@ -95,16 +134,48 @@ pub struct Waker {
     shared: Arc<Mutex<Shared>>,
     directory: Directory,
     metrics: Metrics,
+    journal: Option<PathBuf>,
 }
 
 impl Waker {
     /// Starts the waker task.
     pub fn spawn(directory: Directory, scaler: Scaler, opts: WakeOptions, metrics: Metrics) -> Self {
         let (tx, rx) = mpsc::channel(QUEUE);
-        let waker = Self { tx, shared: Arc::default(), directory, metrics };
+        let waker = Self { tx, shared: Arc::default(), directory, metrics, journal: opts.journal.clone() };
+        waker.resume_journal(opts.resume_window);
         tokio::spawn(waker.clone().run(rx, scaler, opts));
         tokio::spawn(waker.clone().follow_readiness());
         waker
+    }
+
+    /// Wakes a previous agent started recently stay in flight: their
+    /// command may still be running.
+    fn resume_journal(&self, window: Duration) {
+        let Some(path) = &self.journal else { return };
+        let journal = Journal::load(path);
+        let now = unix_now();
+        let mut shared = self.lock();
+        for (host, started) in journal.wakes {
+            let age = Duration::from_secs(now.saturating_sub(started));
+            if age < window {
+                info!(app = %host, age_s = age.as_secs(), "a wake the previous agent started is still in flight; not starting it again");
+                let at = Instant::now().checked_sub(age).unwrap_or_else(Instant::now);
+                shared.waking.insert(host, Waking { first_packet: at, forget_at: Instant::now() + (window - age), ready_at: None, first_byte_seen: false });
+            }
+        }
+        self.save_journal(&shared);
+    }
+
+    fn save_journal(&self, shared: &Shared) {
+        let Some(path) = &self.journal else { return };
+        let now = unix_now();
+        let wakes = shared
+            .waking
+            .iter()
+            .filter(|(_, w)| w.ready_at.is_none())
+            .map(|(h, w)| (h.clone(), now.saturating_sub(w.first_packet.elapsed().as_secs())))
+            .collect();
+        Journal { wakes }.save(path);
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Shared> {
@@ -187,8 +258,9 @@ impl Waker {
                 shared.sleeping.remove(&req.host);
                 shared.waking.insert(
                     req.host.clone(),
-                    Waking { first_packet: req.first_packet, started: now, ready_at: None, first_byte_seen: false },
+                    Waking { first_packet: req.first_packet, forget_at: now + WAKE_FORGOTTEN_AFTER, ready_at: None, first_byte_seen: false },
                 );
+                self.save_journal(&shared);
             }
             info!(app = %req.host, why = req.why, "waking app: scaling 0 -> 1");
             tokio::spawn(self.clone().scale_up(app, scaler.clone(), opts.retry_for, req.first_packet));
@@ -221,7 +293,9 @@ impl Waker {
             Err(e) => {
                 self.metrics.wakes.get_or_create(&OutcomeLabel { outcome: "failed" }).inc();
                 warn!(app = %app.hostname, error = %e, "wake failed; the next packet to the app tries again");
-                self.lock().waking.remove(&app.hostname);
+                let mut shared = self.lock();
+                shared.waking.remove(&app.hostname);
+                self.save_journal(&shared);
             }
         }
     }
@@ -237,6 +311,7 @@ impl Waker {
             }
             let now = Instant::now();
             let mut shared = self.lock();
+            let before = shared.waking.values().filter(|w| w.ready_at.is_none()).count();
             let hosts: Vec<String> = shared.waking.keys().cloned().collect();
             for host in hosts {
                 let ready = self.directory.get(&host).is_some_and(|a| a.ready_backends().next().is_some());
@@ -249,15 +324,18 @@ impl Waker {
                 }
                 let done = match w.ready_at {
                     Some(at) => now - at > Duration::from_secs(60),
-                    None => now - w.started > WAKE_FORGOTTEN_AFTER,
+                    None => now > w.forget_at,
                 };
                 if done {
                     if w.ready_at.is_none() {
                         self.metrics.wakes.get_or_create(&OutcomeLabel { outcome: "never_ready" }).inc();
-                        warn!(app = %host, "woken app has no ready pod after {WAKE_FORGOTTEN_AFTER:?}; the next packet tries again");
+                        warn!(app = %host, "woken app has no ready pod yet; the next packet tries again");
                     }
                     shared.waking.remove(&host);
                 }
+            }
+            if shared.waking.values().filter(|w| w.ready_at.is_none()).count() != before {
+                self.save_journal(&shared);
             }
             shared.refused.retain(|_, until| *until > now);
             // An app put to sleep is awake again once someone wakes it; its

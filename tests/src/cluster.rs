@@ -228,6 +228,11 @@ impl Cluster {
         .iter()
         .map(|s| s.to_string())
         .collect();
+        if extra.contains(&"--listen") {
+            // The test's own --listen replaces the default.
+            let at = args.iter().position(|a| a == "--listen").expect("default --listen");
+            args.drain(at..at + 2);
+        }
         args.extend(extra.iter().map(|s| s.to_string()));
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let log = work_dir.join(format!("agent{index}.log"));

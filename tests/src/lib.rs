@@ -10,6 +10,7 @@ pub mod fixture;
 pub mod flood;
 pub mod kube_env;
 pub mod netns;
+pub mod orchestrator;
 pub mod packet;
 pub mod scenario;
 pub mod topology;

@@ -281,6 +281,24 @@ fn a_sleeping_deployment_wakes_on_its_first_request_once_and_sleeps_when_idle() 
     let (status, _) = again.join().expect("thread").expect("answered after the second wake");
     assert_eq!(status, 200);
     assert_eq!(replicas_and_generation(&kube, "sleepy"), (1, 4));
+
+    // Many nodes waking one app at the same moment, as the agent's
+    // ServiceAccount: one transition, never beyond 1.
+    kube.apply(&sleeping_deployment("race", "default", "race.example.com", "10.96.0.11", "0")).expect("deployment");
+    let outcomes = kube.rt.block_on(async {
+        let kc = kube::config::Kubeconfig::read_from(&kube.agent_kubeconfig)?;
+        let config = kube::Config::from_custom_kubeconfig(kc, &Default::default()).await?;
+        let scaler = serviceless_agent::scale::Scaler::new(Some(kube::Client::try_from(config)?), Duration::from_secs(5));
+        let mut app = serviceless_tests::app("race.example.com", "10.96.0.11", &[]);
+        app.lifecycle.scaler =
+            Some(serviceless_agent::model::ScaleTarget::Deployment { namespace: "default".into(), name: "race".into() });
+        let wakes = (0..8).map(|_| scaler.scale(&app, 1));
+        anyhow::Ok(futures::future::join_all(wakes).await)
+    });
+    let outcomes: Vec<String> = outcomes.expect("scalers").into_iter().map(|o| format!("{o:?}")).collect();
+    assert_eq!(outcomes.iter().filter(|o| *o == "Ok(Changed)").count(), 1, "{outcomes:?}");
+    assert_eq!(outcomes.iter().filter(|o| *o == "Ok(Already)").count(), 7, "{outcomes:?}");
+    assert_eq!(replicas_and_generation(&kube, "race"), (1, 2), "one transition from 0 to 1");
 }
 
 #[test]

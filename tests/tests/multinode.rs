@@ -226,3 +226,47 @@ fn snat_mode_reaches_a_pod_on_another_node_from_this_nodes_address() {
     let report: serde_json::Value = serde_json::from_str(&c.inspect(1).unwrap()).unwrap();
     assert_eq!(report["config"]["remote_mode"], "snat");
 }
+
+#[test]
+fn traffic_on_one_node_keeps_an_app_awake_and_only_one_node_puts_it_to_sleep() {
+    if !kernel_tests_enabled("multinode: idle across nodes") {
+        return;
+    }
+    let mut c = Cluster::new("mn7", 2, &server_bin()).expect("cluster");
+    c.add_pod(2, "pod-b").expect("pod");
+    let log = c.work_dir.join("scale.log");
+    let script = c.work_dir.join("orchestrate.sh");
+    // The orchestrator only records what it is asked (the pod stays).
+    std::fs::write(&script, format!("#!/bin/sh\necho \"$SERVICELESS_APP $1 $(hostname)\" >> {}\n", log.display())).unwrap();
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let pod_ip = c.node(2).pods[0].ip.clone();
+    let yaml = format!(
+        "apps:\n  - hostname: hello.example.com\n    vip: {VIP}\n    ports: [{{port: 80, targetPort: 8080}}]\n    scale: {{ exec: [\"{}\"] }}\n    idleAfter: 3s\n    pods:\n      - {{name: pod-b, ip: {pod_ip}, node: 10.0.0.12}}\n",
+        script.display()
+    );
+    std::fs::write(&c.desired, yaml).unwrap();
+    // Node 1 (the lowest address) decides, and sees none of the traffic.
+    c.start_agent(1, &["--listen", "0.0.0.0:9095", "--peers", "10.0.0.12:9095"]).unwrap();
+    c.start_agent(2, &["--listen", "0.0.0.0:9095", "--peers", "10.0.0.11:9095"]).unwrap();
+    c.wait_ready(Duration::from_secs(30)).unwrap_or_else(|e| panic!("{e:#}\n{}", logs(&c)));
+    c.route_vips_via(&[2]).unwrap();
+    let calls = || std::fs::read_to_string(&log).unwrap_or_default().lines().map(str::to_string).collect::<Vec<_>>();
+    let until = std::time::Instant::now() + Duration::from_secs(8);
+    while std::time::Instant::now() < until {
+        let r = c.request(TARGET, "/").unwrap_or_else(|e| panic!("request via node 2: {e:#}\n{}", logs(&c)));
+        assert_eq!(r.server(), "pod-b");
+        thread::sleep(Duration::from_millis(500));
+    }
+    assert!(calls().is_empty(), "traffic on node 2 kept the app awake: {:?}\n{}", calls(), logs(&c));
+    assert_eq!(c.verdict(1, "backend_new_flow").unwrap(), 0, "node 1 saw none of it");
+    // Quiet everywhere: put to sleep once, by one node.
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while calls().is_empty() && std::time::Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(100));
+    }
+    thread::sleep(Duration::from_secs(3));
+    let calls = calls();
+    assert_eq!(calls.len(), 1, "one sleep, from one node: {calls:?}\n{}", logs(&c));
+    assert!(calls[0].starts_with("hello.example.com 0"), "{calls:?}");
+    assert!(c.agent_log(1).contains("idle app put to sleep"), "node 1 decided:\n{}", logs(&c));
+}

@@ -14,6 +14,7 @@ use std::{
 use serviceless_tests::{
     kernel_tests_enabled,
     netns::enter,
+    orchestrator::{ManagedApp, Orchestrator},
     scenario::{inspect, wait_until},
     topology::{Topology, http_get},
 };
@@ -27,52 +28,27 @@ fn server_bin() -> PathBuf {
 struct Setup {
     topo: Topology,
     file: PathBuf,
-    scale_log: PathBuf,
+    orchestrator: Orchestrator,
 }
 
-/// One app per (hostname, VIP), each backed when awake by pod-1
-/// (10.244.1.2:8080). The orchestrator script logs `<app> <replicas>` and,
-/// after `start_delay`, writes the file with the app awake or asleep.
+/// Apps (hostname, VIP), each backed when awake by pod-1 (10.244.1.2:8080),
+/// woken and put to sleep by the test orchestrator, which takes
+/// `start_delay` seconds to start a pod.
 fn setup(tag: &str, apps: &[(&str, &str)], extra_yaml: &str, start_delay: &str) -> Setup {
     let mut topo = Topology::new(tag, &server_bin()).expect("topology");
     topo.external_activator = false;
     topo.add_pod(1, "pod-1").expect("pod");
-    let dir = topo.work_dir.clone();
-    let file = dir.join("apps.yaml");
-    let scale_log = dir.join("scale.log");
-    let script = dir.join("orchestrate.sh");
-    // The state of every app lives in <dir>/state/<app> (0 or 1).
-    std::fs::create_dir_all(dir.join("state")).expect("state dir");
-    let mut render = String::from("#!/bin/sh\nset -e\nrender() {\n  echo 'apps:'\n");
-    for (host, vip) in apps {
-        render.push_str(&format!(
-            "  echo '  - hostname: {host}'\n  echo '    vip: {vip}'\n  echo '    ports: [{{ port: 80, targetPort: 8080 }}]'\n  echo '    scale: {{ exec: [\"{}\"] }}'\n",
-            script.display()
-        ));
-        for line in extra_yaml.lines() {
-            render.push_str(&format!("  echo '    {line}'\n"));
-        }
-        render.push_str(&format!(
-            "  if [ \"$(cat {d}/state/{host} 2>/dev/null)\" = 1 ]; then echo '    pods: [{{ name: pod-1, ip: 10.244.1.2 }}]'; fi\n",
-            d = dir.display()
-        ));
-    }
-    render.push_str("}\n");
-    let body = format!(
-        "{render}if [ $# -gt 0 ]; then\n  echo \"$SERVICELESS_APP $1\" >> {log}\n  sleep {start_delay}\n  echo \"$1\" > {d}/state/$SERVICELESS_APP\nfi\nrender > {file}.tmp && mv {file}.tmp {file}\n",
-        log = scale_log.display(),
-        d = dir.display(),
-        file = file.display(),
-    );
-    std::fs::write(&script, body).expect("script");
-    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).expect("chmod");
-    let status = std::process::Command::new("sh").arg(&script).status().expect("render");
-    assert!(status.success());
-    Setup { topo, file, scale_log }
+    let file = topo.work_dir.join("apps.yaml");
+    let managed: Vec<ManagedApp> = apps
+        .iter()
+        .map(|(hostname, vip)| ManagedApp { hostname, vip, pod: ("pod-1", "10.244.1.2"), extra: extra_yaml })
+        .collect();
+    let orchestrator = Orchestrator::install(&topo.work_dir, &file, "", &managed, start_delay).expect("orchestrator");
+    Setup { topo, file, orchestrator }
 }
 
 fn scale_calls(s: &Setup) -> Vec<String> {
-    std::fs::read_to_string(&s.scale_log).unwrap_or_default().lines().map(str::to_string).collect()
+    s.orchestrator.calls()
 }
 
 fn counter(s: &Setup, name: &str) -> u64 {
@@ -167,11 +143,7 @@ fn held_connections_time_out_with_a_503_for_http_and_a_close_for_anything_else()
     }
     // The orchestrator never starts a pod (its pods never become ready).
     let s = setup("svz3", &[("stuck.example.com", "10.96.0.10")], "holdTimeout: 1s", "0");
-    std::fs::write(s.topo.work_dir.join("state").join("stuck.example.com"), "0").expect("state");
-    // Start-up writes nothing: make the script ignore wakes.
-    let script = s.topo.work_dir.join("orchestrate.sh");
-    let text = std::fs::read_to_string(&script).expect("script").replace("echo \"$1\" >", "echo 0 >");
-    std::fs::write(&script, text).expect("script");
+    s.orchestrator.break_pods().expect("orchestrator");
     let _agent = start(&s, &[]);
 
     let started = Instant::now();
@@ -215,4 +187,48 @@ fn a_sweep_over_sleeping_vips_wakes_no_more_than_the_budget() {
     assert_eq!(statuses.iter().filter(|s| **s == 503).count(), 4, "the rest are told to retry: {statuses:?}");
     let m = metrics(&s);
     assert!(m.contains("serviceless_wakes_total{outcome=\"refused_node_budget\"}"), "{m}");
+}
+
+#[test]
+fn long_streams_cross_the_hand_over_both_ways() {
+    if !kernel_tests_enabled("scale to zero: long streams") {
+        return;
+    }
+    let s = setup("svz5", &[("stream.example.com", "10.96.0.10")], "", "0.5");
+    let _agent = start(&s, &[]);
+    // The upload starts at once and backs up while the app wakes; the
+    // activator must not lose or reorder a byte when it splices.
+    let mut conn = s.topo.connect(VIP).expect("connect while asleep");
+    let r = conn.post("/upload", 8 << 20).expect("upload through the hand-over");
+    assert_eq!(r.server(), "pod-1");
+    assert!(r.body.contains("received=8388608"), "{}", r.body);
+    // Same connection, now a long download from the pod.
+    let r = conn.get_path("/bytes/16777216", true).expect("download on the spliced connection");
+    assert_eq!(r.body.len(), 16 << 20);
+    assert_eq!(scale_calls(&s), ["stream.example.com 1"]);
+}
+
+#[test]
+fn kill_9_while_connections_are_held_still_wakes_the_app() {
+    if !kernel_tests_enabled("scale to zero: kill -9") {
+        return;
+    }
+    let s = setup("svz6", &[("held.example.com", "10.96.0.10")], "", "1.5");
+    let mut agent = start(&s, &[]);
+    let client = s.topo.client.name.clone();
+    let held = thread::spawn(move || {
+        enter(&client).expect("netns");
+        http_get(VIP, "/").map(|r| r.status)
+    });
+    wait_until("the wake to start", Duration::from_secs(5), || scale_calls(&s).len() == 1);
+    agent.kill9();
+    // The held connection died with its process; the client learns at once.
+    let _ = held.join().expect("thread");
+    let _agent = s.topo.start_agent(&s.file, "agent2.log", &[]).expect("restart");
+    s.topo.wait_ready(Duration::from_secs(20)).expect("ready again");
+    // The orchestrator finishes the wake the first agent started.
+    wait_until("the app to answer again", Duration::from_secs(15), || {
+        s.topo.request(VIP).is_ok_and(|r| r.status == 200 && r.server() == "pod-1")
+    });
+    assert_eq!(scale_calls(&s), ["held.example.com 1"], "the restart did not wake it twice");
 }

@@ -1,0 +1,91 @@
+//! A stand-in for a platform's orchestrator, for the file source's
+//! `scale.exec` hook: a shell script that, run with `<replicas>` appended,
+//! logs the call, waits as a pod would take to start, records the app's
+//! state and rewrites the desired-state file with the app's pod present
+//! (1) or absent (0). The file stays the only source of truth.
+
+use std::{
+    os::unix::fs::PermissionsExt as _,
+    path::{Path, PathBuf},
+};
+
+/// An app the orchestrator wakes and puts to sleep.
+pub struct ManagedApp<'a> {
+    pub hostname: &'a str,
+    pub vip: &'a str,
+    /// The pod it gets when awake: (name, ip); it listens on 8080.
+    pub pod: (&'a str, &'a str),
+    /// More YAML lines of the app (`idleAfter: 3s`, ...).
+    pub extra: &'a str,
+}
+
+pub struct Orchestrator {
+    pub script: PathBuf,
+    pub log: PathBuf,
+    state: PathBuf,
+}
+
+impl Orchestrator {
+    /// Writes the script into `dir` and renders `file` once (every app
+    /// asleep). `fixed` is YAML for apps it does not manage (list items),
+    /// `start_delay` the seconds a wake takes (`sleep` syntax).
+    pub fn install(dir: &Path, file: &Path, fixed: &str, apps: &[ManagedApp], start_delay: &str) -> anyhow::Result<Self> {
+        let script = dir.join("orchestrate.sh");
+        let log = dir.join("scale.log");
+        let state = dir.join("state");
+        std::fs::create_dir_all(&state)?;
+        let mut render = String::from("render() {\n  echo 'apps:'\n");
+        for line in fixed.lines() {
+            render.push_str(&format!("  echo '{line}'\n"));
+        }
+        for app in apps {
+            let lines = [
+                format!("  - hostname: {}", app.hostname),
+                format!("    vip: {}", app.vip),
+                "    ports: [{ port: 80, targetPort: 8080 }]".to_string(),
+                format!("    scale: {{ exec: [\"{}\"] }}", script.display()),
+            ];
+            for line in lines.iter().map(String::as_str).chain(app.extra.lines().map(str::trim)) {
+                let line = if line.starts_with("  ") { line.to_string() } else { format!("    {line}") };
+                render.push_str(&format!("  echo '{line}'\n"));
+            }
+            render.push_str(&format!(
+                "  if [ \"$(cat {}/{} 2>/dev/null)\" = 1 ]; then echo '    pods: [{{ name: {}, ip: {} }}]'; fi\n",
+                state.display(),
+                app.hostname,
+                app.pod.0,
+                app.pod.1
+            ));
+        }
+        render.push_str("}\n");
+        let body = format!(
+            "#!/bin/sh\n# Test orchestrator: orchestrate.sh <replicas> (SERVICELESS_APP names the app).\nset -e\n{render}\
+             if [ $# -gt 0 ]; then\n  echo \"$SERVICELESS_APP $1\" >> {log}\n  sleep {start_delay}\n  echo \"$1\" > {state}/$SERVICELESS_APP\nfi\n\
+             render > {file}.tmp && mv {file}.tmp {file}\n",
+            log = log.display(),
+            state = state.display(),
+            file = file.display(),
+        );
+        std::fs::write(&script, body)?;
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755))?;
+        let status = std::process::Command::new(&script).status()?;
+        anyhow::ensure!(status.success(), "rendering {} failed", file.display());
+        Ok(Self { script, log, state })
+    }
+
+    /// Every call so far: `<hostname> <replicas>`.
+    pub fn calls(&self) -> Vec<String> {
+        std::fs::read_to_string(&self.log).unwrap_or_default().lines().map(str::to_string).collect()
+    }
+
+    /// Makes the orchestrator accept wakes but never start a pod.
+    pub fn break_pods(&self) -> anyhow::Result<()> {
+        let text = std::fs::read_to_string(&self.script)?.replace("echo \"$1\" >", "echo 0 >");
+        std::fs::write(&self.script, text)?;
+        Ok(())
+    }
+
+    pub fn state_dir(&self) -> &Path {
+        &self.state
+    }
+}
