@@ -86,8 +86,17 @@ pub struct RunArgs {
     /// when putting idle apps to sleep: an app sleeps only when none of them
     /// saw a packet for it within its idle window. The agent with the lowest
     /// address decides; with peers, serve --listen on an address they reach.
+    /// With the Kubernetes source and no --peers, the peers are the agent
+    /// pods this selects in --namespace (the DaemonSet's; their pod IP is
+    /// their node's, their port that of this agent's --listen).
     #[arg(long, env = "SERVICELESS_PEERS", value_delimiter = ',')]
     pub peers: Vec<SocketAddr>,
+    /// Label selector of the agent pods (Kubernetes peer discovery).
+    #[arg(long, env = "SERVICELESS_PEER_SELECTOR", default_value = "app.kubernetes.io/name=serviceless-agent")]
+    pub peer_selector: String,
+    /// Namespace the agent pods run in (Kubernetes peer discovery).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "kube-system")]
+    pub namespace: String,
     /// Desired state: `kubernetes` (Pod watch; in-cluster config or KUBECONFIG) or
     /// `file:<path>` (YAML or JSON, reloaded on change).
     #[arg(long, env = "SERVICELESS_SOURCE")]

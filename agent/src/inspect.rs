@@ -17,6 +17,7 @@ use crate::{
     maps::{Capacities, CtTable, DataplaneMaps},
     model::{Protocol, from_addr},
     reconcile::stored_hostname,
+    wake::{AppStatus, Phase, status_path},
 };
 
 /// Conntrack states and the names `inspect` and metrics use for them.
@@ -67,6 +68,12 @@ pub struct AppReport {
     pub idle_seconds: Option<f64>,
     /// Pods behind the backends (namespace/name or file name), per the agent's record.
     pub pods: Vec<String>,
+    /// Scale to zero: awake, waking, asleep, refused (wake budget spent),
+    /// sleeping (put to sleep, pods going). Per the agent's record; while
+    /// the agent is down: awake or asleep, from the maps.
+    pub state: Phase,
+    /// Connections the activator holds for it (agent's record).
+    pub held_connections: usize,
 }
 
 #[derive(Debug, Serialize)]
@@ -169,6 +176,8 @@ pub fn report(maps: &DataplaneMaps, connection_limit: usize, only: Option<&str>)
             idle_seconds: (activity.last_seen_ns != 0)
                 .then(|| now.saturating_sub(activity.last_seen_ns) as f64 / 1e9),
             pods: Vec::new(),
+            state: if value.ready_count > 0 { Phase::Awake } else { Phase::Asleep },
+            held_connections: 0,
         });
     }
     let wanted_ids: Option<Vec<u32>> = only.map(|_| apps.iter().map(|a| a.id).collect());
@@ -236,7 +245,7 @@ pub fn report(maps: &DataplaneMaps, connection_limit: usize, only: Option<&str>)
 pub fn render_table(r: &Report) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "APPS ({})", r.apps.len());
-    let _ = writeln!(out, "{:<4} {:<32} {:<16} {:<22} {:>9} {:>11} {:>8}  BACKENDS", "ID", "HOSTNAME", "VIP", "PORTS", "PACKETS", "BYTES", "IDLE");
+    let _ = writeln!(out, "{:<4} {:<32} {:<16} {:<22} {:>9} {:>11} {:>8} {:<18} BACKENDS", "ID", "HOSTNAME", "VIP", "PORTS", "PACKETS", "BYTES", "IDLE", "STATE");
     for a in &r.apps {
         let vip = a.vip.map(|v| v.to_string()).unwrap_or_else(|| "-".into());
         let idle = a.idle_seconds.map(|s| format!("{s:.0}s")).unwrap_or_else(|| "never".into());
@@ -255,10 +264,14 @@ pub fn render_table(r: &Report) -> String {
                 .join(" ")
         };
         let backends = if a.pods.is_empty() { backends } else { format!("{backends}  pods: {}", a.pods.join(",")) };
+        let state = match a.held_connections {
+            0 => format!("{:?}", a.state).to_lowercase(),
+            n => format!("{:?}({n} held)", a.state).to_lowercase(),
+        };
         let _ = writeln!(
             out,
-            "{:<4} {:<32} {:<16} {:<22} {:>9} {:>11} {:>8}  {}",
-            a.id, a.hostname, vip, a.ports.join(","), a.packets, a.bytes, idle, backends
+            "{:<4} {:<32} {:<16} {:<22} {:>9} {:>11} {:>8} {:<18} {}",
+            a.id, a.hostname, vip, a.ports.join(","), a.packets, a.bytes, idle, state, backends
         );
     }
     let by_state: Vec<String> =
@@ -351,6 +364,15 @@ pub fn run(args: &InspectArgs) -> anyhow::Result<()> {
     {
         for app in &mut report.apps {
             app.pods = sources.get(&app.hostname).cloned().unwrap_or_default();
+        }
+    }
+    if let Ok(text) = std::fs::read(status_path(&args.state_file))
+        && let Ok(states) = serde_json::from_slice::<BTreeMap<String, AppStatus>>(&text)
+    {
+        for app in &mut report.apps {
+            if let Some(s) = states.get(&app.hostname) {
+                (app.state, app.held_connections) = (s.state, s.held);
+            }
         }
     }
     if args.json {

@@ -9,7 +9,12 @@
 //! does not answer: a missed sleep costs money, a wrong one costs a cold
 //! start. The API server sees one write per sleep, nothing per interval.
 
-use std::{collections::HashMap, net::{IpAddr, SocketAddr}, time::Duration};
+use std::{
+    collections::HashMap,
+    net::{IpAddr, SocketAddr},
+    sync::{Arc, RwLock},
+    time::Duration,
+};
 
 use http_body_util::{BodyExt as _, Empty, Limited};
 use hyper::body::Bytes;
@@ -27,10 +32,19 @@ pub struct ActivityReport {
 const MAX_REPORT: usize = 64 << 20;
 const TIMEOUT: Duration = Duration::from_secs(3);
 
+/// Cheap to clone; clones share the list.
 #[derive(Clone, Debug, Default)]
 pub struct Peers {
-    peers: Vec<SocketAddr>,
+    inner: Arc<RwLock<Known>>,
     own: Option<IpAddr>,
+}
+
+#[derive(Debug, Default)]
+struct Known {
+    peers: Vec<SocketAddr>,
+    /// False until the list is known (a discovered list not listed yet):
+    /// nothing sleeps meanwhile.
+    complete: bool,
 }
 
 /// The peers' answers together.
@@ -50,25 +64,94 @@ impl PeerIdle {
 }
 
 impl Peers {
+    /// A fixed list (`--peers`; empty: this agent is alone).
     pub fn new(peers: Vec<SocketAddr>, own: Option<IpAddr>) -> Self {
-        Self { peers, own }
+        Self { inner: Arc::new(RwLock::new(Known { peers, complete: true })), own }
+    }
+
+    /// A list `discover` fills in.
+    pub fn discovered(own: Option<IpAddr>) -> Self {
+        Self { inner: Arc::default(), own }
+    }
+
+    fn set(&self, peers: Vec<SocketAddr>) {
+        let mut known = self.inner.write().unwrap_or_else(|p| p.into_inner());
+        *known = Known { peers, complete: true };
+    }
+
+    fn list(&self) -> Option<Vec<SocketAddr>> {
+        let known = self.inner.read().unwrap_or_else(|p| p.into_inner());
+        known.complete.then(|| known.peers.iter().copied().filter(|p| Some(p.ip()) != self.own).collect())
     }
 
     /// Whether this agent makes the sleep decisions.
     pub fn decides(&self) -> bool {
+        let Some(peers) = self.list() else { return false };
         match self.own {
-            Some(own) => self.peers.iter().all(|p| p.ip() == own || own < p.ip()),
-            None => self.peers.is_empty(),
+            Some(own) => peers.iter().all(|p| own < p.ip()),
+            None => peers.is_empty(),
         }
     }
 
     /// Every peer's report; an error if any did not answer.
     pub async fn idle_times(&self) -> anyhow::Result<PeerIdle> {
-        let fetches = self.peers.iter().map(|p| async move {
-            tokio::time::timeout(TIMEOUT, fetch(*p)).await.map_err(|_| anyhow::anyhow!("peer {p}: no answer within {TIMEOUT:?}"))?
+        let peers = self.list().ok_or_else(|| anyhow::anyhow!("the other agents are not known yet"))?;
+        let fetches = peers.into_iter().map(|p| async move {
+            tokio::time::timeout(TIMEOUT, fetch(p)).await.map_err(|_| anyhow::anyhow!("peer {p}: no answer within {TIMEOUT:?}"))?
         });
         let reports = futures::future::try_join_all(fetches).await?;
         Ok(PeerIdle { reports })
+    }
+}
+
+/// Keeps `peers` up to date with the agent pods (the DaemonSet's, by
+/// `selector` in `namespace`; hostNetwork, so their pod IP is their node's),
+/// each serving `/v1/activity` on `port`. One small watch per agent.
+pub async fn discover(client: kube::Client, namespace: String, selector: String, port: u16, peers: Peers) {
+    use futures::TryStreamExt as _;
+    use k8s_openapi::api::core::v1::Pod;
+    use kube::runtime::{WatchStreamExt as _, watcher};
+    let api: kube::Api<Pod> = kube::Api::namespaced(client, &namespace);
+    let mut stream = std::pin::pin!(watcher::watcher(api, watcher::Config::default().labels(&selector)).default_backoff());
+    let mut agents: HashMap<String, IpAddr> = HashMap::new();
+    let mut listing: Option<HashMap<String, IpAddr>> = None;
+    let address = |pod: &Pod| pod.status.as_ref()?.pod_ip.as_deref()?.parse::<IpAddr>().ok();
+    loop {
+        let event = match stream.try_next().await {
+            Ok(Some(e)) => e,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::warn!(error = %e, "watching the other agents failed; retrying (nothing is put to sleep meanwhile if the list is not known)");
+                continue;
+            }
+        };
+        let name = |pod: &Pod| pod.metadata.name.clone().unwrap_or_default();
+        match event {
+            watcher::Event::Init => listing = Some(HashMap::new()),
+            watcher::Event::InitApply(pod) => {
+                if let (Some(l), Some(ip)) = (listing.as_mut(), address(&pod)) {
+                    l.insert(name(&pod), ip);
+                }
+            }
+            watcher::Event::InitDone => agents = listing.take().unwrap_or_default(),
+            watcher::Event::Apply(pod) => match address(&pod) {
+                Some(ip) if pod.metadata.deletion_timestamp.is_none() => {
+                    agents.insert(name(&pod), ip);
+                }
+                _ => {
+                    agents.remove(&name(&pod));
+                }
+            },
+            watcher::Event::Delete(pod) => {
+                agents.remove(&name(&pod));
+            }
+        }
+        if listing.is_none() {
+            let mut list: Vec<SocketAddr> = agents.values().map(|ip| SocketAddr::new(*ip, port)).collect();
+            list.sort();
+            list.dedup();
+            peers.set(list);
+        }
     }
 }
 
@@ -98,6 +181,8 @@ mod tests {
         assert!(Peers::new(vec![b], Some(a.ip())).decides());
         assert!(!Peers::new(vec![a], Some(b.ip())).decides());
         assert!(Peers::new(vec![], None).decides(), "alone, it decides");
+        assert!(Peers::new(vec![a, b], Some(a.ip())).decides(), "itself in the list does not count");
+        assert!(!Peers::discovered(Some(a.ip())).decides(), "nobody sleeps anything until the others are known");
         let idle = PeerIdle {
             reports: vec![
                 ActivityReport { idle_seconds: [("x".to_string(), 30.0)].into() },

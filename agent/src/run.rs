@@ -132,7 +132,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     };
 
     // Scale to zero: wake on the first packet, hold, hand over; sleep when idle.
-    let scaler = Scaler::new(kube_client, args.scale_exec_timeout);
+    let scaler = Scaler::new(kube_client.clone(), args.scale_exec_timeout);
     let wake_options = WakeOptions {
         node_per_minute: args.wakes_per_minute,
         namespace_per_minute: args.namespace_wakes_per_minute,
@@ -157,7 +157,21 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
         None => tokio::spawn(std::future::pending()),
     };
-    let peers = Peers::new(args.peers.clone(), node_ip);
+    tokio::spawn(wake::publish_status(wake::status_path(&args.state_file), directory.clone(), waker.clone(), held.clone()));
+    let peers = match (&kube_client, args.peers.is_empty()) {
+        (Some(client), true) => {
+            let peers = Peers::discovered(node_ip);
+            tokio::spawn(crate::peers::discover(
+                client.clone(),
+                args.namespace.clone(),
+                args.peer_selector.clone(),
+                args.listen.port(),
+                peers.clone(),
+            ));
+            peers
+        }
+        _ => Peers::new(args.peers.clone(), node_ip),
+    };
     tokio::spawn(wake::run_sleeper(reader.clone(), directory.clone(), waker.clone(), scaler, peers, held.clone(), metrics.clone()));
 
     let status = http::Status { metrics: metrics.clone(), health: health.clone(), maps: reader.clone(), directory: directory.clone() };

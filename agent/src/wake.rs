@@ -444,6 +444,47 @@ pub async fn resume_held(maps: Arc<DataplaneMaps>, directory: Directory, waker: 
     }
 }
 
+/// An app's scale-to-zero state, as `inspect` shows it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct AppStatus {
+    pub state: Phase,
+    /// Connections the activator holds for it.
+    pub held: usize,
+}
+
+/// Where `inspect` finds each app's state: next to `--state-file`.
+pub fn status_path(state_file: &std::path::Path) -> PathBuf {
+    state_file.with_extension("lifecycle.json")
+}
+
+/// Writes every app's state for `inspect`, when it changes (checked every second).
+pub async fn publish_status(path: PathBuf, directory: Directory, waker: Waker, held: crate::activator::HeldCounts) {
+    let mut last: Option<HashMap<String, AppStatus>> = None;
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let now: HashMap<String, AppStatus> = directory
+            .all()
+            .into_iter()
+            .map(|(app, _)| (app.hostname.clone(), AppStatus { state: waker.phase(&app), held: held.of(&app.hostname) }))
+            .collect();
+        if last.as_ref() == Some(&now) {
+            continue;
+        }
+        let write = || -> std::io::Result<()> {
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir)?;
+            }
+            let tmp = path.with_extension("tmp");
+            std::fs::write(&tmp, serde_json::to_vec(&now).unwrap_or_default())?;
+            std::fs::rename(&tmp, &path)
+        };
+        if let Err(e) = write() {
+            debug!(error = %e, path = %path.display(), "app states for inspect not written");
+        }
+        last = Some(now);
+    }
+}
+
 /// How often the sleeper looks, for the shortest idle window it serves.
 fn check_interval(shortest: Option<Duration>) -> Duration {
     shortest.map_or(Duration::from_secs(30), |d| d / 4).clamp(Duration::from_millis(500), Duration::from_secs(30))

@@ -49,6 +49,8 @@ pub fn inspect_with(topo: &Topology, extra: &[&str]) -> serde_json::Value {
         .args(extra)
         .arg("--pin-dir")
         .arg(topo.pin_dir())
+        .arg("--state-file")
+        .arg(topo.work_dir.join("sources.json"))
         .output()
         .expect("run inspect");
     assert!(out.status.success(), "inspect failed: {}", String::from_utf8_lossy(&out.stderr));

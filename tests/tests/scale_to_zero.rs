@@ -142,14 +142,22 @@ fn held_connections_time_out_with_a_503_for_http_and_a_close_for_anything_else()
         return;
     }
     // The orchestrator never starts a pod (its pods never become ready).
-    let s = setup("svz3", &[("stuck.example.com", "10.96.0.10")], "holdTimeout: 1s", "0");
+    let s = setup("svz3", &[("stuck.example.com", "10.96.0.10")], "holdTimeout: 3s", "0");
     s.orchestrator.break_pods().expect("orchestrator");
     let _agent = start(&s, &[]);
 
     let started = Instant::now();
-    let r = s.topo.request(VIP).expect("a held HTTP request is answered");
-    assert_eq!(r.status, 503, "{r:?}");
-    assert!(started.elapsed() >= Duration::from_millis(900), "held for the app's 1 s timeout");
+    let client = s.topo.client.name.clone();
+    let held = thread::spawn(move || {
+        enter(&client).expect("netns");
+        http_get(VIP, "/").map(|r| r.status)
+    });
+    wait_until("inspect to show the held connection", Duration::from_secs(3), || {
+        let app = &inspect(&s.topo)["apps"][0];
+        app["state"] == "waking" && app["held_connections"] == 1
+    });
+    assert_eq!(held.join().expect("thread").expect("a held HTTP request is answered"), 503);
+    assert!(started.elapsed() >= Duration::from_millis(2900), "held for the app's 3 s timeout");
     let raw = s.topo.client.run(|| {
         let mut c = TcpStream::connect(VIP).expect("connect");
         c.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");

@@ -829,6 +829,43 @@ mod tests {
     }
 
     #[test]
+    fn a_deployment_keeps_its_app_asleep_and_its_settings_hold_when_pods_come() {
+        let meta = |ann: &[(&str, &str)]| ObjectMeta {
+            namespace: Some("a".into()),
+            name: Some("web".into()),
+            annotations: Some(ann.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()),
+            ..Default::default()
+        };
+        let host = (annotations::HOSTNAME, "x.example.com");
+        let d = parse_deployment(&meta(&[host, (annotations::VIP, "10.96.0.7"), (annotations::IDLE_AFTER, "30s")]), &ranges()).unwrap();
+        assert_eq!(d.lifecycle.idle_after, Some(Duration::from_secs(30)));
+        assert_eq!(d.lifecycle.scaler, Some(ScaleTarget::Deployment { namespace: "a".into(), name: "web".into() }));
+        assert_eq!(parse_deployment(&meta(&[host]), &ranges()).unwrap().lifecycle.idle_after, Some(DEFAULT_IDLE_AFTER));
+        assert_eq!(parse_deployment(&meta(&[host, (annotations::IDLE_AFTER, "0")]), &ranges()).unwrap().lifecycle.idle_after, None);
+        for bad in [(annotations::IDLE_AFTER, "later"), (annotations::PROXY_PROTOCOL, "v1"), (annotations::HOLD_TIMEOUT, "-1s")] {
+            assert!(parse_deployment(&meta(&[host, bad]), &ranges()).is_err(), "{bad:?}");
+        }
+
+        let mut idx = PodIndex::default();
+        idx.upsert_deployment(d);
+        let (app, conflict) = idx.app("x.example.com", &ranges());
+        let app = app.expect("an app with no pods");
+        assert!(conflict.is_none() && app.backends.is_empty());
+        assert_eq!(app.vip.to_string(), "10.96.0.7");
+        // A pod annotated differently does not move the VIP of a Deployment's app.
+        let p = pod("a", "web-1", &[host, (annotations::VIP, "10.96.0.99")], Some("10.244.0.5"), true);
+        idx.upsert(parse_pod(&p, &ranges()).unwrap());
+        let app = idx.app("x.example.com", &ranges()).0.unwrap();
+        assert_eq!((app.vip.to_string().as_str(), app.backends.len()), ("10.96.0.7", 1));
+        // Another namespace claiming the hostname makes it contested: no backends, never scaled.
+        idx.upsert(parse_pod(&pod("b", "q", &[host], Some("10.244.1.5"), true), &ranges()).unwrap());
+        let (app, conflict) = idx.app("x.example.com", &ranges());
+        let app = app.unwrap();
+        assert!(conflict.is_some() && app.backends.is_empty() && app.lifecycle.scaler.is_none());
+        assert_eq!(idx.remove_deployment("a", "web").as_deref(), Some("x.example.com"));
+    }
+
+    #[test]
     fn apps_group_pods_and_contested_hostnames_get_no_backends() {
         let mut idx = PodIndex::default();
         let host = [(annotations::HOSTNAME, "x.example.com")];
