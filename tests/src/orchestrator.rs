@@ -22,6 +22,9 @@ pub struct ManagedApp<'a> {
 pub struct Orchestrator {
     pub script: PathBuf,
     pub log: PathBuf,
+    /// `<start_ns> <end_ns>` (UNIX, nanoseconds) of each call: from the
+    /// moment it was run to the file holding the app's new pods.
+    pub timing: PathBuf,
     state: PathBuf,
 }
 
@@ -32,6 +35,7 @@ impl Orchestrator {
     pub fn install(dir: &Path, file: &Path, fixed: &str, apps: &[ManagedApp], start_delay: &str) -> anyhow::Result<Self> {
         let script = dir.join("orchestrate.sh");
         let log = dir.join("scale.log");
+        let timing = dir.join("scale.timing");
         let state = dir.join("state");
         std::fs::create_dir_all(&state)?;
         let mut render = String::from("render() {\n  echo 'apps:'\n");
@@ -60,9 +64,11 @@ impl Orchestrator {
         render.push_str("}\n");
         let body = format!(
             "#!/bin/sh\n# Test orchestrator: orchestrate.sh <replicas> (SERVICELESS_APP names the app).\nset -e\n{render}\
-             if [ $# -gt 0 ]; then\n  echo \"$SERVICELESS_APP $1\" >> {log}\n  sleep {start_delay}\n  echo \"$1\" > {state}/$SERVICELESS_APP\nfi\n\
-             render > {file}.tmp && mv {file}.tmp {file}\n",
+             if [ $# -gt 0 ]; then\n  start=$(date +%s%N)\n  echo \"$SERVICELESS_APP $1\" >> {log}\n  sleep {start_delay}\n  echo \"$1\" > {state}/$SERVICELESS_APP\nfi\n\
+             render > {file}.tmp && mv {file}.tmp {file}\n\
+             if [ $# -gt 0 ]; then echo \"$start $(date +%s%N)\" >> {timing}; fi\n",
             log = log.display(),
+            timing = timing.display(),
             state = state.display(),
             file = file.display(),
         );
@@ -70,12 +76,31 @@ impl Orchestrator {
         std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755))?;
         let status = std::process::Command::new(&script).status()?;
         anyhow::ensure!(status.success(), "rendering {} failed", file.display());
-        Ok(Self { script, log, state })
+        Ok(Self { script, log, timing, state })
     }
 
     /// Every call so far: `<hostname> <replicas>`.
     pub fn calls(&self) -> Vec<String> {
         std::fs::read_to_string(&self.log).unwrap_or_default().lines().map(str::to_string).collect()
+    }
+
+    /// (start, end) of every call, UNIX nanoseconds.
+    pub fn timings(&self) -> Vec<(u128, u128)> {
+        std::fs::read_to_string(&self.timing)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| {
+                let (a, b) = l.split_once(' ')?;
+                Some((a.parse().ok()?, b.parse().ok()?))
+            })
+            .collect()
+    }
+
+    /// Runs the orchestrator as the agent would (`replicas` appended).
+    pub fn run(&self, app: &str, replicas: u32) -> anyhow::Result<()> {
+        let status = std::process::Command::new(&self.script).arg(replicas.to_string()).env("SERVICELESS_APP", app).status()?;
+        anyhow::ensure!(status.success(), "orchestrator failed");
+        Ok(())
     }
 
     /// Makes the orchestrator accept wakes but never start a pod.

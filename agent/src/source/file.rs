@@ -246,8 +246,9 @@ pub async fn watch(path: PathBuf, ranges: VipRanges, store: Store, health: Healt
     watcher.watch(&dir, RecursiveMode::NonRecursive)?;
     let mut last = file_stamp(&path);
     while rx.recv().await.is_some() {
-        // Let a burst of writes settle into one reload.
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        // Let a burst of writes settle into one reload. Short: a woken
+        // app's pods arrive this way, and held connections wait for them.
+        tokio::time::sleep(Duration::from_millis(5)).await;
         while rx.try_recv().is_ok() {}
         let stamp = file_stamp(&path);
         if stamp != last {

@@ -3,7 +3,8 @@
 //!
 //! Scenarios at N apps: per-packet cost (BPF_PROG_TEST_RUN, against an
 //! XDP_PASS floor), programming latency (one backend change, full resync
-//! from empty), real traffic through network namespaces, and memory. Writes
+//! from empty), real traffic through network namespaces, and memory; then
+//! pods on other nodes and scale to zero (wake overhead, held connections). Writes
 //! `results.json` and `results.md` into `--out`. Never asserts numbers.
 
 use serviceless_tests::xdp_pass as floor;
@@ -13,6 +14,8 @@ mod fabric;
 mod rules;
 #[path = "bench/traffic.rs"]
 mod traffic;
+#[path = "bench/wake.rs"]
+mod wake;
 
 use std::{
     collections::HashMap,
@@ -54,6 +57,8 @@ struct Opts {
     traffic: bool,
     /// Measure iptables/nftables too (off inside VMs, which have neither).
     baselines: bool,
+    /// Only the scale-to-zero rows (`--scale-to-zero-only`).
+    wake_only: bool,
 }
 
 /// How much of each scenario to run.
@@ -188,6 +193,7 @@ fn parse_opts() -> anyhow::Result<Opts> {
         sizes: Vec::new(),
         traffic: true,
         baselines: true,
+        wake_only: false,
     };
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -199,6 +205,7 @@ fn parse_opts() -> anyhow::Result<Opts> {
                 o.traffic = false;
                 o.baselines = false;
             }
+            "--scale-to-zero-only" => o.wake_only = true,
             "--out" => o.out = it.next().context("--out DIR")?.into(),
             "--sizes" => {
                 o.sizes = it
@@ -209,7 +216,7 @@ fn parse_opts() -> anyhow::Result<Opts> {
                     .collect::<Result<_, _>>()?
             }
             other => bail!(
-                "unknown argument {other}; usage: serviceless-bench [--quick] [--out DIR] [--sizes 1,1000] [--no-traffic] [--ours-only]"
+                "unknown argument {other}; usage: serviceless-bench [--quick] [--out DIR] [--sizes 1,1000] [--no-traffic] [--ours-only] [--scale-to-zero-only]"
             ),
         }
     }
@@ -236,6 +243,13 @@ fn run() -> anyhow::Result<()> {
     let started = Instant::now();
     let mut rows: Vec<Row> = Vec::new();
     let mut skipped: Vec<String> = Vec::new();
+    if opts.wake_only {
+        let server = std::env::current_exe()?.parent().context("exe dir")?.join("svl-test-server");
+        wake::run(&budget, &server, &mut rows)?;
+        write_outputs(&opts, &rows, &skipped, started.elapsed())?;
+        println!("serviceless-bench: results in {}", opts.out.display());
+        return Ok(());
+    }
 
     let floor = floor::Floor::load()?;
     let prog_ns = if opts.baselines { Some(Netns::new(PROG_NS)?) } else { None };
@@ -337,6 +351,11 @@ fn run() -> anyhow::Result<()> {
         if let Err(e) = fabric::traffic(&budget, &server, &mut rows) {
             eprintln!("remote-pod traffic failed: {e:#}");
             skipped.push(format!("remote-pod traffic: {e:#}"));
+        }
+        eprintln!("== scale to zero ({:.0} s elapsed)", started.elapsed().as_secs_f64());
+        if let Err(e) = wake::run(&budget, &server, &mut rows) {
+            eprintln!("scale-to-zero rows failed: {e:#}");
+            skipped.push(format!("scale to zero: {e:#}"));
         }
     }
     drop(prog_ns);

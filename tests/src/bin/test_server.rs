@@ -60,8 +60,11 @@ fn serve(stream: TcpStream, name: &str) -> std::io::Result<()> {
         if let Some(n) = path.strip_prefix("/bytes/").and_then(|n| n.parse::<usize>().ok()) {
             body.resize(n.max(body.len()), b'x');
         }
-        write!(out, "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nContent-Type: text/plain\r\n\r\n", body.len())?;
-        out.write_all(&body)?;
+        // One write: a header and a body in two would wait on the client's
+        // delayed ACK (Nagle) on keep-alive connections.
+        let mut response = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\nContent-Type: text/plain\r\n\r\n", body.len()).into_bytes();
+        response.extend_from_slice(&body);
+        out.write_all(&response)?;
         if close {
             return Ok(());
         }
