@@ -116,33 +116,30 @@ impl Drop for Held {
     }
 }
 
-/// Shared by every connection task.
-struct Ctx {
-    opts: ActivatorOptions,
-    maps: Arc<DataplaneMaps>,
-    directory: Directory,
-    waker: Waker,
-    held: HeldCounts,
-    metrics: Metrics,
+/// The activator and what every connection task shares.
+pub struct Activator {
+    pub opts: ActivatorOptions,
+    /// For reading conntrack (which app a connection is for).
+    pub maps: Arc<DataplaneMaps>,
+    pub directory: Directory,
+    pub waker: Waker,
+    pub held: HeldCounts,
+    pub metrics: Metrics,
 }
 
+type Ctx = Activator;
+
 /// Serves until the listener fails.
-pub async fn serve(
-    opts: ActivatorOptions,
-    maps: Arc<DataplaneMaps>,
-    directory: Directory,
-    waker: Waker,
-    held: HeldCounts,
-    metrics: Metrics,
-) -> anyhow::Result<()> {
-    let tcp = TcpListener::bind(opts.listen)
+pub async fn serve(activator: Activator) -> anyhow::Result<()> {
+    let listen = activator.opts.listen;
+    let tcp = TcpListener::bind(listen)
         .await
-        .map_err(|e| anyhow::anyhow!("activator: binding TCP {} (--activator-port): {e}", opts.listen))?;
-    let udp = UdpSocket::bind(opts.listen)
+        .map_err(|e| anyhow::anyhow!("activator: binding TCP {listen} (--activator-port): {e}"))?;
+    let udp = UdpSocket::bind(listen)
         .await
-        .map_err(|e| anyhow::anyhow!("activator: binding UDP {} (--activator-port): {e}", opts.listen))?;
-    info!(listen = %opts.listen, "activator serving (TCP and UDP)");
-    let ctx = Arc::new(Ctx { opts, maps, directory, waker, held, metrics });
+        .map_err(|e| anyhow::anyhow!("activator: binding UDP {listen} (--activator-port): {e}"))?;
+    info!(%listen, "activator serving (TCP and UDP)");
+    let ctx = Arc::new(activator);
     tokio::spawn(sink_udp(udp, ctx.clone()));
     loop {
         let (stream, peer) = match tcp.accept().await {

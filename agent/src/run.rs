@@ -16,7 +16,7 @@ use tokio::{io::unix::AsyncFd, signal::unix::SignalKind};
 use tracing::{info, warn};
 
 use crate::{
-    activator::{self, ActivatorOptions, HeldCounts},
+    activator::{self, Activator, ActivatorOptions, HeldCounts},
     cli::{RunArgs, SourceSpec},
     conntrack::{self, HashKeySource},
     dataplane::{self, Pins, Sizes},
@@ -153,7 +153,14 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                 max_held: args.max_held,
                 retry_after: 5,
             };
-            tokio::spawn(activator::serve(opts, reader.clone(), directory.clone(), waker.clone(), held.clone(), metrics.clone()))
+            tokio::spawn(activator::serve(Activator {
+                opts,
+                maps: reader.clone(),
+                directory: directory.clone(),
+                waker: waker.clone(),
+                held: held.clone(),
+                metrics: metrics.clone(),
+            }))
         }
         None => tokio::spawn(std::future::pending()),
     };

@@ -68,3 +68,22 @@ pub fn backend_states(topo: &Topology, host: &str) -> Vec<(String, String)> {
         .collect()
 }
 
+
+/// One HTTP request from network namespace `ns` on its own thread, with a
+/// timeout long enough to be held while an app wakes: (status, the server
+/// that answered).
+pub fn held_request(ns: &str, target: &str) -> std::thread::JoinHandle<anyhow::Result<(u16, String)>> {
+    let ns = ns.to_string();
+    let target: std::net::SocketAddr = target.parse().expect("target");
+    thread::spawn(move || {
+        crate::netns::enter(&ns)?;
+        let mut c = std::net::TcpStream::connect_timeout(&target, Duration::from_secs(5))?;
+        c.set_read_timeout(Some(Duration::from_secs(60)))?;
+        std::io::Write::write_all(&mut c, b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")?;
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut c, &mut text)?;
+        let status = text.split_whitespace().nth(1).unwrap_or("0").parse()?;
+        let body = text.split("\r\n\r\n").nth(1).unwrap_or("").split_whitespace().next().unwrap_or("").to_string();
+        Ok((status, body))
+    })
+}

@@ -13,7 +13,7 @@ use std::{
 use serviceless_tests::{
     kernel_tests_enabled,
     kube_env::KubeEnv,
-    scenario::wait_until,
+    scenario::{held_request, wait_until},
     topology::{Topology, http_get},
 };
 
@@ -73,24 +73,6 @@ spec:
 "#,
         annotations.replace("\n        ", "\n    ")
     )
-}
-
-/// A request that may be held while its app wakes (longer timeout than
-/// `Topology::request`).
-fn held_request(topo: &Topology, target: &str) -> std::thread::JoinHandle<anyhow::Result<(u16, String)>> {
-    let client = topo.client.name.clone();
-    let target: std::net::SocketAddr = target.parse().expect("target");
-    thread::spawn(move || {
-        serviceless_tests::netns::enter(&client)?;
-        let mut c = std::net::TcpStream::connect_timeout(&target, Duration::from_secs(5))?;
-        c.set_read_timeout(Some(Duration::from_secs(60)))?;
-        std::io::Write::write_all(&mut c, b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")?;
-        let mut text = String::new();
-        std::io::Read::read_to_string(&mut c, &mut text)?;
-        let status = text.split_whitespace().nth(1).unwrap_or("0").parse()?;
-        let body = text.split("\r\n\r\n").nth(1).unwrap_or("").split_whitespace().next().unwrap_or("").to_string();
-        Ok((status, body))
-    })
 }
 
 /// `spec.replicas` and `metadata.generation` of a Deployment.
@@ -246,7 +228,7 @@ fn a_sleeping_deployment_wakes_on_its_first_request_once_and_sleeps_when_idle() 
 
     // The first request wakes it: held until the pod is ready, then answered by it.
     let started = Instant::now();
-    let first = held_request(&topo, VIP);
+    let first = held_request(&topo.client.name, VIP);
     wait_or_log(&log, "the woken pod to be created", Duration::from_secs(30), || kube.kubelet_sync(&mut topo).unwrap_or(0) > 0);
     let (status, server) = first.join().expect("thread").expect("the held request is answered");
     println!("first request to a sleeping Deployment answered in {:.2} s (pod created and made ready by the harness)", started.elapsed().as_secs_f64());
@@ -276,7 +258,7 @@ fn a_sleeping_deployment_wakes_on_its_first_request_once_and_sleeps_when_idle() 
         let report = serviceless_tests::scenario::inspect(&topo);
         report["apps"][0]["backends"].as_array().is_some_and(|b| b.iter().all(|b| b["state"] != "ready"))
     });
-    let again = held_request(&topo, VIP);
+    let again = held_request(&topo.client.name, VIP);
     wait_or_log(&log, "a new pod", Duration::from_secs(30), || kube.kubelet_sync(&mut topo).unwrap_or(0) > 0);
     let (status, _) = again.join().expect("thread").expect("answered after the second wake");
     assert_eq!(status, 200);

@@ -13,9 +13,8 @@ use std::{
 
 use serviceless_tests::{
     kernel_tests_enabled,
-    netns::enter,
     orchestrator::{ManagedApp, Orchestrator},
-    scenario::{inspect, wait_until},
+    scenario::{held_request, inspect, wait_until},
     topology::{Topology, http_get},
 };
 
@@ -112,15 +111,7 @@ fn parallel_first_requests_share_one_wake_and_a_chatty_connection_keeps_the_app_
     }
     let s = setup("svz2", &[("busy.example.com", "10.96.0.10")], "idleAfter: 2s", "0.5");
     let _agent = start(&s, &[]);
-    let handles: Vec<_> = (0..100)
-        .map(|_| {
-            let client = s.topo.client.name.clone();
-            thread::spawn(move || {
-                enter(&client).expect("client netns");
-                http_get(VIP, "/").map(|r| (r.status, r.server().to_string()))
-            })
-        })
-        .collect();
+    let handles: Vec<_> = (0..100).map(|_| held_request(&s.topo.client.name, VIP)).collect();
     let results: Vec<_> = handles.into_iter().map(|h| h.join().expect("thread")).collect();
     let ok = results.iter().filter(|r| matches!(r, Ok((200, s)) if s == "pod-1")).count();
     assert_eq!(ok, 100, "every held request is answered by the woken pod: {:?}", results.iter().filter(|r| r.is_err()).take(3).collect::<Vec<_>>());
@@ -147,16 +138,12 @@ fn held_connections_time_out_with_a_503_for_http_and_a_close_for_anything_else()
     let _agent = start(&s, &[]);
 
     let started = Instant::now();
-    let client = s.topo.client.name.clone();
-    let held = thread::spawn(move || {
-        enter(&client).expect("netns");
-        http_get(VIP, "/").map(|r| r.status)
-    });
+    let held = held_request(&s.topo.client.name, VIP);
     wait_until("inspect to show the held connection", Duration::from_secs(3), || {
         let app = &inspect(&s.topo)["apps"][0];
         app["state"] == "waking" && app["held_connections"] == 1
     });
-    assert_eq!(held.join().expect("thread").expect("a held HTTP request is answered"), 503);
+    assert_eq!(held.join().expect("thread").expect("a held HTTP request is answered").0, 503);
     assert!(started.elapsed() >= Duration::from_millis(2900), "held for the app's 3 s timeout");
     let raw = s.topo.client.run(|| {
         let mut c = TcpStream::connect(VIP).expect("connect");
@@ -223,11 +210,7 @@ fn kill_9_while_connections_are_held_still_wakes_the_app() {
     }
     let s = setup("svz6", &[("held.example.com", "10.96.0.10")], "", "1.5");
     let mut agent = start(&s, &[]);
-    let client = s.topo.client.name.clone();
-    let held = thread::spawn(move || {
-        enter(&client).expect("netns");
-        http_get(VIP, "/").map(|r| r.status)
-    });
+    let held = held_request(&s.topo.client.name, VIP);
     wait_until("the wake to start", Duration::from_secs(5), || scale_calls(&s).len() == 1);
     agent.kill9();
     // The held connection died with its process; the client learns at once.
