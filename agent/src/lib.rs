@@ -8,6 +8,7 @@ pub mod conntrack;
 pub mod dataplane;
 pub mod directory;
 pub mod fabric;
+pub mod files;
 pub mod health;
 pub mod http;
 pub mod inspect;

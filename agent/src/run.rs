@@ -321,12 +321,7 @@ async fn reconcile_loop(
 /// Best effort: `inspect` works without it, just without pod names.
 fn write_sources(path: &Path, reconciler: &Reconciler) {
     let write = || -> anyhow::Result<()> {
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir)?;
-        }
-        let tmp = path.with_extension("tmp");
-        std::fs::write(&tmp, serde_json::to_vec(&reconciler.all_sources())?)?;
-        std::fs::rename(&tmp, path)?;
+        crate::files::write_atomically(path, &serde_json::to_vec(&reconciler.all_sources())?)?;
         Ok(())
     };
     if let Err(e) = write() {

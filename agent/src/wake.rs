@@ -107,15 +107,7 @@ impl Journal {
 
     /// Best effort: without it a restart may only repeat a wake.
     fn save(&self, path: &std::path::Path) {
-        let write = || -> std::io::Result<()> {
-            if let Some(dir) = path.parent() {
-                std::fs::create_dir_all(dir)?;
-            }
-            let tmp = path.with_extension("tmp");
-            std::fs::write(&tmp, serde_json::to_vec(self).unwrap_or_default())?;
-            std::fs::rename(&tmp, path)
-        };
-        if let Err(e) = write() {
+        if let Err(e) = crate::files::write_atomically(path, &serde_json::to_vec(self).unwrap_or_default()) {
             debug!(error = %e, path = %path.display(), "wake journal not written");
         }
     }
@@ -470,15 +462,7 @@ pub async fn publish_status(path: PathBuf, directory: Directory, waker: Waker, h
         if last.as_ref() == Some(&now) {
             continue;
         }
-        let write = || -> std::io::Result<()> {
-            if let Some(dir) = path.parent() {
-                std::fs::create_dir_all(dir)?;
-            }
-            let tmp = path.with_extension("tmp");
-            std::fs::write(&tmp, serde_json::to_vec(&now).unwrap_or_default())?;
-            std::fs::rename(&tmp, &path)
-        };
-        if let Err(e) = write() {
+        if let Err(e) = crate::files::write_atomically(&path, &serde_json::to_vec(&now).unwrap_or_default()) {
             debug!(error = %e, path = %path.display(), "app states for inspect not written");
         }
         last = Some(now);
