@@ -17,6 +17,8 @@ pub struct ManagedApp<'a> {
     pub pod: (&'a str, &'a str),
     /// More YAML lines of the app (`idleAfter: 3s`, ...).
     pub extra: &'a str,
+    /// The app's `ports:` (YAML flow list); empty: 80 -> 8080.
+    pub ports: &'a str,
 }
 
 pub struct Orchestrator {
@@ -46,7 +48,7 @@ impl Orchestrator {
             let lines = [
                 format!("  - hostname: {}", app.hostname),
                 format!("    vip: {}", app.vip),
-                "    ports: [{ port: 80, targetPort: 8080 }]".to_string(),
+                format!("    ports: {}", if app.ports.is_empty() { "[{ port: 80, targetPort: 8080 }]" } else { app.ports }),
                 format!("    scale: {{ exec: [\"{}\"] }}", script.display()),
             ];
             for line in lines.iter().map(String::as_str).chain(app.extra.lines().map(str::trim)) {

@@ -263,6 +263,11 @@ fn a_sleeping_deployment_wakes_on_its_first_request_once_and_sleeps_when_idle() 
     let (status, _) = again.join().expect("thread").expect("answered after the second wake");
     assert_eq!(status, 200);
     assert_eq!(replicas_and_generation(&kube, "sleepy"), (1, 4));
+    // What it cost the API server, from its own counters: one request per
+    // transition (wake, sleep, wake), no reads of the Scale.
+    let calls = scale_calls(&kube);
+    assert_eq!(calls.get("PATCH 200").copied().unwrap_or(0), 3, "{calls:?}");
+    assert_eq!(calls.get("GET 200").copied().unwrap_or(0), 0, "{calls:?}");
 
     // Many nodes waking one app at the same moment, as the agent's
     // ServiceAccount: one transition, never beyond 1.
@@ -281,6 +286,25 @@ fn a_sleeping_deployment_wakes_on_its_first_request_once_and_sleeps_when_idle() 
     assert_eq!(outcomes.iter().filter(|o| *o == "Ok(Changed)").count(), 1, "{outcomes:?}");
     assert_eq!(outcomes.iter().filter(|o| *o == "Ok(Already)").count(), 7, "{outcomes:?}");
     assert_eq!(replicas_and_generation(&kube, "race"), (1, 2), "one transition from 0 to 1");
+    let calls = scale_calls(&kube);
+    assert_eq!(calls.get("PATCH 200").copied().unwrap_or(0), 4, "{calls:?}");
+    assert_eq!(calls.get("PATCH 422").copied().unwrap_or(0), 7, "the losers' tests failed: {calls:?}");
+    assert_eq!(calls.get("GET 200").copied().unwrap_or(0), 7, "and each looked once: {calls:?}");
+}
+
+/// Requests to `deployments/scale`, by "VERB code", from the API server's metrics.
+fn scale_calls(kube: &KubeEnv) -> std::collections::BTreeMap<String, u64> {
+    let text = kube.kubectl(&["get", "--raw", "/metrics"]).expect("apiserver metrics");
+    let mut out = std::collections::BTreeMap::new();
+    for line in text.lines().filter(|l| l.starts_with("apiserver_request_total{")) {
+        if !(line.contains("resource=\"deployments\"") && line.contains("subresource=\"scale\"")) {
+            continue;
+        }
+        let label = |name: &str| line.split(&format!("{name}=\"")).nth(1).and_then(|r| r.split('"').next()).unwrap_or("").to_string();
+        let n: u64 = line.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0) as u64;
+        *out.entry(format!("{} {}", label("verb"), label("code"))).or_default() += n;
+    }
+    out
 }
 
 #[test]

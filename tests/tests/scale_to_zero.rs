@@ -40,7 +40,7 @@ fn setup(tag: &str, apps: &[(&str, &str)], extra_yaml: &str, start_delay: &str) 
     let file = topo.work_dir.join("apps.yaml");
     let managed: Vec<ManagedApp> = apps
         .iter()
-        .map(|(hostname, vip)| ManagedApp { hostname, vip, pod: ("pod-1", "10.244.1.2"), extra: extra_yaml })
+        .map(|(hostname, vip)| ManagedApp { hostname, vip, pod: ("pod-1", "10.244.1.2"), extra: extra_yaml, ports: "" })
         .collect();
     let orchestrator = Orchestrator::install(&topo.work_dir, &file, "", &managed, start_delay).expect("orchestrator");
     Setup { topo, file, orchestrator }
@@ -222,4 +222,49 @@ fn kill_9_while_connections_are_held_still_wakes_the_app() {
         s.topo.request(VIP).is_ok_and(|r| r.status == 200 && r.server() == "pod-1")
     });
     assert_eq!(scale_calls(&s), ["held.example.com 1"], "the restart did not wake it twice");
+}
+
+#[test]
+fn a_raw_tcp_echo_app_crosses_the_hand_over_with_a_proxy_protocol_header() {
+    if !kernel_tests_enabled("scale to zero: raw TCP and PROXY v2") {
+        return;
+    }
+    let mut topo = Topology::new("svz7", &server_bin()).expect("topology");
+    topo.external_activator = false;
+    topo.add_pod(1, "pod-1").expect("pod");
+    let echo = topo.pods[0].ns.spawn(server_bin().to_str().expect("path"), &["--echo", "--listen", "10.244.1.2:7007"], None).expect("echo");
+    let file = topo.work_dir.join("apps.yaml");
+    let app = ManagedApp {
+        hostname: "echo.example.com",
+        vip: "10.96.0.10",
+        pod: ("pod-1", "10.244.1.2"),
+        extra: "proxyProtocol: true",
+        ports: "[{ port: 7, targetPort: 7007 }]",
+    };
+    let orchestrator = Orchestrator::install(&topo.work_dir, &file, "", &[app], "0.3").expect("orchestrator");
+    let _agent = topo.start_agent(&file, "agent.log", &[]).expect("agent");
+    topo.wait_ready(Duration::from_secs(20)).expect("ready");
+    let (header, echoed, client) = topo
+        .client
+        .run(|| -> std::io::Result<(Vec<u8>, Vec<u8>, std::net::SocketAddr)> {
+            let mut c = TcpStream::connect("10.96.0.10:7")?;
+            c.set_read_timeout(Some(Duration::from_secs(10)))?;
+            // Not HTTP, client speaks first, while the app sleeps.
+            c.write_all(b"\x16\x03\x01hello over raw TCP")?;
+            c.shutdown(std::net::Shutdown::Write)?;
+            let mut all = Vec::new();
+            c.read_to_end(&mut all)?;
+            let header = all[..28.min(all.len())].to_vec();
+            Ok((header, all[28.min(all.len())..].to_vec(), c.local_addr()?))
+        })
+        .expect("netns")
+        .expect("echo through the hand-over");
+    assert_eq!(echoed, b"\x16\x03\x01hello over raw TCP", "bytes untouched, half-close carried");
+    assert_eq!(&header[..12], b"\r\n\r\n\0\r\nQUIT\n", "PROXY v2 signature first");
+    assert_eq!(&header[16..20], &[10, 0, 0, 2], "the client's address");
+    assert_eq!(&header[20..24], &[10, 96, 0, 10], "the VIP");
+    assert_eq!(u16::from_be_bytes([header[24], header[25]]), client.port(), "the client's port");
+    assert_eq!(u16::from_be_bytes([header[26], header[27]]), 7);
+    assert_eq!(orchestrator.calls(), ["echo.example.com 1"]);
+    drop(echo);
 }

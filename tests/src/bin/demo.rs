@@ -41,6 +41,7 @@ fn main() -> anyhow::Result<()> {
         vip: "10.96.0.20",
         pod: ("sleepy-1", "10.244.3.2"),
         extra: "idleAfter: 4s",
+        ports: "",
     };
     // The stand-in orchestrator takes 200 ms to "start" a pod.
     let orchestrator = Orchestrator::install(&topo.work_dir, &file, HELLO, &[sleepy], "0.2")?;

@@ -1,6 +1,8 @@
 //! A tiny threaded HTTP/1.1 server with keep-alive for the traffic tests:
 //! every response body starts "<name> peer=<client ip:port> received=<n>"
 //! (n: bytes of request body read); GET /bytes/<n> pads it to n bytes.
+//! With `--echo` it is a raw TCP echo server instead (any protocol's bytes,
+//! back as they came).
 
 use std::{
     io::{BufRead as _, BufReader, Read as _, Write as _},
@@ -13,10 +15,19 @@ fn main() -> std::io::Result<()> {
     let arg = |flag: &str| args.iter().position(|a| a == flag).and_then(|i| args.get(i + 1)).cloned();
     let listen = arg("--listen").unwrap_or_else(|| "0.0.0.0:8080".into());
     let name = arg("--name").unwrap_or_else(|| "server".into());
+    let echo = args.iter().any(|a| a == "--echo");
     let listener = TcpListener::bind(&listen)?;
-    eprintln!("{name} listening on {listen}");
+    eprintln!("{name} listening on {listen}{}", if echo { " (echo)" } else { "" });
     for stream in listener.incoming() {
         let Ok(stream) = stream else { continue };
+        if echo {
+            thread::spawn(move || {
+                let mut back = stream.try_clone()?;
+                std::io::copy(&mut &stream, &mut back)?;
+                back.shutdown(std::net::Shutdown::Write)
+            });
+            continue;
+        }
         let name = name.clone();
         thread::spawn(move || {
             let _ = serve(stream, &name);

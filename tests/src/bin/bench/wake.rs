@@ -48,7 +48,7 @@ pub fn run(b: &Budget, server: &Path, rows: &mut Vec<Row>) -> anyhow::Result<()>
     topo.external_activator = false;
     topo.add_pod(1, "pod-1")?;
     let file = topo.work_dir.join("apps.yaml");
-    let app = ManagedApp { hostname: HOST, vip: "10.96.0.30", pod: ("pod-1", "10.244.1.2"), extra: "" };
+    let app = ManagedApp { hostname: HOST, vip: "10.96.0.30", pod: ("pod-1", "10.244.1.2"), extra: "", ports: "" };
     let orchestrator = Orchestrator::install(&topo.work_dir, &file, "", &[app], START)?;
     let _agent = topo.start_agent(&file, "agent.log", &[])?;
     topo.wait_ready(Duration::from_secs(20))?;
