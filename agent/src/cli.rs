@@ -73,7 +73,7 @@ pub struct RunArgs {
     /// so a scanner sweeping sleeping VIPs cannot wake them all.
     #[arg(long, env = "SERVICELESS_WAKES_PER_MINUTE", default_value_t = 120)]
     pub wakes_per_minute: u32,
-    /// Wake budget per namespace (Kubernetes; the file source's apps share one).
+    /// Wake budget per namespace (Kubernetes apps; the file source has no namespaces).
     #[arg(long, env = "SERVICELESS_NAMESPACE_WAKES_PER_MINUTE", default_value_t = 30)]
     pub namespace_wakes_per_minute: u32,
     /// How long a failing wake (scale request) is retried, with backoff.

@@ -219,8 +219,7 @@ impl Waker {
     }
 
     async fn run(self, mut rx: mpsc::Receiver<Request>, scaler: Scaler, opts: WakeOptions) {
-        let mut node_budget = Budget::per_minute(opts.node_per_minute);
-        let mut namespace_budgets: HashMap<String, Budget> = HashMap::new();
+        let mut budgets = Budgets::new(opts.node_per_minute, opts.namespace_per_minute);
         while let Some(req) = rx.recv().await {
             let Some(app) = self.directory.get(&req.host) else { continue };
             if app.ready_backends().next().is_some() || self.is_waking(&req.host) {
@@ -231,19 +230,13 @@ impl Waker {
                 continue;
             };
             let now = Instant::now();
-            let namespace = target.namespace().to_string();
-            let ns_budget =
-                namespace_budgets.entry(namespace.clone()).or_insert_with(|| Budget::per_minute(opts.namespace_per_minute));
-            if !node_budget.available(now) || !ns_budget.available(now) {
-                let which = if node_budget.available(now) { "refused_namespace_budget" } else { "refused_node_budget" };
+            if let Err(which) = budgets.admit(target.namespace(), now) {
                 self.metrics.wakes.get_or_create(&OutcomeLabel { outcome: which }).inc();
                 self.lock().refused.insert(req.host.clone(), now + REFUSED_FOR);
                 self.directory.touch();
-                debug!(app = %req.host, namespace, outcome = which, "wake refused: budget spent");
+                debug!(app = %req.host, namespace = target.namespace(), outcome = which, "wake refused: budget spent");
                 continue;
             }
-            node_budget.take(now);
-            ns_budget.take(now);
             {
                 let mut shared = self.lock();
                 shared.refused.remove(&req.host);
@@ -344,6 +337,37 @@ impl Waker {
 
     fn sleep_pending(&self, host: &str) -> bool {
         self.lock().sleeping.get(host).is_some_and(|at| at.elapsed() < Duration::from_secs(60))
+    }
+}
+
+/// The wake budgets: one for the node, one per namespace (Kubernetes; the
+/// file source's apps have none).
+struct Budgets {
+    node: Budget,
+    per_namespace: u32,
+    namespaces: HashMap<String, Budget>,
+}
+
+impl Budgets {
+    fn new(node_per_minute: u32, namespace_per_minute: u32) -> Self {
+        Self { node: Budget::per_minute(node_per_minute), per_namespace: namespace_per_minute, namespaces: HashMap::new() }
+    }
+
+    /// Takes one wake from every budget that applies, or names the one spent.
+    fn admit(&mut self, namespace: &str, now: Instant) -> Result<(), &'static str> {
+        if !self.node.available(now) {
+            return Err("refused_node_budget");
+        }
+        if !namespace.is_empty() {
+            let per = self.per_namespace;
+            let ns = self.namespaces.entry(namespace.to_string()).or_insert_with(|| Budget::per_minute(per));
+            if !ns.available(now) {
+                return Err("refused_namespace_budget");
+            }
+            ns.take(now);
+        }
+        self.node.take(now);
+        Ok(())
     }
 }
 
@@ -560,6 +584,19 @@ mod tests {
         assert!(!b.available(t0), "burst spent");
         assert!(!b.available(t0 + Duration::from_secs(10)), "one token takes 20 s");
         assert!(b.available(t0 + Duration::from_secs(21)));
+    }
+
+    #[test]
+    fn a_namespace_spends_its_own_budget_and_the_node_budget_caps_all() {
+        let mut b = Budgets::new(5, 2);
+        let t = Instant::now();
+        assert_eq!(b.admit("a", t), Ok(()));
+        assert_eq!(b.admit("a", t), Ok(()));
+        assert_eq!(b.admit("a", t), Err("refused_namespace_budget"));
+        assert_eq!(b.admit("b", t), Ok(()), "other namespaces are not charged");
+        assert_eq!(b.admit("", t), Ok(()), "apps without a namespace (file source) only count for the node");
+        assert_eq!(b.admit("", t), Ok(()));
+        assert_eq!(b.admit("c", t), Err("refused_node_budget"), "5 wakes: the node's budget is spent");
     }
 
     #[test]
