@@ -71,7 +71,7 @@ pub static REMOTE_FLOWS: LruHashMap<CtKey, RemoteFlow, { cap::REMOTE_FLOWS as us
 #[btf_map(name = "svl_wakes_v1")]
 pub static WAKES: RingBuf<WakeEvent, { WAKE_RING_BYTES as usize }> = RingBuf::new();
 
-#[btf_map(name = "svl_wake_gate_v1")]
+#[btf_map(name = "svl_wakegate_v1")]
 pub static WAKE_GATE: Array<u64, { cap::APPS as usize }> = Array::new();
 
 /// A node's next hop as `bpf_fib_lookup` last found it (per CPU: no

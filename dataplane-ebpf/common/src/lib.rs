@@ -64,7 +64,7 @@ pub mod map_names {
     pub const WAKES: &str = "svl_wakes_v1";
     /// app id -> when its last wake signal was sent (array), so a flood to
     /// a sleeping app sends one signal per interval. Not pinned.
-    pub const WAKE_GATE: &str = "svl_wake_gate_v1";
+    pub const WAKE_GATE: &str = "svl_wakegate_v1";
 
     /// Every map the agent pins, in the order `inspect` reports them.
     pub const ALL: [&str; 15] = [

@@ -306,7 +306,7 @@ fn run() -> anyhow::Result<()> {
             .as_ref()
             .and_then(|r| r.mem_per_app.and_then(single));
         mem.note = format!(
-            "ours: memlock of the app-sized maps (services, apps, activity, backends) from /proc/self/fdinfo, sized to N; all maps incl. a 64k-connection conntrack table: {:.0} B/app; baselines: Slab+VmallocUsed+Percpu delta in /proc/meminfo{}",
+            "ours: memlock of the app-sized maps (services, apps, activity, backends, wake gate) from /proc/self/fdinfo, sized to N; all maps incl. a 64k-connection conntrack table: {:.0} B/app; baselines: Slab+VmallocUsed+Percpu delta in /proc/meminfo{}",
             ours.all_bytes_per_app,
             if n < 1000 {
                 " (meaningless below 1000 apps: noise)"
@@ -707,7 +707,7 @@ fn map_memory() -> anyhow::Result<(u64, u64, u64)> {
         if name == serviceless_common::map_names::CONNTRACK {
             ct += memlock;
         }
-        if ["svl_services", "svl_apps", "svl_activity", "svl_backends"]
+        if ["svl_services", "svl_apps", "svl_activity", "svl_backends", "svl_wakegate"]
             .iter()
             .any(|p| name.starts_with(p))
         {
