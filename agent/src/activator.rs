@@ -85,6 +85,11 @@ impl HeldCounts {
         self.lock().total
     }
 
+    /// Apps with held connections.
+    pub fn apps(&self) -> Vec<String> {
+        self.lock().per_app.keys().cloned().collect()
+    }
+
     /// Takes a slot, or says which bound is reached.
     fn hold(&self, host: &str, opts: &ActivatorOptions, metrics: &Metrics) -> Result<Held, &'static str> {
         let mut inner = self.lock();

@@ -473,15 +473,25 @@ pub fn status_path(state_file: &std::path::Path) -> PathBuf {
     state_file.with_extension("lifecycle.json")
 }
 
-/// Writes every app's state for `inspect`, when it changes (checked every second).
+/// Writes the state of every app in transition (waking, refused, put to
+/// sleep, or holding connections) for `inspect`, when it changes (checked
+/// every second). The others are awake or asleep, which `inspect` reads
+/// from the maps: the cost follows the apps in transition, not all apps.
 pub async fn publish_status(path: PathBuf, directory: Directory, waker: Waker, held: crate::activator::HeldCounts) {
     let mut last: Option<HashMap<String, AppStatus>> = None;
     loop {
         tokio::time::sleep(Duration::from_secs(1)).await;
-        let now: HashMap<String, AppStatus> = directory
-            .all()
+        let notable: std::collections::BTreeSet<String> = {
+            let shared = waker.lock();
+            shared.waking.keys().chain(shared.refused.keys()).chain(shared.sleeping.keys()).cloned().collect()
+        };
+        let now: HashMap<String, AppStatus> = notable
             .into_iter()
-            .map(|(app, _)| (app.hostname.clone(), AppStatus { state: waker.phase(&app), held: held.of(&app.hostname) }))
+            .chain(held.apps())
+            .filter_map(|host| {
+                let app = directory.get(&host)?;
+                Some((host.clone(), AppStatus { state: waker.phase(&app), held: held.of(&host) }))
+            })
             .collect();
         if last.as_ref() == Some(&now) {
             continue;
