@@ -55,7 +55,7 @@ fn counter(s: &Setup, name: &str) -> u64 {
 }
 
 fn metrics(s: &Setup) -> String {
-    s.topo.node.run(|| http_get("127.0.0.1:9095", "/metrics").map(|r| r.body).unwrap_or_default()).unwrap_or_default()
+    metrics_of(&s.topo)
 }
 
 fn start(s: &Setup, extra: &[&str]) -> serviceless_tests::netns::Proc {
@@ -267,4 +267,44 @@ fn a_raw_tcp_echo_app_crosses_the_hand_over_with_a_proxy_protocol_header() {
     assert_eq!(u16::from_be_bytes([header[26], header[27]]), 7);
     assert_eq!(orchestrator.calls(), ["echo.example.com 1"]);
     drop(echo);
+}
+
+#[test]
+fn a_udp_datagram_wakes_a_sleeping_app_and_is_dropped_meanwhile() {
+    if !kernel_tests_enabled("scale to zero: UDP wake") {
+        return;
+    }
+    let mut topo = Topology::new("svz8", &server_bin()).expect("topology");
+    topo.external_activator = false;
+    topo.add_pod(1, "pod-1").expect("pod");
+    let file = topo.work_dir.join("apps.yaml");
+    let app = ManagedApp {
+        hostname: "dns.example.com",
+        vip: "10.96.0.10",
+        pod: ("pod-1", "10.244.1.2"),
+        extra: "",
+        ports: "[{ port: 53, targetPort: 5353, protocol: UDP }]",
+    };
+    let orchestrator = Orchestrator::install(&topo.work_dir, &file, "", &[app], "0.1").expect("orchestrator");
+    let _agent = topo.start_agent(&file, "agent.log", &[]).expect("agent");
+    topo.wait_ready(Duration::from_secs(20)).expect("ready");
+    let answered = topo
+        .client
+        .run(|| -> std::io::Result<bool> {
+            let s = std::net::UdpSocket::bind("10.0.0.2:0")?;
+            s.set_read_timeout(Some(Duration::from_millis(300)))?;
+            s.send_to(b"query", "10.96.0.10:53")?;
+            let mut buf = [0u8; 64];
+            Ok(s.recv_from(&mut buf).is_ok())
+        })
+        .expect("netns")
+        .expect("send");
+    assert!(!answered, "nothing answers a sleeping app's datagram (no ICMP error either)");
+    wait_until("the datagram to wake the app", Duration::from_secs(5), || orchestrator.calls() == ["dns.example.com 1"]);
+    let m = metrics_of(&topo);
+    assert!(m.contains("serviceless_activator_udp_dropped_total 1"), "{m}");
+}
+
+fn metrics_of(topo: &Topology) -> String {
+    topo.node.run(|| http_get("127.0.0.1:9095", "/metrics").map(|r| r.body).unwrap_or_default()).unwrap_or_default()
 }
