@@ -1323,6 +1323,7 @@ fn markdown(doc: &Value, rows: &[Row], skipped: &[String], opts: &Opts, took: Du
         ("programming", "Programming latency"),
         ("traffic", "Real traffic through network namespaces"),
         ("memory", "Memory"),
+        ("scale to zero", "Scale to zero"),
     ] {
         let _ = writeln!(s, "## {title}\n");
         let _ = writeln!(
