@@ -194,9 +194,14 @@ impl Cluster {
 
     /// Starts (or restarts) node `index`'s agent with `extra` flags.
     pub fn start_agent(&mut self, index: u8, extra: &[&str]) -> anyhow::Result<()> {
+        let source = format!("file:{}", self.desired.display());
+        self.start_agent_with(index, &source, extra, &[])
+    }
+
+    /// `start_agent` with any source and extra environment.
+    pub fn start_agent_with(&mut self, index: u8, source: &str, extra: &[&str], env: &[(&str, &str)]) -> anyhow::Result<()> {
         let bin = agent_binary()?;
         let work_dir = self.work_dir.clone();
-        let desired = self.desired.clone();
         let n = self.node_mut(index);
         n.agent = None;
         let pin_dir = n.pin_dir();
@@ -205,7 +210,7 @@ impl Cluster {
             "--iface",
             "up0",
             "--source",
-            &format!("file:{}", desired.display()),
+            source,
             "--vip-range",
             VIP_RANGE,
             "--pin-dir",
@@ -236,7 +241,7 @@ impl Cluster {
         args.extend(extra.iter().map(|s| s.to_string()));
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let log = work_dir.join(format!("agent{index}.log"));
-        n.agent = Some(n.ns.spawn(bin.to_str().context("path")?, &args, Some(&log))?);
+        n.agent = Some(n.ns.spawn_env(bin.to_str().context("path")?, &args, Some(&log), env)?);
         Ok(())
     }
 

@@ -38,8 +38,14 @@ pub struct KubeEnv {
 
 impl KubeEnv {
     pub fn start(topo: &Topology) -> anyhow::Result<Self> {
+        Self::start_for(&topo.work_dir, &[&topo.node])
+    }
+
+    /// A control plane whose API server agents in each of `nodes` (network
+    /// namespaces) reach on their own loopback.
+    pub fn start_for(work_dir: &Path, nodes: &[&crate::netns::Netns]) -> anyhow::Result<Self> {
         let bins = k8s::ensure_binaries()?;
-        let dir = topo.work_dir.join("k8s");
+        let dir = work_dir.join("k8s");
         std::fs::create_dir_all(&dir)?;
         let cluster = k8s::Cluster::start(&bins, &dir)?;
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
@@ -55,7 +61,9 @@ impl KubeEnv {
 
         // The agent runs in the node namespace, whose loopback is not the
         // API server's: carry its connections across.
-        proxy_into(&topo.node, cluster.apiserver_port())?;
+        for node in nodes {
+            proxy_into(node, cluster.apiserver_port())?;
+        }
         let agent_kubeconfig = dir.join("agent.kubeconfig");
         std::fs::write(&agent_kubeconfig, kubeconfig(&cluster, Some(AGENT_SA)))?;
         let admin = dir.join("admin.kubeconfig");
@@ -136,6 +144,68 @@ impl KubeEnv {
         self.rt.block_on(pods.patch_status(name, &PatchParams::default(), &Patch::Merge(&patch)))?;
         Ok(())
     }
+}
+
+/// A Deployment that sleeps: the label and the app's annotations on the
+/// Deployment itself (so the app exists at zero replicas) and on its pods
+/// (TCP 80 -> 8080).
+pub fn sleeping_deployment(name: &str, ns: &str, host: &str, vip: &str, idle_after: &str) -> String {
+    let annotations = |indent: &str| {
+        [
+            format!("serviceless.io/hostname: {host}"),
+            format!("serviceless.io/vip: \"{vip}\""),
+            "serviceless.io/port: \"80\"".into(),
+            "serviceless.io/target-port: \"8080\"".into(),
+            format!("serviceless.io/idle-after: \"{idle_after}\""),
+        ]
+        .join(&format!("\n{indent}"))
+    };
+    format!(
+        r#"apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: {name}
+  namespace: {ns}
+  labels: {{ serviceless.io/enabled: "true" }}
+  annotations:
+    {}
+spec:
+  replicas: 0
+  selector: {{ matchLabels: {{ app: {name} }} }}
+  template:
+    metadata:
+      labels: {{ app: {name}, serviceless.io/enabled: "true" }}
+      annotations:
+        {}
+    spec:
+      containers: [{{ name: app, image: example/app }}]
+"#,
+        annotations("    "),
+        annotations("        ")
+    )
+}
+
+/// Requests to `deployments/scale`, by "VERB code", from the API server's
+/// own metrics.
+pub fn scale_calls(kube: &KubeEnv) -> std::collections::BTreeMap<String, u64> {
+    let text = kube.kubectl(&["get", "--raw", "/metrics"]).unwrap_or_default();
+    let mut out = std::collections::BTreeMap::new();
+    for line in text.lines().filter(|l| l.starts_with("apiserver_request_total{")) {
+        if !(line.contains("resource=\"deployments\"") && line.contains("subresource=\"scale\"")) {
+            continue;
+        }
+        let label = |name: &str| line.split(&format!("{name}=\"")).nth(1).and_then(|r| r.split('"').next()).unwrap_or("").to_string();
+        let n = line.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0) as u64;
+        *out.entry(format!("{} {}", label("verb"), label("code"))).or_default() += n;
+    }
+    out
+}
+
+/// `spec.replicas` and `metadata.generation` of a Deployment in `default`.
+pub fn replicas_and_generation(kube: &KubeEnv, name: &str) -> (u64, u64) {
+    let out = kube.kubectl(&["get", "deployment", name, "-o", "json"]).unwrap_or_default();
+    let d: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
+    (d["spec"]["replicas"].as_u64().unwrap_or(99), d["metadata"]["generation"].as_u64().unwrap_or(0))
 }
 
 /// The test node's address (its uplink), as a kubelet there reports it.

@@ -12,7 +12,7 @@ use std::{
 
 use serviceless_tests::{
     kernel_tests_enabled,
-    kube_env::KubeEnv,
+    kube_env::{KubeEnv, replicas_and_generation, scale_calls, sleeping_deployment},
     scenario::{held_request, wait_until},
     topology::{Topology, http_get},
 };
@@ -43,43 +43,6 @@ spec:
       containers: [{{ name: app, image: example/app }}]
 "#
     )
-}
-
-/// A Deployment that sleeps: the label and the app's annotations on the
-/// Deployment itself (so the app exists at zero replicas) and on its pods.
-fn sleeping_deployment(name: &str, ns: &str, host: &str, vip: &str, idle_after: &str) -> String {
-    let annotations = format!(
-        "serviceless.io/hostname: {host}\n        serviceless.io/vip: \"{vip}\"\n        serviceless.io/port: \"80\"\n        serviceless.io/target-port: \"8080\"\n        serviceless.io/idle-after: \"{idle_after}\""
-    );
-    format!(
-        r#"apiVersion: apps/v1
-kind: Deployment
-metadata:
-  name: {name}
-  namespace: {ns}
-  labels: {{ serviceless.io/enabled: "true" }}
-  annotations:
-    {}
-spec:
-  replicas: 0
-  selector: {{ matchLabels: {{ app: {name} }} }}
-  template:
-    metadata:
-      labels: {{ app: {name}, serviceless.io/enabled: "true" }}
-      annotations:
-        {annotations}
-    spec:
-      containers: [{{ name: app, image: example/app }}]
-"#,
-        annotations.replace("\n        ", "\n    ")
-    )
-}
-
-/// `spec.replicas` and `metadata.generation` of a Deployment.
-fn replicas_and_generation(kube: &KubeEnv, name: &str) -> (u64, u64) {
-    let out = kube.kubectl(&["get", "deployment", name, "-o", "json"]).expect("get deployment");
-    let d: serde_json::Value = serde_json::from_str(&out).expect("json");
-    (d["spec"]["replicas"].as_u64().unwrap_or(99), d["metadata"]["generation"].as_u64().unwrap_or(0))
 }
 
 /// `wait_until` that shows the agent's log when it times out.
@@ -292,21 +255,6 @@ fn a_sleeping_deployment_wakes_on_its_first_request_once_and_sleeps_when_idle() 
     assert_eq!(calls.get("GET 200").copied().unwrap_or(0), 7, "and each looked once: {calls:?}");
 }
 
-/// Requests to `deployments/scale`, by "VERB code", from the API server's metrics.
-fn scale_calls(kube: &KubeEnv) -> std::collections::BTreeMap<String, u64> {
-    let text = kube.kubectl(&["get", "--raw", "/metrics"]).expect("apiserver metrics");
-    let mut out = std::collections::BTreeMap::new();
-    for line in text.lines().filter(|l| l.starts_with("apiserver_request_total{")) {
-        if !(line.contains("resource=\"deployments\"") && line.contains("subresource=\"scale\"")) {
-            continue;
-        }
-        let label = |name: &str| line.split(&format!("{name}=\"")).nth(1).and_then(|r| r.split('"').next()).unwrap_or("").to_string();
-        let n: u64 = line.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0) as u64;
-        *out.entry(format!("{} {}", label("verb"), label("code"))).or_default() += n;
-    }
-    out
-}
-
 #[test]
 fn bad_annotations_collisions_and_scale() {
     if !kernel_tests_enabled("kubernetes: bad input") {
@@ -455,4 +403,50 @@ fn deploy_manifests_pass_server_side_dry_run_and_rbac_is_minimal() {
     let ds = std::fs::read_to_string(deploy.join("daemonset.yaml")).expect("daemonset");
     assert!(ds.contains("privileged: false") && !ds.contains("privileged: true"));
     assert!(ds.contains("add: [\"BPF\", \"PERFMON\", \"NET_ADMIN\"]"));
+}
+
+#[test]
+fn two_agents_hit_at_the_same_moment_wake_a_deployment_once() {
+    if !kernel_tests_enabled("kubernetes: two agents wake one app") {
+        return;
+    }
+    let mut c = serviceless_tests::cluster::Cluster::new("svk5", 2, &server_bin()).expect("cluster");
+    let kube = KubeEnv::start_for(&c.work_dir, &[&c.node(1).ns, &c.node(2).ns]).expect("control plane");
+    let kubeconfig = kube.agent_kubeconfig.display().to_string();
+    for i in 1..=2u8 {
+        let name = format!("node-{i}");
+        c.start_agent_with(i, "kubernetes", &["--node-name", &name], &[("KUBECONFIG", kubeconfig.as_str())]).expect("agent");
+    }
+    let logs = |c: &serviceless_tests::cluster::Cluster| format!("--- agent 1\n{}\n--- agent 2\n{}", c.agent_log(1), c.agent_log(2));
+    c.wait_ready(Duration::from_secs(30)).unwrap_or_else(|e| panic!("{e:#}\n{}", logs(&c)));
+    kube.apply(&sleeping_deployment("both", "default", "both.example.com", "10.96.0.10", "0")).expect("deployment");
+    wait_until("both agents to program the sleeping app", Duration::from_secs(20), || {
+        (1..=2).all(|i| c.inspect(i).is_ok_and(|r| r.contains("both.example.com")))
+    });
+    // The load balancer spreads connections over both nodes; all arrive at once.
+    c.route_vips_via(&[1, 2]).expect("routes");
+    let held: Vec<_> = (0..24).map(|_| held_request(&c.client.name, VIP)).collect();
+    // The harness plays kubelet on node 1: the pod gets an IP there and turns Ready.
+    let pods: kube::Api<k8s_openapi::api::core::v1::Pod> = kube::Api::namespaced(kube.client.clone(), "default");
+    let mut started = false;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !started {
+        assert!(Instant::now() < deadline, "no pod was created\n{}", logs(&c));
+        let list = kube.rt.block_on(pods.list(&Default::default())).expect("list pods");
+        if let Some(pod) = list.items.first() {
+            let name = pod.metadata.name.clone().unwrap_or_default();
+            let ip = c.add_pod(1, &name).expect("pod");
+            kube.set_status_on("default", &name, Some(&ip), true, "10.0.0.11").expect("ready");
+            started = true;
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+    let answers: Vec<_> = held.into_iter().map(|h| h.join().expect("thread")).collect();
+    let ok = answers.iter().filter(|a| matches!(a, Ok((200, s)) if s.starts_with("both-"))).count();
+    assert_eq!(ok, 24, "every held request answered by the woken pod: {answers:?}\n{}", logs(&c));
+    assert!((1..=2).all(|i| c.verdict(i, "activator_no_backend").unwrap_or(0) > 0), "both nodes held connections:\n{}", logs(&c));
+    assert_eq!(replicas_and_generation(&kube, "both"), (1, 2), "exactly one transition, to 1");
+    let calls = scale_calls(&kube);
+    assert_eq!(calls.get("PATCH 200").copied().unwrap_or(0), 1, "one write for the wake: {calls:?}");
+    assert!(calls.values().sum::<u64>() <= 3, "at most the other node's failed test and its read besides: {calls:?}");
 }
