@@ -148,6 +148,45 @@ fn app_without_ready_pods_reaches_the_activator_then_a_file_change_wakes_it() {
 }
 
 #[test]
+fn an_empty_file_or_a_slow_writer_never_wipes_the_state() {
+    if !kernel_tests_enabled("traffic: empty and half-written files") {
+        return;
+    }
+    let s = setup("svt6", &[(1, "pod-1"), (2, "pod-2")]);
+    let apps = [("a.example.com", "10.96.0.10", &[("pod-1", "10.244.1.2", true)][..]), ("b.example.com", "10.96.0.11", &[("pod-2", "10.244.2.2", true)][..])];
+    write_apps(&s.file, &apps);
+    let _agent = s.topo.start_agent(&s.file, "agent.log", &[]).expect("agent");
+    s.topo.wait_ready(Duration::from_secs(20)).expect("ready");
+    let both = || {
+        s.topo.request("10.96.0.10:80").is_ok_and(|r| r.server() == "pod-1")
+            && s.topo.request("10.96.0.11:80").is_ok_and(|r| r.server() == "pod-2")
+    };
+    assert!(both());
+    let full = std::fs::read_to_string(&s.file).expect("file");
+
+    // Emptied in place (truncated to 0 bytes, then closed): refused.
+    std::fs::write(&s.file, "").expect("truncate");
+    wait_until("the empty file to be reported", Duration::from_secs(5), || s.topo.agent_log("agent.log").contains("is empty"));
+    assert!(both(), "an empty file changes nothing");
+
+    // A slow writer, in place: half of the document (which would parse as
+    // only the first app), a pause, then the rest.
+    let cut = full.find("  - hostname: b.example.com").expect("second app");
+    {
+        let mut f = std::fs::File::create(&s.file).expect("open for writing");
+        std::io::Write::write_all(&mut f, &full.as_bytes()[..cut]).expect("first half");
+        std::io::Write::flush(&mut f).expect("flush");
+        thread::sleep(Duration::from_millis(600));
+        assert!(both(), "nothing applied while the writer is half-way through");
+        std::io::Write::write_all(&mut f, &full.as_bytes()[cut..]).expect("second half");
+    }
+    thread::sleep(Duration::from_millis(300));
+    assert!(both(), "the finished file is the same state");
+    let log = s.topo.agent_log("agent.log");
+    assert_eq!(log.matches("desired state loaded").count(), 2, "loaded at start and once the writer closed:\n{log}");
+}
+
+#[test]
 fn kill_9_and_restart_of_the_agent_lose_no_request() {
     if !kernel_tests_enabled("traffic: restart") {
         return;

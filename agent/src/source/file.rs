@@ -3,6 +3,13 @@
 //! A file that does not parse is reported with its line and column and the
 //! last good state stays in force. An app with a bad value (hostname, IP,
 //! port, ...) is rejected with its position in the file; the others apply.
+//!
+//! Bad input never wipes the state: an empty file, or one without an
+//! `apps:` key (a truncated write), is refused (removing every app takes
+//! an explicit `apps: []`). A change is applied only once it is complete:
+//! when the writer closes the file, or when a new file is renamed into
+//! place (how editors, orchestrators and ConfigMap mounts replace it), never
+//! while a slow writer is half-way through.
 
 use std::{
     net::IpAddr,
@@ -41,7 +48,7 @@ use crate::{
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileDoc {
-    #[serde(default)]
+    /// Required, so a truncated document cannot read as "no apps".
     pub apps: Vec<FileApp>,
 }
 
@@ -109,6 +116,8 @@ fn yes() -> bool {
 pub enum FileError {
     #[error("cannot read {path}: {source}")]
     Read { path: PathBuf, source: std::io::Error },
+    #[error("{path} is empty (a truncated write?); keeping the last good state (`apps: []` removes every app)")]
+    Empty { path: PathBuf },
     #[error("{path}{location}: {message}")]
     Parse { path: PathBuf, location: String, message: String },
 }
@@ -123,6 +132,9 @@ pub struct Rejected {
 
 /// Parses a document; returns the valid apps and the rejected ones.
 pub fn parse(path: &Path, text: &str, ranges: &VipRanges) -> Result<(Vec<AppSpec>, Vec<Rejected>), FileError> {
+    if text.trim().is_empty() {
+        return Err(FileError::Empty { path: path.to_path_buf() });
+    }
     // YAML is a superset of JSON, but serde_json is far faster on the large
     // files big fleets generate, so .json files get it.
     let doc: FileDoc = if path.extension().is_some_and(|e| e == "json") {
@@ -239,16 +251,14 @@ pub async fn watch(path: PathBuf, ranges: VipRanges, store: Store, health: Healt
     let (tx, mut rx) = mpsc::channel::<()>(1);
     let dir = path.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        if event.is_ok() {
+        if event.is_ok_and(|e| completes_a_write(&e.kind)) {
             let _ = tx.try_send(());
         }
     })?;
     watcher.watch(&dir, RecursiveMode::NonRecursive)?;
     let mut last = file_stamp(&path);
     while rx.recv().await.is_some() {
-        // Let a burst of writes settle into one reload. Short: a woken
-        // app's pods arrive this way, and held connections wait for them.
-        tokio::time::sleep(Duration::from_millis(5)).await;
+        // One burst of events, one reload.
         while rx.try_recv().is_ok() {}
         let stamp = file_stamp(&path);
         if stamp != last {
@@ -257,6 +267,20 @@ pub async fn watch(path: PathBuf, ranges: VipRanges, store: Store, health: Healt
         }
     }
     Ok(())
+}
+
+/// Whether an event in the file's directory means a complete new version
+/// may be in place: a writer closed a file, or a file was renamed in
+/// (`mv`, editors, a ConfigMap's `..data` swap). Writes still in progress
+/// (create, modify) are not.
+fn completes_a_write(kind: &notify::EventKind) -> bool {
+    use notify::event::{AccessKind, AccessMode, EventKind, ModifyKind, RenameMode};
+    matches!(
+        kind,
+        EventKind::Access(AccessKind::Close(AccessMode::Write))
+            | EventKind::Modify(ModifyKind::Name(RenameMode::To | RenameMode::Both | RenameMode::Any))
+            | EventKind::Remove(_)
+    )
 }
 
 /// What identifies a version of the file (size, mtime, inode).
@@ -350,6 +374,27 @@ apps:
         assert_eq!(apps[1].lifecycle.idle_after, None, "0 disables sleeping");
         assert!(rejected[0].reason.contains("idleAfter 'soon'"), "{:?}", rejected[0]);
         assert!(rejected[1].reason.contains("scale.exec"), "{:?}", rejected[1]);
+    }
+
+    #[test]
+    fn empty_and_truncated_documents_never_read_as_no_apps() {
+        for text in ["", "\n  \n", "# only a comment\n"] {
+            let err = parse(Path::new("apps.yaml"), text, &ranges()).unwrap_err().to_string();
+            assert!(err.contains("empty") || err.contains("missing field `apps`"), "{text:?}: {err}");
+        }
+        let err = parse(Path::new("apps.yaml"), "unrelated: 1\n", &ranges()).unwrap_err().to_string();
+        assert!(err.contains("unknown field") || err.contains("missing field"), "{err}");
+        let (apps, _) = parse(Path::new("apps.yaml"), "apps: []\n", &ranges()).unwrap();
+        assert!(apps.is_empty(), "an explicit empty list removes every app");
+    }
+
+    #[test]
+    fn only_finished_writes_trigger_a_reload() {
+        use notify::event::{AccessKind, AccessMode, CreateKind, DataChange, EventKind, ModifyKind, RenameMode};
+        assert!(completes_a_write(&EventKind::Access(AccessKind::Close(AccessMode::Write))));
+        assert!(completes_a_write(&EventKind::Modify(ModifyKind::Name(RenameMode::To))));
+        assert!(!completes_a_write(&EventKind::Modify(ModifyKind::Data(DataChange::Any))));
+        assert!(!completes_a_write(&EventKind::Create(CreateKind::File)));
     }
 
     #[test]
