@@ -91,6 +91,21 @@ pub struct RunArgs {
     /// their node's, their port that of this agent's --listen).
     #[arg(long, env = "SERVICELESS_PEERS", value_delimiter = ',')]
     pub peers: Vec<SocketAddr>,
+    /// Answer DNS for app hostnames on this address (UDP and TCP), e.g.
+    /// 10.0.0.1:53 for the edge load balancer to look VIPs up. Off unless given.
+    #[arg(long, env = "SERVICELESS_DNS_LISTEN")]
+    pub dns_listen: Option<SocketAddr>,
+    /// Zones the DNS server answers (app hostnames under them); names
+    /// outside are refused, unknown ones inside get NXDOMAIN. Repeatable.
+    #[arg(long = "dns-zone", env = "SERVICELESS_DNS_ZONES", value_delimiter = ',')]
+    pub dns_zones: Vec<String>,
+    /// TTL of DNS answers, seconds (short: a VIP may move).
+    #[arg(long, default_value_t = 5)]
+    pub dns_ttl: u32,
+    /// DNS queries each source address may ask per second; past it they are
+    /// dropped unanswered (counted), so floods cost little and amplify nothing.
+    #[arg(long, default_value_t = 200)]
+    pub dns_qps_per_source: u32,
     /// Label selector of the agent pods (Kubernetes peer discovery).
     #[arg(long, env = "SERVICELESS_PEER_SELECTOR", default_value = "app.kubernetes.io/name=serviceless-agent")]
     pub peer_selector: String,

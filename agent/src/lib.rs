@@ -7,6 +7,7 @@ pub mod cli;
 pub mod conntrack;
 pub mod dataplane;
 pub mod directory;
+pub mod dns;
 pub mod fabric;
 pub mod files;
 pub mod health;

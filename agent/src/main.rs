@@ -9,7 +9,10 @@ use tracing_subscriber::EnvFilter;
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    let filter = EnvFilter::try_new(&cli.log).unwrap_or_else(|_| EnvFilter::new("info"));
+    // The DNS library logs every malformed query it drops: a junk flood
+    // must not become a log flood (its errors only, unless asked for more).
+    let filter = EnvFilter::try_new(format!("hickory_server=error,hickory_proto=error,{}", cli.log))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     if cli.log_json {
         builder.json().init();

@@ -88,6 +88,8 @@ pub struct Metrics {
     pub activator_udp_dropped: Counter,
     /// Wake signals read from the kernel's ring buffer.
     pub wake_signals: Counter,
+    /// DNS queries by outcome (`answered`, `nodata`, `nxdomain`, `refused`, `rate_limited`, ...).
+    pub dns_queries: Family<OutcomeLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -121,6 +123,7 @@ impl Metrics {
             activator_connections: Family::default(),
             activator_udp_dropped: Counter::default(),
             wake_signals: Counter::default(),
+            dns_queries: Family::default(),
         };
         {
             let mut r = m.registry.lock().unwrap_or_else(|p| p.into_inner());
@@ -157,6 +160,7 @@ impl Metrics {
             r.register("activator_connections", "Connections the activator took, by how they ended", m.activator_connections.clone());
             r.register("activator_udp_dropped", "UDP datagrams to sleeping apps dropped while they wake", m.activator_udp_dropped.clone());
             r.register("wake_signals", "Wake signals read from the kernel (first packets to sleeping apps)", m.wake_signals.clone());
+            r.register("dns_queries", "DNS queries for app hostnames, by outcome", m.dns_queries.clone());
         }
         m
     }

@@ -181,6 +181,18 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     };
     tokio::spawn(wake::run_sleeper(reader.clone(), directory.clone(), waker.clone(), scaler, peers, held.clone(), metrics.clone()));
 
+    let dns = match args.dns_listen {
+        Some(listen) => {
+            let opts = crate::dns::DnsOptions {
+                listen,
+                zones: args.dns_zones.clone(),
+                ttl: args.dns_ttl,
+                qps_per_source: args.dns_qps_per_source,
+            };
+            tokio::spawn(crate::dns::serve(opts, directory.clone(), waker.clone(), metrics.clone()))
+        }
+        None => tokio::spawn(std::future::pending()),
+    };
     let status = http::Status { metrics: metrics.clone(), health: health.clone(), maps: reader.clone(), directory: directory.clone() };
     let server = tokio::spawn(http::serve(args.listen, status));
     let reconcile = tokio::spawn(reconcile_loop(reconciler, store, directory, health.clone(), args.state_file.clone(), nodes_tx));
@@ -192,6 +204,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         r = source => r.context("source task").and_then(|r| r.context("desired-state source failed")),
         r = server => r.context("http task").and_then(|r| r),
         r = activator => r.context("activator task").and_then(|r| r),
+        r = dns => r.context("DNS task").and_then(|r| r),
         r = reconcile => r.context("reconcile task"),
     };
     if args.detach_on_exit {

@@ -19,6 +19,8 @@ pub const PACKAGES: &[&str] = &[
     "iproute2",
     "ethtool",
     "curl",
+    // dig, for the DNS tests' real queries.
+    "bind9-dnsutils",
 ];
 
 /// bpf-linker version known to build against Debian's LLVM 22.
