@@ -9,6 +9,8 @@ use std::{
     path::{Path, PathBuf},
 };
 
+use crate::topology::Topology;
+
 /// An app the orchestrator wakes and puts to sleep.
 pub struct ManagedApp<'a> {
     pub hostname: &'a str,
@@ -114,5 +116,36 @@ impl Orchestrator {
 
     pub fn state_dir(&self) -> &Path {
         &self.state
+    }
+}
+
+/// The usual scale-to-zero test bed: a topology whose agent runs its own
+/// activator, pod-1 (10.244.1.2, HTTP on 8080), and the orchestrator
+/// managing `apps` (plus the unmanaged YAML `fixed`). The agent is not
+/// started (tests pass their own flags).
+pub struct ScaleBed {
+    pub topo: Topology,
+    /// The desired-state file.
+    pub file: PathBuf,
+    pub orchestrator: Orchestrator,
+}
+
+impl ScaleBed {
+    pub fn new(tag: &str, server_bin: &Path, fixed: &str, apps: &[ManagedApp], start_delay: &str) -> anyhow::Result<Self> {
+        let mut topo = Topology::new(tag, server_bin)?;
+        topo.external_activator = false;
+        topo.add_pod(1, "pod-1")?;
+        let file = topo.work_dir.join("apps.yaml");
+        let orchestrator = Orchestrator::install(&topo.work_dir, &file, fixed, apps, start_delay)?;
+        Ok(Self { topo, file, orchestrator })
+    }
+
+    /// Starts the agent on the file and waits until it is ready.
+    pub fn start(&self, extra: &[&str]) -> anyhow::Result<crate::netns::Proc> {
+        let agent = self.topo.start_agent(&self.file, "agent.log", extra)?;
+        self.topo
+            .wait_ready(std::time::Duration::from_secs(20))
+            .map_err(|e| anyhow::anyhow!("{e:#}\n{}", self.topo.agent_log("agent.log")))?;
+        Ok(agent)
     }
 }

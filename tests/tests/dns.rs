@@ -5,7 +5,7 @@ use std::{path::PathBuf, time::Duration};
 
 use serviceless_tests::{
     kernel_tests_enabled,
-    orchestrator::{ManagedApp, Orchestrator},
+    orchestrator::{ManagedApp, ScaleBed},
     scenario::wait_until,
     topology::{Topology, http_get},
 };
@@ -36,38 +36,34 @@ fn app_hostnames_resolve_to_their_vips_and_the_server_survives_bad_queries() {
         eprintln!("skipped: dig missing (cargo xtask test installs bind9-dnsutils)");
         return;
     }
-    let mut topo = Topology::new("svd1", &server_bin()).expect("topology");
-    topo.external_activator = false;
-    topo.add_pod(1, "pod-1").expect("pod");
-    let file = topo.work_dir.join("apps.yaml");
     let awake = "  - hostname: web.apps.example.com\n    vip: 10.96.0.10\n    ports: [{ port: 80, targetPort: 8080 }]\n    pods: [{ name: pod-1, ip: 10.244.1.2 }]";
     let sleepy = ManagedApp { hostname: "sleepy.apps.example.com", vip: "10.96.0.20", pod: ("pod-1", "10.244.1.2"), extra: "", ports: "" };
-    let orchestrator = Orchestrator::install(&topo.work_dir, &file, awake, &[sleepy], "0.2").expect("orchestrator");
-    let _agent = topo
-        .start_agent(&file, "agent.log", &["--dns-listen", "10.0.0.1:53", "--dns-zone", "apps.example.com", "--dns-qps-per-source", "50"])
-        .expect("agent");
-    topo.wait_ready(Duration::from_secs(20)).unwrap_or_else(|e| panic!("{e:#}\n{}", topo.agent_log("agent.log")));
+    let bed = ScaleBed::new("svd1", &server_bin(), awake, &[sleepy], "0.2").expect("test bed");
+    let _agent = bed
+        .start(&["--dns-listen", "10.0.0.1:53", "--dns-zone", "apps.example.com", "--dns-qps-per-source", "50"])
+        .unwrap_or_else(|e| panic!("agent: {e:#}"));
+    let (topo, file, orchestrator) = (&bed.topo, &bed.file, &bed.orchestrator);
 
-    assert_eq!(short(&topo, &["web.apps.example.com", "A"]), "10.96.0.10");
-    assert_eq!(short(&topo, &["+tcp", "web.apps.example.com", "A"]), "10.96.0.10", "over TCP too");
-    assert_eq!(short(&topo, &["WEB.Apps.Example.COM", "A"]), "10.96.0.10", "names are case-insensitive");
-    let full = dig(&topo, &["web.apps.example.com", "A"]);
+    assert_eq!(short(topo, &["web.apps.example.com", "A"]), "10.96.0.10");
+    assert_eq!(short(topo, &["+tcp", "web.apps.example.com", "A"]), "10.96.0.10", "over TCP too");
+    assert_eq!(short(topo, &["WEB.Apps.Example.COM", "A"]), "10.96.0.10", "names are case-insensitive");
+    let full = dig(topo, &["web.apps.example.com", "A"]);
     assert!(full.contains("flags: qr aa"), "authoritative: {full}");
     assert!(full.contains("\t5\tIN\tA\t10.96.0.10"), "TTL 5: {full}");
-    let nodata = dig(&topo, &["web.apps.example.com", "AAAA"]);
+    let nodata = dig(topo, &["web.apps.example.com", "AAAA"]);
     assert!(nodata.contains("status: NOERROR") && nodata.contains("ANSWER: 0"), "no IPv6 VIP: {nodata}");
-    assert!(dig(&topo, &["nope.apps.example.com", "A"]).contains("status: NXDOMAIN"));
-    assert!(dig(&topo, &["www.google.com", "A"]).contains("status: REFUSED"), "outside the zone");
+    assert!(dig(topo, &["nope.apps.example.com", "A"]).contains("status: NXDOMAIN"));
+    assert!(dig(topo, &["www.google.com", "A"]).contains("status: REFUSED"), "outside the zone");
 
     // A query for a sleeping app starts its wake.
-    assert_eq!(short(&topo, &["sleepy.apps.example.com", "A"]), "10.96.0.20");
+    assert_eq!(short(topo, &["sleepy.apps.example.com", "A"]), "10.96.0.20");
     wait_until("the DNS query to wake the app", Duration::from_secs(5), || orchestrator.calls() == ["sleepy.apps.example.com 1"]);
     wait_until("the orchestrator to finish", Duration::from_secs(5), || orchestrator.timings().len() == 1);
 
     // A VIP change is answered after one reconcile.
-    let moved = std::fs::read_to_string(&file).expect("file").replace("10.96.0.10", "10.96.0.11");
-    serviceless_tests::scenario::write_raw(&file, &moved);
-    wait_until("the new VIP in DNS", Duration::from_secs(5), || short(&topo, &["web.apps.example.com", "A"]) == "10.96.0.11");
+    let moved = std::fs::read_to_string(file).expect("file").replace("10.96.0.10", "10.96.0.11");
+    serviceless_tests::scenario::write_raw(file, &moved);
+    wait_until("the new VIP in DNS", Duration::from_secs(5), || short(topo, &["web.apps.example.com", "A"]) == "10.96.0.11");
 
     // Garbage, then a flood of real queries from one source: bounded, and
     // the server keeps answering. (A fresh second first: the polling above
@@ -104,7 +100,7 @@ fn app_hostnames_resolve_to_their_vips_and_the_server_survives_bad_queries() {
     // 50 a second (two windows at most, if the burst straddles one).
     assert!((40..=100).contains(&answered), "about --dns-qps-per-source (50) of 500 answered: {answered}");
     std::thread::sleep(Duration::from_millis(1100));
-    assert_eq!(short(&topo, &["web.apps.example.com", "A"]), "10.96.0.11", "still serving after the flood");
+    assert_eq!(short(topo, &["web.apps.example.com", "A"]), "10.96.0.11", "still serving after the flood");
     let metrics = topo.node.run(|| http_get("127.0.0.1:9095", "/metrics").map(|r| r.body)).expect("netns").expect("metrics");
     assert!(metrics.contains("serviceless_dns_queries_total{outcome=\"rate_limited\"}"), "{metrics}");
     assert!(metrics.contains("serviceless_dns_queries_total{outcome=\"nxdomain\"}"), "{metrics}");

@@ -13,9 +13,9 @@ use std::{
 
 use serviceless_tests::{
     kernel_tests_enabled,
-    orchestrator::{ManagedApp, Orchestrator},
+    orchestrator::{ManagedApp, ScaleBed},
     scenario::{held_request, inspect, wait_until},
-    topology::{Topology, http_get},
+    topology::http_get,
 };
 
 const VIP: &str = "10.96.0.10:80";
@@ -24,26 +24,17 @@ fn server_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_svl-test-server"))
 }
 
-struct Setup {
-    topo: Topology,
-    file: PathBuf,
-    orchestrator: Orchestrator,
-}
+type Setup = ScaleBed;
 
 /// Apps (hostname, VIP), each backed when awake by pod-1 (10.244.1.2:8080),
 /// woken and put to sleep by the test orchestrator, which takes
 /// `start_delay` seconds to start a pod.
 fn setup(tag: &str, apps: &[(&str, &str)], extra_yaml: &str, start_delay: &str) -> Setup {
-    let mut topo = Topology::new(tag, &server_bin()).expect("topology");
-    topo.external_activator = false;
-    topo.add_pod(1, "pod-1").expect("pod");
-    let file = topo.work_dir.join("apps.yaml");
     let managed: Vec<ManagedApp> = apps
         .iter()
         .map(|(hostname, vip)| ManagedApp { hostname, vip, pod: ("pod-1", "10.244.1.2"), extra: extra_yaml, ports: "" })
         .collect();
-    let orchestrator = Orchestrator::install(&topo.work_dir, &file, "", &managed, start_delay).expect("orchestrator");
-    Setup { topo, file, orchestrator }
+    ScaleBed::new(tag, &server_bin(), "", &managed, start_delay).expect("test bed")
 }
 
 fn scale_calls(s: &Setup) -> Vec<String> {
@@ -55,13 +46,11 @@ fn counter(s: &Setup, name: &str) -> u64 {
 }
 
 fn metrics(s: &Setup) -> String {
-    metrics_of(&s.topo)
+    s.topo.node.run(|| http_get("127.0.0.1:9095", "/metrics").map(|r| r.body).unwrap_or_default()).unwrap_or_default()
 }
 
 fn start(s: &Setup, extra: &[&str]) -> serviceless_tests::netns::Proc {
-    let agent = s.topo.start_agent(&s.file, "agent.log", extra).expect("agent");
-    s.topo.wait_ready(Duration::from_secs(20)).unwrap_or_else(|e| panic!("{e:#}\n{}", s.topo.agent_log("agent.log")));
-    agent
+    s.start(extra).unwrap_or_else(|e| panic!("agent: {e:#}"))
 }
 
 #[test]
@@ -229,11 +218,6 @@ fn a_raw_tcp_echo_app_crosses_the_hand_over_with_a_proxy_protocol_header() {
     if !kernel_tests_enabled("scale to zero: raw TCP and PROXY v2") {
         return;
     }
-    let mut topo = Topology::new("svz7", &server_bin()).expect("topology");
-    topo.external_activator = false;
-    topo.add_pod(1, "pod-1").expect("pod");
-    let echo = topo.pods[0].ns.spawn(server_bin().to_str().expect("path"), &["--echo", "--listen", "10.244.1.2:7007"], None).expect("echo");
-    let file = topo.work_dir.join("apps.yaml");
     let app = ManagedApp {
         hostname: "echo.example.com",
         vip: "10.96.0.10",
@@ -241,10 +225,11 @@ fn a_raw_tcp_echo_app_crosses_the_hand_over_with_a_proxy_protocol_header() {
         extra: "proxyProtocol: true",
         ports: "[{ port: 7, targetPort: 7007 }]",
     };
-    let orchestrator = Orchestrator::install(&topo.work_dir, &file, "", &[app], "0.3").expect("orchestrator");
-    let _agent = topo.start_agent(&file, "agent.log", &[]).expect("agent");
-    topo.wait_ready(Duration::from_secs(20)).expect("ready");
-    let (header, echoed, client) = topo
+    let bed = ScaleBed::new("svz7", &server_bin(), "", &[app], "0.3").expect("test bed");
+    let echo = bed.topo.pods[0].ns.spawn(server_bin().to_str().expect("path"), &["--echo", "--listen", "10.244.1.2:7007"], None).expect("echo");
+    let _agent = start(&bed, &[]);
+    let (header, echoed, client) = bed
+        .topo
         .client
         .run(|| -> std::io::Result<(Vec<u8>, Vec<u8>, std::net::SocketAddr)> {
             let mut c = TcpStream::connect("10.96.0.10:7")?;
@@ -265,7 +250,7 @@ fn a_raw_tcp_echo_app_crosses_the_hand_over_with_a_proxy_protocol_header() {
     assert_eq!(&header[20..24], &[10, 96, 0, 10], "the VIP");
     assert_eq!(u16::from_be_bytes([header[24], header[25]]), client.port(), "the client's port");
     assert_eq!(u16::from_be_bytes([header[26], header[27]]), 7);
-    assert_eq!(orchestrator.calls(), ["echo.example.com 1"]);
+    assert_eq!(bed.orchestrator.calls(), ["echo.example.com 1"]);
     drop(echo);
 }
 
@@ -274,10 +259,6 @@ fn a_udp_datagram_wakes_a_sleeping_app_and_is_dropped_meanwhile() {
     if !kernel_tests_enabled("scale to zero: UDP wake") {
         return;
     }
-    let mut topo = Topology::new("svz8", &server_bin()).expect("topology");
-    topo.external_activator = false;
-    topo.add_pod(1, "pod-1").expect("pod");
-    let file = topo.work_dir.join("apps.yaml");
     let app = ManagedApp {
         hostname: "dns.example.com",
         vip: "10.96.0.10",
@@ -285,10 +266,10 @@ fn a_udp_datagram_wakes_a_sleeping_app_and_is_dropped_meanwhile() {
         extra: "",
         ports: "[{ port: 53, targetPort: 5353, protocol: UDP }]",
     };
-    let orchestrator = Orchestrator::install(&topo.work_dir, &file, "", &[app], "0.1").expect("orchestrator");
-    let _agent = topo.start_agent(&file, "agent.log", &[]).expect("agent");
-    topo.wait_ready(Duration::from_secs(20)).expect("ready");
-    let answered = topo
+    let bed = ScaleBed::new("svz8", &server_bin(), "", &[app], "0.1").expect("test bed");
+    let _agent = start(&bed, &[]);
+    let answered = bed
+        .topo
         .client
         .run(|| -> std::io::Result<bool> {
             let s = std::net::UdpSocket::bind("10.0.0.2:0")?;
@@ -300,11 +281,7 @@ fn a_udp_datagram_wakes_a_sleeping_app_and_is_dropped_meanwhile() {
         .expect("netns")
         .expect("send");
     assert!(!answered, "nothing answers a sleeping app's datagram (no ICMP error either)");
-    wait_until("the datagram to wake the app", Duration::from_secs(5), || orchestrator.calls() == ["dns.example.com 1"]);
-    let m = metrics_of(&topo);
+    wait_until("the datagram to wake the app", Duration::from_secs(5), || bed.orchestrator.calls() == ["dns.example.com 1"]);
+    let m = metrics(&bed);
     assert!(m.contains("serviceless_activator_udp_dropped_total 1"), "{m}");
-}
-
-fn metrics_of(topo: &Topology) -> String {
-    topo.node.run(|| http_get("127.0.0.1:9095", "/metrics").map(|r| r.body).unwrap_or_default()).unwrap_or_default()
 }

@@ -18,7 +18,7 @@ use std::{
 
 use serviceless_tests::{
     netns::enter,
-    orchestrator::{ManagedApp, Orchestrator},
+    orchestrator::{ManagedApp, ScaleBed},
     topology::Topology,
 };
 
@@ -44,14 +44,10 @@ fn request(target: SocketAddr) -> anyhow::Result<u16> {
 }
 
 pub fn run(b: &Budget, server: &Path, rows: &mut Vec<Row>) -> anyhow::Result<()> {
-    let mut topo = Topology::new("svlbw", server)?;
-    topo.external_activator = false;
-    topo.add_pod(1, "pod-1")?;
-    let file = topo.work_dir.join("apps.yaml");
     let app = ManagedApp { hostname: HOST, vip: "10.96.0.30", pod: ("pod-1", "10.244.1.2"), extra: "", ports: "" };
-    let orchestrator = Orchestrator::install(&topo.work_dir, &file, "", &[app], START)?;
-    let _agent = topo.start_agent(&file, "agent.log", &[])?;
-    topo.wait_ready(Duration::from_secs(20))?;
+    let bed = ScaleBed::new("svlbw", server, "", &[app], START)?;
+    let _agent = bed.start(&[])?;
+    let (topo, orchestrator) = (&bed.topo, &bed.orchestrator);
     let target: SocketAddr = VIP.parse()?;
     let trials = if b.pkt_trials <= 5 { 3 } else { 10 };
     for parallel in [1usize, 25, 100] {
@@ -61,7 +57,7 @@ pub fn run(b: &Budget, server: &Path, rows: &mut Vec<Row>) -> anyhow::Result<()>
         let mut errors = 0;
         for _ in 0..trials {
             let calls_before = orchestrator.timings().len();
-            let times = burst(&topo, target, parallel)?;
+            let times = burst(topo, target, parallel)?;
             // The orchestrator logs its end just after writing the file the
             // agent (and so the answer) may already have acted on.
             let deadline = Instant::now() + Duration::from_secs(5);
@@ -83,13 +79,13 @@ pub fn run(b: &Budget, server: &Path, rows: &mut Vec<Row>) -> anyhow::Result<()>
                 }
             }
             // The same burst to the app awake: what the harness itself costs.
-            for t in burst(&topo, target, parallel)?.into_iter().flatten() {
+            for t in burst(topo, target, parallel)?.into_iter().flatten() {
                 awake_ms.push((t.1 - t.0) as f64 / 1e6);
             }
             // Back to sleep for the next trial, and wait until the maps say so.
             orchestrator.run(HOST, 0)?;
             let deadline = Instant::now() + Duration::from_secs(10);
-            while serviceless_tests::scenario::backend_states(&topo, HOST).iter().any(|(_, s)| s == "ready") {
+            while serviceless_tests::scenario::backend_states(topo, HOST).iter().any(|(_, s)| s == "ready") {
                 anyhow::ensure!(Instant::now() < deadline, "the app did not go back to sleep");
                 std::thread::sleep(Duration::from_millis(20));
             }
