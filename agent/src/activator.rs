@@ -27,7 +27,7 @@ use std::{
 
 use serviceless_common::{IPPROTO_TCP, IPPROTO_UDP, reply_key};
 use tokio::{
-    io::AsyncWriteExt as _,
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
     net::{TcpListener, TcpStream, UdpSocket},
 };
 use tracing::{debug, info, warn};
@@ -282,7 +282,8 @@ pub fn looks_like_http(first: &[u8]) -> bool {
 /// whether it was HTTP.
 async fn refuse(client: &mut TcpStream, status: u16, why: &str, retry_after: u32) -> bool {
     let mut first = [0u8; 8];
-    let n = match tokio::time::timeout(Duration::from_millis(200), client.peek(&mut first)).await {
+    // A client refused at once may not have sent its request yet: give it a moment.
+    let n = match tokio::time::timeout(Duration::from_secs(1), client.peek(&mut first)).await {
         Ok(Ok(n)) => n,
         _ => 0,
     };
@@ -298,7 +299,25 @@ async fn refuse(client: &mut TcpStream, status: u16, why: &str, retry_after: u32
     );
     let _ = tokio::time::timeout(Duration::from_secs(2), client.write_all(response.as_bytes())).await;
     let _ = client.shutdown().await;
+    linger(client).await;
     true
+}
+
+/// Reads what the client still sends (the rest of its request) for a
+/// moment before the socket closes: closing with unread bytes would reset
+/// the connection, and the client would lose the answer it was sent.
+async fn linger(client: &mut TcpStream) {
+    let mut sink = [0u8; 4096];
+    let drain = async {
+        let mut left = 64 * 1024usize;
+        while left > 0 {
+            match client.read(&mut sink).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => left = left.saturating_sub(n),
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(1), drain).await;
 }
 
 /// A PROXY protocol v2 header (PROXY command, TCP) saying the connection

@@ -164,7 +164,10 @@ fn a_sweep_over_sleeping_vips_wakes_no_more_than_the_budget() {
     let mut statuses = Vec::new();
     for (_, vip) in &apps {
         let target = format!("{vip}:80");
-        statuses.push(s.topo.request(&target).map(|r| r.status).unwrap_or(0));
+        statuses.push(s.topo.request(&target).map(|r| r.status).unwrap_or_else(|e| { eprintln!("request to {target}: {e:#}"); 0 }));
+    }
+    if statuses.contains(&0) {
+        eprintln!("{}", metrics(&s).lines().filter(|l| l.contains("activator_connections") || l.contains("wakes")).collect::<Vec<_>>().join("\n"));
     }
     assert!(scale_calls(&s).len() <= 2, "at most the budget woke: {:?}", scale_calls(&s));
     assert_eq!(statuses.iter().filter(|s| **s == 200).count(), 2, "{statuses:?}");
