@@ -132,8 +132,6 @@ pub struct Activator {
     pub metrics: Metrics,
 }
 
-type Ctx = Activator;
-
 /// Serves until the listener fails.
 pub async fn serve(activator: Activator) -> anyhow::Result<()> {
     let listen = activator.opts.listen;
@@ -162,19 +160,19 @@ pub async fn serve(activator: Activator) -> anyhow::Result<()> {
 }
 
 /// What the connection was sent for: its VIP:port and the client's own port.
-fn identify(ctx: &Ctx, local: SocketAddr, peer: SocketAddr, proto: u8) -> Option<(SocketAddr, u16)> {
+fn identify(ctx: &Activator, local: SocketAddr, peer: SocketAddr, proto: u8) -> Option<(SocketAddr, u16)> {
     let key = reply_key(&to_addr(local.ip()), local.port().to_be(), &to_addr(peer.ip()), peer.port().to_be(), proto);
     let (_, entry) = ctx.maps.conntrack_entry(&key)?;
     Some((SocketAddr::new(from_addr(&entry.addr), u16::from_be(entry.port)), u16::from_be(entry.client_port)))
 }
 
-async fn handle(mut client: TcpStream, peer: SocketAddr, ctx: Arc<Ctx>) {
+async fn handle(mut client: TcpStream, peer: SocketAddr, ctx: Arc<Activator>) {
     let accepted = Instant::now();
     let outcome = serve_one(&mut client, peer, &ctx, accepted).await;
     ctx.metrics.activator_connections.get_or_create(&OutcomeLabel { outcome }).inc();
 }
 
-async fn serve_one(client: &mut TcpStream, peer: SocketAddr, ctx: &Ctx, accepted: Instant) -> &'static str {
+async fn serve_one(client: &mut TcpStream, peer: SocketAddr, ctx: &Activator, accepted: Instant) -> &'static str {
     let Ok(local) = client.local_addr() else { return "closed_early" };
     let Some((vip, client_port)) = identify(ctx, local, peer, IPPROTO_TCP) else {
         debug!(%peer, "activator: connection without a conntrack entry (not sent by the dataplane?); closed");
@@ -346,7 +344,7 @@ pub fn proxy_v2_header(client: SocketAddr, vip: SocketAddr) -> Vec<u8> {
 }
 
 /// Reads and drops datagrams to sleeping apps, waking them.
-async fn sink_udp(socket: UdpSocket, ctx: Arc<Ctx>) {
+async fn sink_udp(socket: UdpSocket, ctx: Arc<Activator>) {
     let mut buf = vec![0u8; 65536];
     let Ok(local) = socket.local_addr() else { return };
     loop {

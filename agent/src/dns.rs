@@ -108,7 +108,7 @@ impl Handler {
         let host = name.to_string();
         let host = host.trim_end_matches('.');
         let Some(app) = self.directory.get(host) else { return (Outcome::NxDomain, Vec::new()) };
-        if app.ready_backends().next().is_none() {
+        if !app.has_ready_pod() {
             self.waker.request(host, Instant::now(), "DNS query");
         }
         let rdata = match (app.vip, qtype) {

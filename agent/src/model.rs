@@ -62,6 +62,11 @@ impl AppSpec {
         self.backends.iter().filter(|b| b.ready)
     }
 
+    /// Awake: some pod takes new connections.
+    pub fn has_ready_pod(&self) -> bool {
+        self.backends.iter().any(|b| b.ready)
+    }
+
     /// The port entry for a VIP port and protocol.
     pub fn port(&self, port: u16, protocol: Protocol) -> Option<&PortSpec> {
         self.ports.iter().find(|p| p.port == port && p.protocol == protocol)

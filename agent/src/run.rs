@@ -54,7 +54,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             None
         }
     };
-    let mut config = kernel_config(&args, &ranges, own_activator)?;
+    let mut config = kernel_config(&args, &ranges, args.activator.or(own_activator))?;
     let pins = Pins::new(&args.pin_dir);
     let metrics = Metrics::new();
     let health = Health::default();
@@ -217,9 +217,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
 }
 
 /// The single `svl_config_v1` entry.
-fn kernel_config(args: &RunArgs, ranges: &VipRanges, own_activator: Option<SocketAddr>) -> anyhow::Result<Config> {
+/// `activator4`: the external activator, or the agent's own.
+fn kernel_config(args: &RunArgs, ranges: &VipRanges, activator4: Option<SocketAddr>) -> anyhow::Result<Config> {
     let mut c = Config::default();
-    if let Some(a) = args.activator.or(own_activator) {
+    if let Some(a) = activator4 {
         anyhow::ensure!(a.is_ipv4(), "--activator {a} must be IPv4 (use --activator6 for IPv6)");
         c.activator4 = to_addr(a.ip());
         c.activator4_port = a.port().to_be();
@@ -250,7 +251,7 @@ fn kernel_config(args: &RunArgs, ranges: &VipRanges, own_activator: Option<Socke
         (c.vip6_net, c.vip6_mask) = r.to_net_mask();
         c.flags |= CONFIG_F_VIP6;
     }
-    for activator in [args.activator.or(own_activator), args.activator6].into_iter().flatten() {
+    for activator in [activator4, args.activator6].into_iter().flatten() {
         let ip: IpAddr = activator.ip();
         if ranges.for_ip(ip).is_some_and(|r| r.contains(ip)) {
             anyhow::bail!("activator {ip} lies inside the VIP range; its traffic would loop");

@@ -90,6 +90,18 @@ struct Shared {
     sleeping: HashMap<String, Instant>,
 }
 
+impl Shared {
+    /// A wake is in flight (no ready pod yet).
+    fn is_waking(&self, host: &str) -> bool {
+        self.waking.get(host).is_some_and(|w| w.ready_at.is_none())
+    }
+
+    /// Its last wake was refused by a budget, recently.
+    fn is_refused(&self, host: &str, now: Instant) -> bool {
+        self.refused.get(host).is_some_and(|until| *until > now)
+    }
+}
+
 /// Wakes in flight, by app: UNIX seconds when each started.
 #[derive(Default, serde::Serialize, serde::Deserialize)]
 struct Journal {
@@ -184,7 +196,7 @@ impl Waker {
 
     /// Whether the app's wake was refused (its held connections are answered now).
     pub fn refused(&self, host: &str) -> bool {
-        self.lock().refused.get(host).is_some_and(|until| *until > Instant::now())
+        self.lock().is_refused(host, Instant::now())
     }
 
     /// Records the first byte a held connection forwarded to a woken pod.
@@ -202,12 +214,12 @@ impl Waker {
 
     pub fn phase(&self, app: &AppSpec) -> Phase {
         let shared = self.lock();
-        if app.ready_backends().next().is_some() {
+        if app.has_ready_pod() {
             return if shared.sleeping.contains_key(&app.hostname) { Phase::Sleeping } else { Phase::Awake };
         }
-        if shared.waking.get(&app.hostname).is_some_and(|w| w.ready_at.is_none()) {
+        if shared.is_waking(&app.hostname) {
             Phase::Waking
-        } else if shared.refused.get(&app.hostname).is_some_and(|u| *u > Instant::now()) {
+        } else if shared.is_refused(&app.hostname, Instant::now()) {
             Phase::Refused
         } else {
             Phase::Asleep
@@ -215,14 +227,14 @@ impl Waker {
     }
 
     fn is_waking(&self, host: &str) -> bool {
-        self.lock().waking.get(host).is_some_and(|w| w.ready_at.is_none())
+        self.lock().is_waking(host)
     }
 
     async fn run(self, mut rx: mpsc::Receiver<Request>, scaler: Scaler, opts: WakeOptions) {
         let mut budgets = Budgets::new(opts.node_per_minute, opts.namespace_per_minute);
         while let Some(req) = rx.recv().await {
             let Some(app) = self.directory.get(&req.host) else { continue };
-            if app.ready_backends().next().is_some() || self.is_waking(&req.host) {
+            if app.has_ready_pod() || self.is_waking(&req.host) {
                 continue;
             }
             let Some(target) = app.lifecycle.scaler.as_ref() else {
@@ -299,7 +311,7 @@ impl Waker {
             let before = shared.waking.values().filter(|w| w.ready_at.is_none()).count();
             let hosts: Vec<String> = shared.waking.keys().cloned().collect();
             for host in hosts {
-                let ready = self.directory.get(&host).is_some_and(|a| a.ready_backends().next().is_some());
+                let ready = self.directory.get(&host).is_some_and(|a| a.has_ready_pod());
                 let Some(w) = shared.waking.get_mut(&host) else { continue };
                 if ready && w.ready_at.is_none() {
                     w.ready_at = Some(now);
@@ -326,7 +338,7 @@ impl Waker {
             // An app put to sleep is awake again once someone wakes it; its
             // mark goes when its pods are gone.
             let directory = &self.directory;
-            shared.sleeping.retain(|host, _| directory.get(host).is_some_and(|a| a.ready_backends().next().is_some()));
+            shared.sleeping.retain(|host, _| directory.get(host).is_some_and(|a| a.has_ready_pod()));
         }
     }
 
@@ -530,7 +542,7 @@ pub async fn run_sleeper(
         let mut candidates = Vec::new();
         for (app, id) in &apps {
             let (Some(idle_after), Some(_), Some(id)) = (app.lifecycle.idle_after, &app.lifecycle.scaler, id) else { continue };
-            if app.ready_backends().next().is_none() {
+            if !app.has_ready_pod() {
                 awake_since.remove(&app.hostname);
                 continue;
             }
@@ -541,7 +553,8 @@ pub async fn run_sleeper(
                 candidates.push((app.clone(), idle));
             }
         }
-        awake_since.retain(|h, _| apps.iter().any(|(a, _)| &a.hostname == h));
+        let present: std::collections::HashSet<&str> = apps.iter().map(|(a, _)| a.hostname.as_str()).collect();
+        awake_since.retain(|h, _| present.contains(h.as_str()));
         if candidates.is_empty() {
             continue;
         }

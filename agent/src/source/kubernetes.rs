@@ -352,6 +352,12 @@ impl PodIndex {
         set.iter().filter(|h| *h != host).cloned().collect()
     }
 
+    /// Drops every VIP claim (before all hostnames claim theirs anew).
+    pub fn forget_vip_claims(&mut self) {
+        self.app_vip.clear();
+        self.vip_hosts.clear();
+    }
+
     pub fn hostnames(&self) -> Vec<String> {
         self.by_host.keys().chain(self.deployments_by_host.keys()).cloned().collect::<BTreeSet<_>>().into_iter().collect()
     }
@@ -661,6 +667,9 @@ fn publish_all(
 ) {
     let mut apps = Vec::new();
     let mut conflicts = Vec::new();
+    // Every claim is made again below: a hostname the new lists no longer
+    // have must not keep its VIP claimed.
+    index.forget_vip_claims();
     for host in index.hostnames() {
         let (app, conflict) = index.app(&host, ranges);
         index.claim_vip(&host, app.as_ref().map(|a| a.vip));
@@ -668,7 +677,7 @@ fn publish_all(
         conflicts.extend(conflict);
     }
     conflicts.extend(index.vip_conflicts(&apps));
-    let asleep = apps.iter().filter(|a| a.ready_backends().next().is_none()).count();
+    let asleep = apps.iter().filter(|a| !a.has_ready_pod()).count();
     info!(apps = apps.len(), asleep, "desired state from Kubernetes replaced");
     store.replace_all(apps, Observed::now());
     report_conflicts(index, &conflicts, emit, reported);
@@ -863,6 +872,16 @@ mod tests {
         let app = app.unwrap();
         assert!(conflict.is_some() && app.backends.is_empty() && app.lifecycle.scaler.is_none());
         assert_eq!(idx.remove_deployment("a", "web").as_deref(), Some("x.example.com"));
+    }
+
+    #[test]
+    fn a_relist_forgets_the_vip_claims_of_hostnames_that_are_gone() {
+        let mut idx = PodIndex::default();
+        let vip: IpAddr = "10.96.0.7".parse().unwrap();
+        assert!(idx.claim_vip("gone.example.com", Some(vip)).is_empty());
+        assert_eq!(idx.claim_vip("new.example.com", Some(vip)), ["gone.example.com"], "both claim it");
+        idx.forget_vip_claims();
+        assert!(idx.claim_vip("new.example.com", Some(vip)).is_empty(), "no stale claim after a relist");
     }
 
     #[test]
