@@ -23,4 +23,5 @@ pub mod run;
 pub mod scale;
 pub mod source;
 pub mod upgrade;
+pub mod vip_pool;
 pub mod wake;

@@ -121,7 +121,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let directory = Directory::default();
     let (source, kube_client) = match args.source.clone() {
         SourceSpec::File(path) => {
-            (tokio::spawn(file::watch(path, ranges, store.clone(), health.clone(), metrics.clone())), None)
+            let record = file::VipRecord::open(args.state_file.with_extension("vips.json"));
+            (tokio::spawn(file::watch(path, ranges, record, store.clone(), health.clone(), metrics.clone())), None)
         }
         SourceSpec::Kubernetes => {
             let client = kubernetes::client(args.api_qps).await?;

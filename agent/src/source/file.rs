@@ -10,8 +10,14 @@
 //! when the writer closes the file, or when a new file is renamed into
 //! place (how editors, orchestrators and ConfigMap mounts replace it), never
 //! while a slow writer is half-way through.
+//!
+//! An app without a `vip` gets one allocated from `--vip-range`, unique
+//! among the file's apps; explicit VIPs are granted when free. The VIPs
+//! handed out are recorded next to the state file (`<state>.vips.json`),
+//! so an app keeps its VIP across reloads and agent restarts.
 
 use std::{
+    collections::BTreeMap,
     net::IpAddr,
     path::{Path, PathBuf},
     time::Duration,
@@ -24,9 +30,11 @@ use tracing::{error, info, warn};
 
 use super::{Observed, Store};
 use crate::{
+    files::write_atomically,
     health::Health,
     metrics::Metrics,
     model::{AppSpec, BackendSpec, Lifecycle, PortSpec, Protocol, ScaleTarget, VipRanges},
+    vip_pool::{Want, assign_all},
 };
 
 /// The file format. Example:
@@ -34,7 +42,7 @@ use crate::{
 /// ```yaml
 /// apps:
 ///   - hostname: hello.apps.example.com
-///     vip: 10.96.0.10
+///     vip: 10.96.0.10     # optional: allocated from --vip-range if omitted
 ///     ports: [{ port: 80, targetPort: 8080 }]
 ///     pods:
 ///       - { name: hello-1, ip: 10.244.1.2, ready: true }
@@ -56,7 +64,9 @@ pub struct FileDoc {
 #[serde(deny_unknown_fields)]
 pub struct FileApp {
     pub hostname: String,
-    pub vip: String,
+    /// Optional: allocated if omitted.
+    #[serde(default)]
+    pub vip: Option<String>,
     pub ports: Vec<FilePort>,
     #[serde(default)]
     pub pods: Vec<FilePod>,
@@ -130,8 +140,21 @@ pub struct Rejected {
     pub reason: String,
 }
 
-/// Parses a document; returns the valid apps and the rejected ones.
-pub fn parse(path: &Path, text: &str, ranges: &VipRanges) -> Result<(Vec<AppSpec>, Vec<Rejected>), FileError> {
+/// The VIPs the file source handed out or granted, by hostname.
+pub type VipTable = BTreeMap<String, IpAddr>;
+
+/// A parsed document.
+#[derive(Debug)]
+pub struct Parsed {
+    pub apps: Vec<AppSpec>,
+    pub rejected: Vec<Rejected>,
+    /// Every valid app's VIP: the table to record for the next load.
+    pub vips: VipTable,
+}
+
+/// Parses a document and gives every app its VIP (keeping the ones in
+/// `prior`); returns the valid apps and the rejected ones.
+pub fn parse(path: &Path, text: &str, ranges: &VipRanges, prior: &VipTable) -> Result<Parsed, FileError> {
     if text.trim().is_empty() {
         return Err(FileError::Empty { path: path.to_path_buf() });
     }
@@ -150,27 +173,50 @@ pub fn parse(path: &Path, text: &str, ranges: &VipRanges) -> Result<(Vec<AppSpec
             message: e.to_string(),
         })?
     };
-    let mut apps: Vec<AppSpec> = Vec::new();
+    let mut drafts: Vec<(String, AppSpec, Option<IpAddr>)> = Vec::new();
     let mut rejected = Vec::new();
+    let mut seen = std::collections::HashSet::new();
     for (i, raw) in doc.apps.into_iter().enumerate() {
         let at = format!("apps[{i}] ({})", raw.hostname);
-        let result = convert(raw).and_then(|app| {
+        let result = convert(raw, ranges).and_then(|(app, requested)| {
             app.validate(ranges).map_err(|e| e.to_string())?;
-            if apps.iter().any(|a| a.hostname == app.hostname) {
+            if !seen.insert(app.hostname.clone()) {
                 return Err(format!("hostname '{}' is already used by an earlier app", app.hostname));
             }
-            Ok(app)
+            Ok((app, requested))
         });
         match result {
-            Ok(app) => apps.push(app),
+            Ok((app, requested)) => drafts.push((at, app, requested)),
             Err(reason) => rejected.push(Rejected { at, reason }),
         }
     }
-    Ok((apps, rejected))
+    let wants: Vec<Want> = drafts
+        .iter()
+        .map(|(_, app, requested)| Want { hostname: &app.hostname, requested: *requested, ipv6: app.vip.is_ipv6() })
+        .collect();
+    let assigned = assign_all(ranges, prior, &wants);
+    let mut apps = Vec::with_capacity(drafts.len());
+    let mut vips = VipTable::new();
+    for ((at, mut app, _), vip) in drafts.into_iter().zip(assigned) {
+        match vip {
+            Ok(vip) => {
+                app.vip = vip;
+                vips.insert(app.hostname.clone(), vip);
+                apps.push(app);
+            }
+            Err(reason) => rejected.push(Rejected { at, reason }),
+        }
+    }
+    Ok(Parsed { apps, rejected, vips })
 }
 
-fn convert(raw: FileApp) -> Result<AppSpec, String> {
-    let vip: IpAddr = raw.vip.parse().map_err(|_| format!("vip '{}' is not an IP address", raw.vip))?;
+/// The app, with its requested VIP; without one its `vip` is a stand-in
+/// from the range of its pods' family, replaced once allocated.
+fn convert(raw: FileApp, ranges: &VipRanges) -> Result<(AppSpec, Option<IpAddr>), String> {
+    let requested = match raw.vip.as_deref() {
+        None => None,
+        Some(v) => Some(v.trim().parse::<IpAddr>().map_err(|_| format!("vip '{v}' is not an IP address"))?),
+    };
     let mut ports = Vec::with_capacity(raw.ports.len());
     for p in raw.ports {
         let target = p.target_port.unwrap_or(p.port);
@@ -210,29 +256,89 @@ fn convert(raw: FileApp) -> Result<AppSpec, String> {
         hold_timeout: duration("holdTimeout", raw.hold_timeout.as_deref())?,
         proxy_protocol: raw.proxy_protocol,
     };
-    Ok(AppSpec { hostname: raw.hostname, vip, ports, backends, lifecycle })
+    let vip = match requested {
+        Some(ip) => ip,
+        None => {
+            let ipv6 = backends.first().is_some_and(|b| b.ip.is_ipv6());
+            let range = if ipv6 { ranges.v6 } else { ranges.v4.or(ranges.v6) };
+            range.map(|r| r.nth(1)).ok_or("no vip given and no VIP range of the pods' family to allocate from (--vip-range)")?
+        }
+    };
+    Ok((AppSpec { hostname: raw.hostname, vip, ports, backends, lifecycle }, requested))
+}
+
+/// The record of the VIPs the file source handed out (`<state>.vips.json`).
+pub struct VipRecord {
+    path: PathBuf,
+    table: VipTable,
+}
+
+impl VipRecord {
+    /// Reads the record; a missing one is empty, an unreadable one is
+    /// reported and treated as empty (explicit VIPs are unaffected).
+    pub fn open(path: PathBuf) -> Self {
+        let table = match std::fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
+                error!(file = %path.display(), error = %e, "the VIP record is unreadable; allocated VIPs may change");
+                VipTable::new()
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => VipTable::new(),
+            Err(e) => {
+                error!(file = %path.display(), error = %e, "cannot read the VIP record; allocated VIPs may change");
+                VipTable::new()
+            }
+        };
+        Self { path, table }
+    }
+
+    pub fn table(&self) -> &VipTable {
+        &self.table
+    }
+
+    /// Records a new table (before it is applied, so a crash after the maps
+    /// are written cannot forget a VIP in use).
+    fn record(&mut self, table: VipTable) -> std::io::Result<()> {
+        if table != self.table {
+            let bytes = serde_json::to_vec(&table).map_err(std::io::Error::other)?;
+            write_atomically(&self.path, &bytes)?;
+            self.table = table;
+        }
+        Ok(())
+    }
 }
 
 /// Loads the file into the store: on a parse error the store keeps what it had.
-pub fn load(path: &Path, ranges: &VipRanges, store: &Store, metrics: &Metrics) -> Result<usize, FileError> {
+pub fn load(path: &Path, ranges: &VipRanges, record: &mut VipRecord, store: &Store, metrics: &Metrics) -> Result<usize, FileError> {
     let observed = Observed::now();
     let text = std::fs::read_to_string(path)
         .map_err(|source| FileError::Read { path: path.to_path_buf(), source })?;
-    let (apps, rejected) = parse(path, &text, ranges)?;
+    let Parsed { apps, rejected, vips } = parse(path, &text, ranges, record.table())?;
     for r in &rejected {
         warn!(at = %r.at, reason = %r.reason, file = %path.display(), "app rejected; the others are applied");
     }
     metrics.invalid_apps.set(rejected.len() as i64);
+    if let Err(e) = record.record(vips) {
+        // Still unique; only a restart might move allocated VIPs.
+        metrics.source_errors.inc();
+        error!(file = %record.path.display(), error = %e, "cannot record the VIPs handed out");
+    }
     let count = apps.len();
     store.replace_all(apps, observed);
     Ok(count)
 }
 
 /// Loads the file, then reloads it whenever it changes, until cancelled.
-pub async fn watch(path: PathBuf, ranges: VipRanges, store: Store, health: Health, metrics: Metrics) -> anyhow::Result<()> {
+pub async fn watch(
+    path: PathBuf,
+    ranges: VipRanges,
+    mut record: VipRecord,
+    store: Store,
+    health: Health,
+    metrics: Metrics,
+) -> anyhow::Result<()> {
     // Parsing a large file takes a while: keep the runtime's other tasks
     // (signals, /healthz) answering meanwhile.
-    let reload = |why: &str| match tokio::task::block_in_place(|| load(&path, &ranges, &store, &metrics)) {
+    let mut reload = |why: &str| match tokio::task::block_in_place(|| load(&path, &ranges, &mut record, &store, &metrics)) {
         Ok(n) => {
             info!(file = %path.display(), apps = n, why, "desired state loaded");
             health.set_source_ok();
@@ -324,7 +430,7 @@ apps:
     vip: 10.96.0.13
     ports: [{ port: 80 }]
 "#;
-        let (apps, rejected) = parse(Path::new("apps.yaml"), text, &ranges()).unwrap();
+        let Parsed { apps, rejected, .. } = parse(Path::new("apps.yaml"), text, &ranges(), &VipTable::new()).unwrap();
         assert_eq!(apps.len(), 1);
         assert_eq!(apps[0].backends.len(), 2);
         assert!(!apps[0].backends[1].ready);
@@ -366,7 +472,7 @@ apps:
     ports: [{ port: 80 }]
     scale: { exec: [] }
 "#;
-        let (apps, rejected) = parse(Path::new("apps.yaml"), text, &ranges()).unwrap();
+        let Parsed { apps, rejected, .. } = parse(Path::new("apps.yaml"), text, &ranges(), &VipTable::new()).unwrap();
         assert_eq!(apps.len(), 2);
         let l = &apps[0].lifecycle;
         assert_eq!(l.scaler, Some(ScaleTarget::Exec(vec!["/bin/orchestrate".into(), "sleepy".into()])));
@@ -379,12 +485,12 @@ apps:
     #[test]
     fn empty_and_truncated_documents_never_read_as_no_apps() {
         for text in ["", "\n  \n", "# only a comment\n"] {
-            let err = parse(Path::new("apps.yaml"), text, &ranges()).unwrap_err().to_string();
+            let err = parse(Path::new("apps.yaml"), text, &ranges(), &VipTable::new()).unwrap_err().to_string();
             assert!(err.contains("empty") || err.contains("missing field `apps`"), "{text:?}: {err}");
         }
-        let err = parse(Path::new("apps.yaml"), "unrelated: 1\n", &ranges()).unwrap_err().to_string();
+        let err = parse(Path::new("apps.yaml"), "unrelated: 1\n", &ranges(), &VipTable::new()).unwrap_err().to_string();
         assert!(err.contains("unknown field") || err.contains("missing field"), "{err}");
-        let (apps, _) = parse(Path::new("apps.yaml"), "apps: []\n", &ranges()).unwrap();
+        let Parsed { apps, .. } = parse(Path::new("apps.yaml"), "apps: []\n", &ranges(), &VipTable::new()).unwrap();
         assert!(apps.is_empty(), "an explicit empty list removes every app");
     }
 
@@ -399,20 +505,76 @@ apps:
 
     #[test]
     fn malformed_file_reports_line_and_column() {
-        let err = parse(Path::new("apps.yaml"), "apps:\n  - hostname: [unclosed\n", &ranges()).unwrap_err();
+        let err = parse(Path::new("apps.yaml"), "apps:\n  - hostname: [unclosed\n", &ranges(), &VipTable::new()).unwrap_err();
         let msg = err.to_string();
         assert!(msg.starts_with("apps.yaml:"), "{msg}");
         assert!(msg.contains(":2:") || msg.contains(":3:"), "location missing: {msg}");
-        let err = parse(Path::new("a.json"), r#"{"apps": [{"hostname": "a", "vip": 1, "ports": "x"}]}"#, &ranges());
+        let err = parse(Path::new("a.json"), r#"{"apps": [{"hostname": "a", "vip": 1, "ports": "x"}]}"#, &ranges(), &VipTable::new());
         assert!(err.is_err());
-        let err = parse(Path::new("a.yaml"), "apps: []\nunknown: 1\n", &ranges()).unwrap_err();
+        let err = parse(Path::new("a.yaml"), "apps: []\nunknown: 1\n", &ranges(), &VipTable::new()).unwrap_err();
         assert!(err.to_string().contains("unknown"), "{err}");
+    }
+
+    #[test]
+    fn apps_without_a_vip_get_unique_ones_that_survive_reloads_and_restarts() {
+        // 100k apps, none with a VIP, in a /12.
+        let ranges = VipRanges::from_list(&["10.96.0.0/12".parse().unwrap()]).unwrap();
+        let n = 100_000;
+        let doc = |skip: Option<usize>| {
+            let apps: Vec<String> = (0..n)
+                .filter(|i| Some(*i) != skip)
+                .map(|i| format!(r#"{{"hostname":"app{i}.example.com","ports":[{{"port":80}}]}}"#))
+                .collect();
+            format!(r#"{{"apps":[{}]}}"#, apps.join(","))
+        };
+        let first = parse(Path::new("a.json"), &doc(None), &ranges, &VipTable::new()).unwrap();
+        assert!(first.rejected.is_empty());
+        let unique: std::collections::HashSet<IpAddr> = first.apps.iter().map(|a| a.vip).collect();
+        assert_eq!(unique.len(), n, "every app its own VIP");
+        assert!(first.apps.iter().all(|a| ranges.v4.unwrap().contains(a.vip)));
+
+        // A restart reads the record back: the same VIPs.
+        let path = std::env::temp_dir().join(format!("svl-test-{}-record.vips.json", std::process::id()));
+        let mut record = VipRecord::open(path.clone());
+        record.record(first.vips.clone()).unwrap();
+        let record = VipRecord::open(path.clone());
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(record.table(), &first.vips);
+        // An app removed, another added with the removed one's VIP asked for
+        // explicitly, and a new one: nobody else moves.
+        let mut text = doc(Some(7));
+        let freed = first.vips["app7.example.com"];
+        let taken = first.vips["app8.example.com"];
+        text = text.replacen(
+            r#"{"apps":["#,
+            &format!(r#"{{"apps":[{{"hostname":"late.example.com","vip":"{freed}","ports":[{{"port":80}}]}},{{"hostname":"thief.example.com","vip":"{taken}","ports":[{{"port":80}}]}},{{"hostname":"fresh.example.com","ports":[{{"port":80}}]}},"#),
+            1,
+        );
+        let second = parse(Path::new("a.json"), &text, &ranges, record.table()).unwrap();
+        for app in &second.apps {
+            if let Some(old) = first.vips.get(&app.hostname) {
+                assert_eq!(app.vip, *old, "{} kept its VIP", app.hostname);
+            }
+        }
+        assert_eq!(second.vips["late.example.com"], freed, "a free explicit VIP is granted");
+        assert_eq!(second.rejected.len(), 1);
+        assert!(second.rejected[0].reason.contains("already held by app8.example.com"), "{:?}", second.rejected);
+        let unique: std::collections::HashSet<IpAddr> = second.apps.iter().map(|a| a.vip).collect();
+        assert_eq!(unique.len(), second.apps.len());
+    }
+
+    #[test]
+    fn a_corrupt_vip_record_is_reported_and_read_as_empty() {
+        let path = std::env::temp_dir().join(format!("svl-test-{}-corrupt.vips.json", std::process::id()));
+        std::fs::write(&path, b"{\"half").unwrap();
+        assert!(VipRecord::open(path.clone()).table().is_empty());
+        std::fs::remove_file(&path).unwrap();
     }
 
     #[test]
     fn json_is_accepted() {
         let text = r#"{"apps": [{"hostname": "j.example.com", "vip": "10.96.0.20", "ports": [{"port": 53, "protocol": "UDP"}]}]}"#;
-        let (apps, rejected) = parse(Path::new("a.json"), text, &ranges()).unwrap();
+        let Parsed { apps, rejected, .. } = parse(Path::new("a.json"), text, &ranges(), &VipTable::new()).unwrap();
         assert!(rejected.is_empty());
         assert_eq!(apps[0].ports[0].protocol, Protocol::Udp);
         assert_eq!(apps[0].ports[0].target_port, 53);
