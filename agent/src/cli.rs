@@ -38,6 +38,79 @@ pub enum Command {
     Inspect(InspectArgs),
     /// Remove the programs from an interface and unpin every map (drops all connections).
     Detach(DetachArgs),
+    /// Run the cluster's VIP allocator (a Deployment; one replica is elected
+    /// through a Lease): record a unique VIP for every new app as an
+    /// AppAddress, decide which namespace owns each hostname, release the
+    /// VIPs of apps that are gone.
+    Allocate(AllocateArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct AllocateArgs {
+    /// VIP range (CIDR) to allocate from; repeat for IPv4 and IPv6. Must
+    /// match the agents' --vip-range. IPv4 is used unless an app's pods are IPv6.
+    #[arg(long = "vip-range", env = "SERVICELESS_VIP_RANGES", value_delimiter = ',', default_value = "10.96.0.0/12")]
+    pub vip_ranges: Vec<VipRange>,
+    /// Which namespaces may take which hostnames: `<namespace>=<suffix>`,
+    /// repeatable; the namespace may be `*` or end in `*` (a prefix), a
+    /// suffix starting with '.' matches names under it, otherwise the exact
+    /// name. With no rule every namespace may take any hostname. Example:
+    /// `--hostname-rule 'team-a=.a.apps.example.com' --hostname-rule '*=.shared.example.com'`.
+    #[arg(long = "hostname-rule", env = "SERVICELESS_HOSTNAME_RULES", value_delimiter = ',')]
+    pub hostname_rules: Vec<HostnameRule>,
+    /// How long an app may be gone (no pod, no Deployment in its namespace)
+    /// before its VIP and hostname are released for others.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "10m")]
+    pub release_after: Duration,
+    /// Address for /metrics, /healthz and /readyz.
+    #[arg(long, env = "SERVICELESS_LISTEN", default_value = "0.0.0.0:9096")]
+    pub listen: SocketAddr,
+    /// API requests per second (allocation is one create per new app).
+    #[arg(long, env = "SERVICELESS_API_QPS", default_value_t = 100)]
+    pub api_qps: u32,
+    /// Namespace of the election Lease.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "kube-system")]
+    pub namespace: String,
+    /// Name of the election Lease.
+    #[arg(long, default_value = "serviceless-vip-allocator")]
+    pub lease_name: String,
+    /// This replica's name in the Lease (default: the pod name, else host name and process id).
+    #[arg(long, env = "POD_NAME")]
+    pub identity: Option<String>,
+}
+
+/// `<namespace>=<suffix>`: who may take which hostnames.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HostnameRule {
+    pub namespace: String,
+    pub suffix: String,
+}
+
+impl HostnameRule {
+    pub fn matches(&self, namespace: &str, hostname: &str) -> bool {
+        let ns_ok = match self.namespace.strip_suffix('*') {
+            Some(prefix) => namespace.starts_with(prefix),
+            None => namespace == self.namespace,
+        };
+        let host_ok = if self.suffix.starts_with('.') { hostname.ends_with(&self.suffix) } else { hostname == self.suffix };
+        ns_ok && host_ok
+    }
+}
+
+impl FromStr for HostnameRule {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (ns, suffix) = s
+            .split_once('=')
+            .ok_or_else(|| format!("'{s}' is not <namespace>=<hostname suffix>, e.g. team-a=.a.apps.example.com"))?;
+        let (ns, suffix) = (ns.trim(), suffix.trim().to_ascii_lowercase());
+        if ns.is_empty() || suffix.is_empty() || suffix == "." {
+            return Err(format!("'{s}': both a namespace (or *) and a suffix are needed"));
+        }
+        crate::model::validate_hostname(suffix.trim_start_matches('.')).map_err(|e| format!("'{s}': {e}"))?;
+        Ok(Self { namespace: ns.to_string(), suffix })
+    }
 }
 
 #[derive(Args, Debug, Clone)]

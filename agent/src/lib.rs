@@ -3,6 +3,8 @@
 //! reports through `inspect`, metrics and health endpoints.
 
 pub mod activator;
+pub mod allocator;
+pub mod app_address;
 pub mod cli;
 pub mod conntrack;
 pub mod dataplane;

@@ -3,7 +3,7 @@
 use clap::Parser as _;
 use serviceless_agent::{
     cli::{Cli, Command},
-    dataplane, inspect, run,
+    allocator, dataplane, inspect, run,
 };
 use tracing_subscriber::EnvFilter;
 
@@ -26,6 +26,12 @@ fn main() -> std::process::ExitCode {
             .build()
             .map_err(anyhow::Error::from)
             .and_then(|rt| rt.block_on(run::run(*args))),
+        Command::Allocate(args) => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .map_err(anyhow::Error::from)
+            .and_then(|rt| rt.block_on(allocator::run(args))),
         Command::Inspect(args) => inspect::run(&args),
         Command::Detach(args) => dataplane::detach(&dataplane::Pins::new(&args.pin_dir), &args.iface),
     };

@@ -65,6 +65,10 @@ pub struct Metrics {
     pub apps_programmed: Gauge,
     pub invalid_apps: Gauge,
     pub vip_collisions: Gauge,
+    /// Objects declaring a hostname another namespace owns (not programmed).
+    pub refused_claims: Gauge,
+    /// Apps waiting for the allocator to record their VIP.
+    pub apps_awaiting_vip: Gauge,
     pub source_errors: Counter,
     pub watch_restarts: Counter,
     /// Duration of one in-kernel conntrack GC pass.
@@ -111,6 +115,8 @@ impl Metrics {
             apps_programmed: Gauge::default(),
             invalid_apps: Gauge::default(),
             vip_collisions: Gauge::default(),
+            refused_claims: Gauge::default(),
+            apps_awaiting_vip: Gauge::default(),
             source_errors: Counter::default(),
             watch_restarts: Counter::default(),
             ct_gc_duration: Histogram::new(latency_buckets()),
@@ -144,6 +150,12 @@ impl Metrics {
             r.register("apps_programmed", "Apps present in the maps", m.apps_programmed.clone());
             r.register("invalid_apps", "Apps rejected by validation in the current desired state", m.invalid_apps.clone());
             r.register("vip_collisions", "VIPs claimed by more than one app (sent to the activator)", m.vip_collisions.clone());
+            r.register(
+                "refused_claims",
+                "Pods and Deployments declaring a hostname another namespace owns (not programmed)",
+                m.refused_claims.clone(),
+            );
+            r.register("apps_awaiting_vip", "Apps whose VIP the allocator has not recorded yet", m.apps_awaiting_vip.clone());
             r.register("source_errors", "Desired-state source errors (unparsable file, API errors)", m.source_errors.clone());
             r.register("watch_restarts", "Kubernetes watch restarts", m.watch_restarts.clone());
             r.register("conntrack_gc_duration_seconds", "Duration of one in-kernel conntrack GC pass", m.ct_gc_duration.clone());

@@ -23,6 +23,10 @@ use crate::topology::Topology;
 
 /// The ServiceAccount the agent runs as (deploy/serviceaccount.yaml).
 pub const AGENT_SA: &str = "system:serviceaccount:kube-system:serviceless-agent";
+/// The ServiceAccount the VIP allocator runs as.
+pub const ALLOCATOR_SA: &str = "system:serviceaccount:kube-system:serviceless-allocator";
+/// How long the test allocator waits before releasing a gone app's VIP.
+pub const RELEASE_AFTER: &str = "3s";
 
 pub struct KubeEnv {
     pub cluster: k8s::Cluster,
@@ -31,6 +35,12 @@ pub struct KubeEnv {
     /// Kubeconfig that impersonates the agent's ServiceAccount, so the agent
     /// runs with exactly the permissions of deploy/rbac.yaml.
     pub agent_kubeconfig: PathBuf,
+    /// The same for the allocator's ServiceAccount.
+    pub allocator_kubeconfig: PathBuf,
+    /// The VIP allocator started with the control plane (deploy/allocator.yaml's
+    /// role); take it to stop or replace it.
+    pub allocator: Option<crate::netns::Proc>,
+    dir: PathBuf,
     /// Pods the fake kubelet started: name -> pod number in the topology.
     started: HashMap<(String, String), u8>,
     next_pod: u8,
@@ -56,8 +66,15 @@ impl KubeEnv {
             .arg(root.join("deploy/serviceaccount.yaml"))
             .arg("-f")
             .arg(root.join("deploy/rbac.yaml"))
+            .arg("-f")
+            .arg(root.join("deploy/crd.yaml"))
             .output()?;
-        anyhow::ensure!(out.status.success(), "applying RBAC: {}", String::from_utf8_lossy(&out.stderr));
+        anyhow::ensure!(out.status.success(), "applying RBAC and the CRD: {}", String::from_utf8_lossy(&out.stderr));
+        let out = cluster
+            .kubectl()
+            .args(["wait", "--for=condition=Established", "--timeout=30s", "crd/appaddresses.serviceless.io"])
+            .output()?;
+        anyhow::ensure!(out.status.success(), "the AppAddress CRD: {}", String::from_utf8_lossy(&out.stderr));
 
         // The agent runs in the node namespace, whose loopback is not the
         // API server's: carry its connections across.
@@ -66,6 +83,8 @@ impl KubeEnv {
         }
         let agent_kubeconfig = dir.join("agent.kubeconfig");
         std::fs::write(&agent_kubeconfig, kubeconfig(&cluster, Some(AGENT_SA)))?;
+        let allocator_kubeconfig = dir.join("allocator.kubeconfig");
+        std::fs::write(&allocator_kubeconfig, kubeconfig(&cluster, Some(ALLOCATOR_SA)))?;
         let admin = dir.join("admin.kubeconfig");
         std::fs::write(&admin, kubeconfig(&cluster, None))?;
 
@@ -75,7 +94,56 @@ impl KubeEnv {
             let config = kube::Config::from_custom_kubeconfig(kc, &Default::default()).await?;
             anyhow::Ok(Client::try_from(config)?)
         })?;
-        Ok(Self { cluster, rt, client, agent_kubeconfig, started: HashMap::new(), next_pod: 1 })
+        let mut env = Self {
+            cluster,
+            rt,
+            client,
+            agent_kubeconfig,
+            allocator_kubeconfig,
+            allocator: None,
+            dir,
+            started: HashMap::new(),
+            next_pod: 1,
+        };
+        env.allocator = Some(env.start_allocator("allocator-1", &[])?);
+        Ok(env)
+    }
+
+    /// Starts a VIP allocator replica (`serviceless allocate`) as its
+    /// ServiceAccount, logging to `k8s/<name>.log`; `extra` adds flags.
+    pub fn start_allocator(&self, name: &str, extra: &[&str]) -> anyhow::Result<crate::netns::Proc> {
+        let log = std::fs::File::create(self.dir.join(format!("{name}.log")))?;
+        let port = 19096 + name.bytes().map(u16::from).sum::<u16>() % 100;
+        let child = std::process::Command::new(crate::topology::agent_binary()?)
+            .args(["allocate", "--vip-range", crate::topology::VIP_RANGE, "--identity", name, "--release-after", RELEASE_AFTER])
+            .args(["--listen", &format!("127.0.0.1:{port}"), "--namespace", "kube-system", "--api-qps", "500"])
+            .args(extra)
+            .env("KUBECONFIG", &self.allocator_kubeconfig)
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("starting the allocator")?;
+        Ok(crate::netns::Proc::from_child(child))
+    }
+
+    /// An allocator replica's log.
+    pub fn allocator_log(&self, name: &str) -> String {
+        std::fs::read_to_string(self.dir.join(format!("{name}.log"))).unwrap_or_default()
+    }
+
+    /// Every AppAddress record: VIP -> (hostname, namespace).
+    pub fn records(&self) -> std::collections::BTreeMap<String, (String, String)> {
+        let out = self.kubectl(&["get", "appaddresses", "-o", "json"]).unwrap_or_default();
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
+        v["items"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|i| {
+                let s = |k: &str| i["spec"][k].as_str().unwrap_or_default().to_string();
+                (s("address"), (s("hostname"), s("namespace")))
+            })
+            .collect()
     }
 
     /// Starts the agent with the Kubernetes source, as the ServiceAccount.

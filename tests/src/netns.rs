@@ -110,6 +110,11 @@ pub struct Proc {
 }
 
 impl Proc {
+    /// Owns a child started elsewhere.
+    pub fn from_child(child: Child) -> Self {
+        Self { child: Some(child) }
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.as_ref().map_or(0, Child::id)
     }

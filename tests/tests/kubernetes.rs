@@ -256,13 +256,13 @@ fn a_sleeping_deployment_wakes_on_its_first_request_once_and_sleeps_when_idle() 
 }
 
 #[test]
-fn bad_annotations_collisions_and_scale() {
+fn bad_annotations_ownership_and_scale() {
     if !kernel_tests_enabled("kubernetes: bad input") {
         return;
     }
     let mut topo = Topology::new("svk2", &server_bin()).expect("topology");
     topo.max_apps = 16_384;
-    let kube = KubeEnv::start(&topo).expect("control plane");
+    let mut kube = KubeEnv::start(&topo).expect("control plane");
     let _agent = kube.start_agent(&topo, "agent.log").expect("agent");
     topo.wait_ready(Duration::from_secs(30)).unwrap_or_else(|e| panic!("{e:#}\n{}", topo.agent_log("agent.log")));
     kube.kubectl(&["create", "namespace", "other"]).expect("namespace");
@@ -281,17 +281,36 @@ fn bad_annotations_collisions_and_scale() {
     for (name, ann) in bad {
         kube.apply(&pod("default", name, ann)).expect("pod");
     }
-    // Same hostname claimed from two namespaces; and one pod that never gets an IP.
-    kube.apply(&pod("default", "dup-a", "serviceless.io/hostname: dup.example.com, serviceless.io/vip: 10.96.0.30")).expect("pod");
-    kube.apply(&pod("other", "dup-b", "serviceless.io/hostname: dup.example.com, serviceless.io/vip: 10.96.0.30")).expect("pod");
-    kube.set_status("default", "dup-a", Some("10.244.77.2"), true).expect("status");
-    kube.set_status("other", "dup-b", Some("10.244.78.2"), true).expect("status");
-    kube.apply(&pod("default", "no-ip", "serviceless.io/hostname: noip.example.com, serviceless.io/vip: 10.96.0.31")).expect("pod");
-
     wait_until("invalid pods counted", Duration::from_secs(20), || {
         metric(&topo, "serviceless_invalid_apps") == Some(bad.len() as f64)
     });
-    wait_until("events for every bad pod and the collision", Duration::from_secs(30), || {
+
+    // Ownership: "other" declares dup.example.com first and owns it; a
+    // second later "default" (which sorts first, so time decides) claims
+    // the same hostname and VIP, and a third app in "default" claims the VIP
+    // under another name. Neither disturbs the owner's connections, open or new.
+    let dup = |ns: &str, name: &str, host: &str| pod(ns, name, &format!("serviceless.io/hostname: {host}, serviceless.io/vip: 10.96.0.30, serviceless.io/target-port: \"8080\""));
+    kube.apply(&dup("other", "dup-b", "dup.example.com")).expect("pod");
+    kube.kubelet_sync(&mut topo).expect("kubelet");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !topo.request("10.96.0.30:80").is_ok_and(|r| r.server() == "dup-b") {
+        assert!(
+            Instant::now() < deadline,
+            "the owner's pod never served ({:?}; {:?}); agent log:\n{}\nallocator log:\n{}",
+            topo.request("10.96.0.30:80").map(|r| r.server().to_string()),
+            serviceless_tests::scenario::inspect(&topo),
+            topo.agent_log("agent.log"),
+            kube.allocator_log("allocator-1")
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+    let mut open = topo.connect("10.96.0.30:80").expect("connect");
+    assert_eq!(open.get().expect("request").server(), "dup-b");
+    thread::sleep(Duration::from_millis(1100));
+    kube.apply(&dup("default", "dup-a", "dup.example.com")).expect("pod");
+    kube.apply(&dup("default", "vip-thief", "thief.example.com")).expect("pod");
+    kube.kubelet_sync(&mut topo).expect("kubelet");
+    wait_until("events for every bad pod and each refusal", Duration::from_secs(30), || {
         let events = kube.kubectl(&["get", "events", "-A", "-o", "json"]).unwrap_or_default();
         let v: serde_json::Value = serde_json::from_str(&events).unwrap_or_default();
         let items = v["items"].as_array().cloned().unwrap_or_default();
@@ -299,19 +318,26 @@ fn bad_annotations_collisions_and_scale() {
             items.iter().any(|e| e["involvedObject"]["name"] == pod && e["reason"] == reason)
         };
         bad.iter().all(|(name, _)| has(name, "InvalidServicelessAnnotation"))
-            && has("dup-a", "ServicelessCollision")
-            && has("dup-b", "ServicelessCollision")
+            && has("dup-a", "ServicelessHostnameTaken")
+            && has("vip-thief", "ServicelessVIPTaken")
+            && !has("dup-b", "ServicelessHostnameTaken")
     });
+    wait_until("the refused claim counted", Duration::from_secs(10), || metric(&topo, "serviceless_refused_claims") == Some(1.0));
+    assert_eq!(open.get().expect("the connection opened before the claim").server(), "dup-b");
+    for _ in 0..10 {
+        assert_eq!(topo.request("10.96.0.30:80").expect("request").server(), "dup-b", "new connections reach the owner");
+    }
+    assert_eq!(kube.records().get("10.96.0.30"), Some(&("dup.example.com".to_string(), "other".to_string())));
+    assert!(!kube.records().values().any(|(h, _)| h == "thief.example.com"), "a taken VIP is not granted");
     let log = topo.agent_log("agent.log");
     for needle in ["not a valid DNS name", "not a port", "outside the VIP range", "none configured for its address family"] {
         assert!(log.contains(needle), "agent log explains '{needle}':\n{log}");
     }
-    // The contested hostname reaches the activator, never either namespace's pod.
-    let r = topo.request("10.96.0.30:80").expect("request");
-    assert_eq!(r.server(), "activator");
     // A pod without an IP is no backend: its app has none.
-    let r = topo.request("10.96.0.31:80").expect("request");
-    assert_eq!(r.server(), "activator");
+    kube.apply(&pod("default", "no-ip", "serviceless.io/hostname: noip.example.com, serviceless.io/vip: 10.96.0.31")).expect("pod");
+    wait_until("the app without pods to be programmed", Duration::from_secs(20), || {
+        topo.request("10.96.0.31:80").is_ok_and(|r| r.server() == "activator")
+    });
 
     // 10,000 pods at once (10,000 apps), all programmed: created and made
     // ready concurrently, as a busy cluster's kubelets would.
@@ -350,10 +376,15 @@ fn bad_annotations_collisions_and_scale() {
     });
     let total = started.elapsed();
     println!(
-        "SCALE: {n} pods created and made ready through the API in {:.1}s; all {n} apps programmed {:.1}s after the first create",
+        "SCALE: {n} pods created and made ready through the API in {:.1}s; all {n} apps got a VIP recorded and were programmed {:.1}s after the first create",
         api_done.as_secs_f64(),
         total.as_secs_f64()
     );
+    // Every app its own VIP: one record per hostname (records are named by VIP).
+    let records = kube.records();
+    let scale_hosts: Vec<&String> = records.values().map(|(h, _)| h).filter(|h| h.ends_with(".scale.example.com")).collect();
+    assert_eq!(scale_hosts.len(), n as usize, "one record per app");
+    assert_eq!(scale_hosts.iter().collect::<HashSet<_>>().len(), n as usize, "no app holds two");
     let r = topo.request("10.96.0.31:80").expect("request");
     assert_eq!(r.server(), "activator", "still routing after the burst");
 }
@@ -369,25 +400,59 @@ fn deploy_manifests_pass_server_side_dry_run_and_rbac_is_minimal() {
     let out = kube
         .kubectl(&["apply", "-k", deploy.to_str().expect("path"), "--dry-run=server", "-o", "name"])
         .expect("server-side dry-run of the kustomization");
-    for kind in ["serviceaccount/serviceless-agent", "clusterrole.rbac.authorization.k8s.io/serviceless-agent", "configmap/serviceless-agent", "daemonset.apps/serviceless-agent"] {
+    for kind in [
+        "serviceaccount/serviceless-agent",
+        "clusterrole.rbac.authorization.k8s.io/serviceless-agent",
+        "configmap/serviceless-agent",
+        "daemonset.apps/serviceless-agent",
+        "customresourcedefinition.apiextensions.k8s.io/appaddresses.serviceless.io",
+        "serviceaccount/serviceless-allocator",
+        "clusterrole.rbac.authorization.k8s.io/serviceless-allocator",
+        "role.rbac.authorization.k8s.io/serviceless-allocator-election",
+        "deployment.apps/serviceless-allocator",
+    ] {
         assert!(out.contains(kind), "dry-run output lacks {kind}:\n{out}");
     }
-    // The ClusterRole grants exactly what the agent calls (see agent/src/source/kubernetes.rs).
-    let role = kube.kubectl(&["get", "clusterrole", "serviceless-agent", "-o", "json"]).expect("role");
-    let role: serde_json::Value = serde_json::from_str(&role).expect("json");
-    let mut granted = Vec::new();
-    for rule in role["rules"].as_array().expect("rules") {
-        for group in rule["apiGroups"].as_array().into_iter().flatten() {
-            for res in rule["resources"].as_array().into_iter().flatten() {
-                for verb in rule["verbs"].as_array().into_iter().flatten() {
-                    granted.push(format!("{}/{}/{}", group.as_str().unwrap_or("?"), res.as_str().unwrap_or("?"), verb.as_str().unwrap_or("?")));
+    // The roles grant exactly what the agent and the allocator call (see
+    // agent/src/source/kubernetes.rs and agent/src/allocator.rs).
+    let granted = |kind: &str, name: &str| {
+        let role = kube.kubectl(&["get", kind, name, "-n", "kube-system", "-o", "json"]).expect("role");
+        let role: serde_json::Value = serde_json::from_str(&role).expect("json");
+        let mut granted = Vec::new();
+        for rule in role["rules"].as_array().expect("rules") {
+            for group in rule["apiGroups"].as_array().into_iter().flatten() {
+                for res in rule["resources"].as_array().into_iter().flatten() {
+                    for verb in rule["verbs"].as_array().into_iter().flatten() {
+                        granted.push(format!("{}/{}/{}", group.as_str().unwrap_or("?"), res.as_str().unwrap_or("?"), verb.as_str().unwrap_or("?")));
+                    }
                 }
             }
         }
-    }
-    granted.sort();
+        granted.sort();
+        granted
+    };
     assert_eq!(
-        granted,
+        granted("clusterrole", "serviceless-allocator"),
+        [
+            "/pods/list",
+            "/pods/watch",
+            "apps/deployments/list",
+            "apps/deployments/watch",
+            "events.k8s.io/events/create",
+            "events.k8s.io/events/patch",
+            "serviceless.io/appaddresses/create",
+            "serviceless.io/appaddresses/delete",
+            "serviceless.io/appaddresses/list",
+            "serviceless.io/appaddresses/watch"
+        ],
+        "the allocator's ClusterRole must grant nothing beyond its calls (never update)"
+    );
+    assert_eq!(
+        granted("role", "serviceless-allocator-election"),
+        ["coordination.k8s.io/leases/create", "coordination.k8s.io/leases/get", "coordination.k8s.io/leases/patch"]
+    );
+    assert_eq!(
+        granted("clusterrole", "serviceless-agent"),
         [
             "/pods/list",
             "/pods/watch",
@@ -396,7 +461,9 @@ fn deploy_manifests_pass_server_side_dry_run_and_rbac_is_minimal() {
             "apps/deployments/scale/patch",
             "apps/deployments/watch",
             "events.k8s.io/events/create",
-            "events.k8s.io/events/patch"
+            "events.k8s.io/events/patch",
+            "serviceless.io/appaddresses/list",
+            "serviceless.io/appaddresses/watch"
         ],
         "the ClusterRole must grant nothing beyond the agent's calls"
     );

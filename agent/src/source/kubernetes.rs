@@ -44,6 +44,7 @@ use tracing::{debug, info, warn};
 
 use super::{Observed, Store};
 use crate::{
+    app_address::{AppAddress, Claim},
     health::Health,
     metrics::Metrics,
     model::{AppSpec, BackendSpec, Lifecycle, PortSpec, Protocol, ScaleTarget, VipRanges, validate_hostname},
@@ -184,6 +185,7 @@ pub fn parse_pod(pod: &Pod, ranges: &VipRanges) -> Result<PodInfo, String> {
 pub struct DeploymentInfo {
     pub namespace: String,
     pub name: String,
+    pub uid: String,
     pub hostname: String,
     pub vip: Option<IpAddr>,
     pub port: PortSpec,
@@ -221,6 +223,7 @@ pub fn parse_deployment(meta: &ObjectMeta, ranges: &VipRanges) -> Result<Deploym
         },
         namespace,
         name,
+        uid: meta.uid.clone().unwrap_or_default(),
         hostname,
         vip,
         port,
@@ -228,35 +231,47 @@ pub fn parse_deployment(meta: &ObjectMeta, ranges: &VipRanges) -> Result<Deploym
     })
 }
 
-/// The VIP for a hostname without an explicit one: a stable hash of the
-/// name inside the configured range (IPv4 preferred).
-pub fn derive_vip(hostname: &str, ranges: &VipRanges) -> Option<IpAddr> {
-    let range = ranges.v4.or(ranges.v6)?;
-    let h = serviceless_common::hash::mix64(
-        hostname.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)),
-    );
-    // Skip the network address itself.
-    let size = range.size().max(2);
-    Some(range.nth(1 + u128::from(h) % (size - 1)))
-}
-
-/// Pods grouped into apps.
+/// Pods, Deployments and VIP records, grouped by hostname.
 #[derive(Default)]
 pub struct PodIndex {
     pods: HashMap<PodKey, PodInfo>,
     by_host: HashMap<String, BTreeSet<PodKey>>,
     deployments: HashMap<PodKey, DeploymentInfo>,
     deployments_by_host: HashMap<String, BTreeSet<PodKey>>,
-    /// The VIP each published app holds, and who holds each VIP.
-    app_vip: HashMap<String, IpAddr>,
-    vip_hosts: HashMap<IpAddr, BTreeSet<String>>,
+    claims: HashMap<String, Claim>,
+    claims_by_host: HashMap<String, BTreeSet<String>>,
 }
 
-/// A hostname or VIP claimed by more than one app.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Conflict {
-    pub what: String,
-    pub pods: Vec<PodKey>,
+/// An object that declares an app (for Events about it).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ObjectRef {
+    pub kind: &'static str,
+    pub namespace: String,
+    pub name: String,
+    pub uid: String,
+}
+
+/// How one hostname is decided: who owns it, which VIP it holds, what is refused.
+#[derive(Debug, Default)]
+pub struct Decision {
+    /// The app to program; `None` until it holds a VIP record (or when
+    /// nothing in its owner's namespace declares it).
+    pub app: Option<AppSpec>,
+    /// The namespace that owns the hostname: its oldest record's, or, with
+    /// no record yet, the namespace whose object declaring it is oldest.
+    pub owner: Option<String>,
+    /// The VIP the owner asks for by annotation.
+    pub wanted: Option<IpAddr>,
+    /// The record in force.
+    pub chosen: Option<Claim>,
+    /// The hostname's other records (left by a race or a VIP change).
+    pub superseded: Vec<Claim>,
+    /// Objects declaring the hostname from another namespace than the owner's.
+    pub refused: Vec<ObjectRef>,
+    /// The owner's oldest object, to report on.
+    pub owner_object: Option<ObjectRef>,
+    /// The owner's pods are IPv6: allocate from the IPv6 range.
+    pub ipv6: bool,
 }
 
 impl PodIndex {
@@ -277,7 +292,7 @@ impl PodIndex {
         {
             let old_host = old.hostname.clone();
             touched.push(old_host.clone());
-            self.unindex(&key, &old_host);
+            unindex(&mut self.by_host, &key, &old_host);
         }
         self.by_host.entry(info.hostname.clone()).or_default().insert(key.clone());
         self.pods.insert(key, info);
@@ -289,10 +304,6 @@ impl PodIndex {
         let old = self.pods.remove(&key)?;
         unindex(&mut self.by_host, &key, &old.hostname);
         Some(old.hostname)
-    }
-
-    fn unindex(&mut self, key: &PodKey, host: &str) {
-        unindex(&mut self.by_host, key, host);
     }
 
     /// Inserts or replaces a Deployment; returns the hostnames whose app changed.
@@ -318,119 +329,129 @@ impl PodIndex {
         Some(old.hostname)
     }
 
-    /// Takes the Deployments of another index (a Pod relist keeps them, and
-    /// a Deployment relist keeps the pods).
+    /// Inserts or replaces a VIP record; returns the hostnames it concerns.
+    pub fn upsert_claim(&mut self, claim: Claim) -> Vec<String> {
+        let mut touched = vec![claim.hostname.clone()];
+        if let Some(old) = self.claims.get(&claim.name)
+            && old.hostname != claim.hostname
+        {
+            touched.push(old.hostname.clone());
+            unindex_name(&mut self.claims_by_host, &claim.name, &old.hostname.clone());
+        }
+        self.claims_by_host.entry(claim.hostname.clone()).or_default().insert(claim.name.clone());
+        self.claims.insert(claim.name.clone(), claim);
+        touched
+    }
+
+    pub fn remove_claim(&mut self, name: &str) -> Option<String> {
+        let old = self.claims.remove(name)?;
+        unindex_name(&mut self.claims_by_host, name, &old.hostname);
+        Some(old.hostname)
+    }
+
+    /// A relist of one kind replaces only that kind.
+    pub fn take_pods_from(&mut self, other: &mut PodIndex) {
+        self.pods = std::mem::take(&mut other.pods);
+        self.by_host = std::mem::take(&mut other.by_host);
+    }
+
     pub fn take_deployments_from(&mut self, other: &mut PodIndex) {
         self.deployments = std::mem::take(&mut other.deployments);
         self.deployments_by_host = std::mem::take(&mut other.deployments_by_host);
     }
 
-    pub fn take_pods_from(&mut self, other: &mut PodIndex) {
-        self.pods = std::mem::take(&mut other.pods);
-        self.by_host = std::mem::take(&mut other.by_host);
+    pub fn take_claims_from(&mut self, other: &mut PodIndex) {
+        self.claims = std::mem::take(&mut other.claims);
+        self.claims_by_host = std::mem::take(&mut other.claims_by_host);
     }
 
     pub fn deployment_count(&self) -> usize {
         self.deployments.len()
     }
 
-    /// Records that `host` now holds `vip` (or nothing); returns the other
-    /// hostnames holding the same VIP.
-    pub fn claim_vip(&mut self, host: &str, vip: Option<IpAddr>) -> Vec<String> {
-        if let Some(old) = self.app_vip.remove(host)
-            && let Some(set) = self.vip_hosts.get_mut(&old)
-        {
-            set.remove(host);
-            if set.is_empty() {
-                self.vip_hosts.remove(&old);
-            }
-        }
-        let Some(vip) = vip else { return Vec::new() };
-        self.app_vip.insert(host.to_string(), vip);
-        let set = self.vip_hosts.entry(vip).or_default();
-        set.insert(host.to_string());
-        set.iter().filter(|h| *h != host).cloned().collect()
+    pub fn claims(&self) -> impl Iterator<Item = &Claim> {
+        self.claims.values()
     }
 
-    /// Drops every VIP claim (before all hostnames claim theirs anew).
-    pub fn forget_vip_claims(&mut self) {
-        self.app_vip.clear();
-        self.vip_hosts.clear();
-    }
-
+    /// Every hostname some pod, Deployment or record names.
     pub fn hostnames(&self) -> Vec<String> {
-        self.by_host.keys().chain(self.deployments_by_host.keys()).cloned().collect::<BTreeSet<_>>().into_iter().collect()
+        self.by_host
+            .keys()
+            .chain(self.deployments_by_host.keys())
+            .chain(self.claims_by_host.keys())
+            .cloned()
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect()
     }
 
-    pub fn pod(&self, key: &PodKey) -> Option<&PodInfo> {
-        self.pods.get(key)
-    }
-
-    /// The app for `host`, or None if no pod or Deployment claims it. A
-    /// hostname claimed from several namespaces is contested: it gets no
-    /// backends (its VIP goes to the activator) and is returned as a conflict.
-    pub fn app(&self, host: &str, ranges: &VipRanges) -> (Option<AppSpec>, Option<Conflict>) {
-        let pod_keys = self.by_host.get(host);
-        let deployment_keys = self.deployments_by_host.get(host);
-        let pods: Vec<&PodInfo> = pod_keys.into_iter().flatten().filter_map(|k| self.pods.get(k)).collect();
+    /// Decides `host`. `may_own(namespace)` filters who may take an
+    /// unrecorded hostname (the allocator's suffix policy); agents pass
+    /// `|_| true`, since they follow the records.
+    pub fn decide(&self, host: &str, may_own: &dyn Fn(&str) -> bool) -> Decision {
+        let pods: Vec<&PodInfo> = self.by_host.get(host).into_iter().flatten().filter_map(|k| self.pods.get(k)).collect();
         let deployments: Vec<&DeploymentInfo> =
-            deployment_keys.into_iter().flatten().filter_map(|k| self.deployments.get(k)).collect();
-        let namespaces: BTreeSet<&str> =
-            pods.iter().map(|p| p.namespace.as_str()).chain(deployments.iter().map(|d| d.namespace.as_str())).collect();
+            self.deployments_by_host.get(host).into_iter().flatten().filter_map(|k| self.deployments.get(k)).collect();
+        let mut claims: Vec<&Claim> =
+            self.claims_by_host.get(host).into_iter().flatten().filter_map(|n| self.claims.get(n)).collect();
+        claims.sort_by(|a, b| a.order().cmp(&b.order()));
+
+        // Every declaring object, oldest first (the same order on every node).
+        let mut objects: Vec<(i64, ObjectRef)> = deployments
+            .iter()
+            .map(|d| (d.created, ObjectRef { kind: "Deployment", namespace: d.namespace.clone(), name: d.name.clone(), uid: d.uid.clone() }))
+            .chain(pods.iter().map(|p| {
+                (p.created, ObjectRef { kind: "Pod", namespace: p.namespace.clone(), name: p.name.clone(), uid: p.uid.clone() })
+            }))
+            .collect();
+        objects.sort();
+        let owner = match claims.first() {
+            Some(c) => Some(c.namespace.clone()),
+            None => objects.iter().find(|(_, o)| may_own(&o.namespace)).map(|(_, o)| o.namespace.clone()),
+        };
+        let refused = objects.iter().filter(|(_, o)| Some(&o.namespace) != owner.as_ref()).map(|(_, o)| o.clone()).collect();
+        let Some(owner) = owner else { return Decision { refused, ..Default::default() } };
+        let owner_object = objects.iter().find(|(_, o)| o.namespace == owner).map(|(_, o)| o.clone());
+
+        let own_pods: Vec<&PodInfo> = pods.into_iter().filter(|p| p.namespace == owner).collect();
         // A Deployment's settings win (they hold while it sleeps); else the
         // newest pod's (a rollout changes them pod by pod).
-        let deployment = deployments.iter().max_by_key(|d| (d.created, d.name.as_str()));
-        let newest = pods.iter().max_by_key(|p| (p.created, p.name.as_str()));
-        let (vip, port) = match (deployment, newest) {
-            (Some(d), _) => (d.vip, d.port),
-            (None, Some(p)) => (p.vip, p.port),
-            (None, None) => return (None, None),
+        let deployment = deployments.into_iter().filter(|d| d.namespace == owner).max_by_key(|d| (d.created, d.name.as_str()));
+        let newest = own_pods.iter().max_by_key(|p| (p.created, p.name.as_str()));
+        let declared = match (deployment, newest) {
+            (Some(d), _) => Some((d.vip, d.port)),
+            (None, Some(p)) => Some((p.vip, p.port)),
+            (None, None) => None,
         };
-        let Some(vip) = vip.or_else(|| derive_vip(host, ranges)) else { return (None, None) };
-        let conflict = (namespaces.len() > 1).then(|| Conflict {
-            what: format!("hostname {host} is claimed from namespaces {}", namespaces.iter().copied().collect::<Vec<_>>().join(", ")),
-            pods: pod_keys.into_iter().flatten().cloned().collect(),
-        });
-        let mut backends: Vec<BackendSpec> = if conflict.is_some() {
-            Vec::new()
-        } else {
-            pods.iter()
-                .filter_map(|p| {
-                    Some(BackendSpec {
-                        ip: p.ip.filter(|ip| ip.is_ipv4() == vip.is_ipv4())?,
-                        ready: p.ready && !p.terminating,
-                        source: Some(format!("{}/{}", p.namespace, p.name)),
-                        node: p.node,
-                    })
-                })
-                .collect()
-        };
-        // Ready first, then the per-app limit.
-        backends.sort_by_key(|b| !b.ready);
-        backends.truncate(serviceless_common::MAX_BACKENDS_PER_APP as usize);
-        // A contested app is never woken nor put to sleep.
-        let lifecycle = match (deployment, &conflict) {
-            (Some(d), None) => d.lifecycle.clone(),
-            _ => Lifecycle::default(),
-        };
-        let spec = AppSpec { hostname: host.to_string(), vip, ports: vec![port], backends, lifecycle };
-        (Some(spec), conflict)
-    }
+        let wanted = declared.and_then(|(vip, _)| vip);
+        let own_claims: Vec<&Claim> = claims.iter().copied().filter(|c| c.namespace == owner).collect();
+        let chosen = own_claims.iter().find(|c| Some(c.vip) == wanted).or(own_claims.first()).map(|c| (*c).clone());
+        let superseded = claims.iter().filter(|c| Some(&c.name) != chosen.as_ref().map(|c| &c.name)).map(|c| (*c).clone()).collect();
+        let ipv6 = own_pods.iter().find_map(|p| p.ip).is_some_and(|ip| ip.is_ipv6());
 
-    /// Apps whose VIPs collide (different hostnames, same VIP).
-    pub fn vip_conflicts(&self, apps: &[AppSpec]) -> Vec<Conflict> {
-        let mut by_vip: BTreeMap<IpAddr, Vec<&str>> = BTreeMap::new();
-        for a in apps {
-            by_vip.entry(a.vip).or_default().push(&a.hostname);
-        }
-        by_vip
-            .into_iter()
-            .filter(|(_, hosts)| hosts.len() > 1)
-            .map(|(vip, hosts)| Conflict {
-                what: format!("VIP {vip} is claimed by {}", hosts.join(", ")),
-                pods: hosts.iter().flat_map(|h| self.by_host.get(*h).into_iter().flatten().cloned()).collect(),
-            })
-            .collect()
+        let app = match (&chosen, declared) {
+            (Some(claim), Some((_, port))) => {
+                let vip = claim.vip;
+                let mut backends: Vec<BackendSpec> = own_pods
+                    .iter()
+                    .filter_map(|p| {
+                        Some(BackendSpec {
+                            ip: p.ip.filter(|ip| ip.is_ipv4() == vip.is_ipv4())?,
+                            ready: p.ready && !p.terminating,
+                            source: Some(format!("{}/{}", p.namespace, p.name)),
+                            node: p.node,
+                        })
+                    })
+                    .collect();
+                // Ready first, then the per-app limit.
+                backends.sort_by_key(|b| !b.ready);
+                backends.truncate(serviceless_common::MAX_BACKENDS_PER_APP as usize);
+                let lifecycle = deployment.map(|d| d.lifecycle.clone()).unwrap_or_default();
+                Some(AppSpec { hostname: host.to_string(), vip, ports: vec![port], backends, lifecycle })
+            }
+            _ => None,
+        };
+        Decision { app, owner: Some(owner), wanted, chosen, superseded, refused, owner_object, ipv6 }
     }
 }
 
@@ -443,16 +464,25 @@ fn unindex(index: &mut HashMap<String, BTreeSet<PodKey>>, key: &PodKey, host: &s
     }
 }
 
-/// An Event to post about a pod.
-struct PodEvent {
-    pod: PodInfo,
-    reason: &'static str,
-    note: String,
+fn unindex_name(index: &mut HashMap<String, BTreeSet<String>>, name: &str, host: &str) {
+    if let Some(set) = index.get_mut(host) {
+        set.remove(name);
+        if set.is_empty() {
+            index.remove(host);
+        }
+    }
+}
+
+/// An Event to post about an object.
+pub struct ObjectEvent {
+    pub object: ObjectRef,
+    pub reason: &'static str,
+    pub note: String,
 }
 
 /// Events go through a bounded queue to one poster that paces itself: a
 /// burst of bad pods cannot turn into a burst of API requests.
-const EVENT_QUEUE: usize = 256;
+pub const EVENT_QUEUE: usize = 256;
 const EVENT_INTERVAL: Duration = Duration::from_millis(50);
 
 pub async fn client(api_qps: u32) -> anyhow::Result<Client> {
@@ -465,48 +495,260 @@ pub async fn client(api_qps: u32) -> anyhow::Result<Client> {
     Ok(client)
 }
 
-/// What either watch reported.
+/// What one of the watches reported.
 #[expect(clippy::large_enum_variant, reason = "one value at a time, moved straight into the match")]
-enum Change {
+pub enum Change {
     Pod(Event<Pod>),
     Deployment(Event<PartialObjectMeta<Deployment>>),
+    Address(Event<AppAddress>),
 }
 
-/// Runs the watches until the process stops; errors are retried with backoff.
-pub async fn watch(client: Client, opts: KubeOptions, store: Store, health: Health, metrics: Metrics) -> anyhow::Result<()> {
-    let (events_tx, events_rx) = mpsc::channel::<PodEvent>(EVENT_QUEUE);
-    tokio::spawn(post_events(client.clone(), opts.instance.clone(), events_rx));
-
+/// The three watches (labelled Pods, labelled Deployments as metadata, VIP
+/// records), merged; each retries with backoff on its own.
+pub fn changes(client: Client) -> impl futures::Stream<Item = Result<Change, watcher::Error>> + Send {
     let selector = format!("{LABEL}=true");
     let pods = watcher::watcher(Api::<Pod>::all(client.clone()), watcher::Config::default().labels(&selector))
         .default_backoff()
         .map_ok(Change::Pod);
     let deployments =
-        watcher::watcher(Api::<PartialObjectMeta<Deployment>>::all(client), watcher::Config::default().labels(&selector))
+        watcher::watcher(Api::<PartialObjectMeta<Deployment>>::all(client.clone()), watcher::Config::default().labels(&selector))
             .default_backoff()
             .map_ok(Change::Deployment);
-    let mut stream = futures::stream::select(pods.boxed(), deployments.boxed());
-    let mut index = PodIndex::default();
-    let mut pod_listing: Option<PodIndex> = None;
-    let mut deployment_listing: Option<PodIndex> = None;
-    let mut invalid: HashMap<PodKey, String> = HashMap::new();
-    let mut invalid_deployments: HashMap<PodKey, String> = HashMap::new();
-    let mut reported: HashMap<PodKey, String> = HashMap::new();
-    // Nothing is published until both lists are in: a Pod list without the
-    // Deployments would put every app to sleep for a moment, and the other
-    // way round would send them all to the activator.
-    let (mut pods_synced, mut deployments_synced) = (false, false);
-    let emit = |pod: &PodInfo, reason: &'static str, note: String, reported: &mut HashMap<PodKey, String>| {
-        let key = (pod.namespace.clone(), pod.name.clone());
-        if reported.get(&key) == Some(&note) {
-            return;
-        }
-        reported.insert(key, note.clone());
-        if events_tx.try_send(PodEvent { pod: pod.clone(), reason, note }).is_err() {
-            debug!("event queue full; event dropped");
-        }
-    };
+    let addresses =
+        watcher::watcher(Api::<AppAddress>::all(client), watcher::Config::default()).default_backoff().map_ok(Change::Address);
+    futures::stream::select_all([pods.boxed(), deployments.boxed(), addresses.boxed()])
+}
 
+/// What a change means for the apps.
+#[derive(Debug, Default)]
+pub struct Update {
+    /// Every list is in (again): decide every hostname.
+    pub full: bool,
+    /// Hostnames to decide again (after the first full update).
+    pub hosts: Vec<String>,
+    /// When the change happened at its origin (a Pod's Ready transition).
+    pub origin: Option<SystemTime>,
+    /// An object whose annotations just turned bad, and why.
+    pub invalid: Option<(ObjectRef, String)>,
+}
+
+/// The cluster as the watches show it: the index, and the lists being read.
+pub struct ClusterView {
+    ranges: VipRanges,
+    pub index: PodIndex,
+    pod_listing: Option<PodIndex>,
+    deployment_listing: Option<PodIndex>,
+    claim_listing: Option<PodIndex>,
+    invalid: HashMap<(&'static str, String, String), String>,
+    // Nothing is decided until every list is in: a Pod list without the
+    // Deployments would put every app to sleep for a moment; without the
+    // records, every app would look unallocated.
+    synced: [bool; 3],
+}
+
+impl ClusterView {
+    pub fn new(ranges: VipRanges) -> Self {
+        Self {
+            ranges,
+            index: PodIndex::default(),
+            pod_listing: None,
+            deployment_listing: None,
+            claim_listing: None,
+            invalid: HashMap::new(),
+            synced: [false; 3],
+        }
+    }
+
+    pub fn synced(&self) -> bool {
+        self.synced.iter().all(|s| *s)
+    }
+
+    /// Objects whose serviceless annotations (or records) are bad.
+    pub fn invalid_count(&self) -> usize {
+        self.invalid.len()
+    }
+
+    /// Applies one change to the index.
+    pub fn apply(&mut self, change: Change) -> Update {
+        let was_synced = self.synced();
+        let mut update = Update::default();
+        match change {
+            Change::Pod(Event::Init) => {
+                self.pod_listing = Some(PodIndex::default());
+                self.invalid.retain(|k, _| k.0 != "Pod");
+            }
+            Change::Pod(Event::InitApply(pod)) => {
+                let key = ("Pod", pod.metadata.namespace.clone().unwrap_or_default(), pod.metadata.name.clone().unwrap_or_default());
+                match parse_pod(&pod, &self.ranges) {
+                    Ok(info) => {
+                        if let Some(next) = self.pod_listing.as_mut() {
+                            next.upsert(info);
+                        }
+                    }
+                    Err(reason) => {
+                        self.invalid.insert(key, reason);
+                    }
+                }
+            }
+            Change::Pod(Event::InitDone) => {
+                // Level-triggered: the listing replaces every pod; pods not
+                // listed are gone, whatever delete events were missed.
+                if let Some(mut next) = self.pod_listing.take() {
+                    self.index.take_pods_from(&mut next);
+                }
+                update.full = self.list_done(0, "pods", self.index.len());
+            }
+            Change::Pod(Event::Apply(pod)) => {
+                let key = ("Pod", pod.metadata.namespace.clone().unwrap_or_default(), pod.metadata.name.clone().unwrap_or_default());
+                match parse_pod(&pod, &self.ranges) {
+                    Ok(info) => {
+                        self.invalid.remove(&key);
+                        update.origin = info.ready_since;
+                        update.hosts = self.index.upsert(info);
+                    }
+                    Err(reason) => {
+                        if self.invalid.insert(key.clone(), reason.clone()).as_ref() != Some(&reason) {
+                            warn!(pod = %format!("{}/{}", key.1, key.2), %reason, "pod skipped: bad serviceless annotation");
+                            update.invalid = Some((object_ref("Pod", &pod.metadata), reason));
+                        }
+                        // A pod that turned invalid no longer backs its old app.
+                        update.hosts = self.index.remove(&key.1, &key.2).into_iter().collect();
+                    }
+                }
+            }
+            Change::Pod(Event::Delete(pod)) => {
+                // A hint only: the next relist is the truth.
+                let (ns, name) = (pod.metadata.namespace.clone().unwrap_or_default(), pod.metadata.name.clone().unwrap_or_default());
+                self.invalid.remove(&("Pod", ns.clone(), name.clone()));
+                update.hosts = self.index.remove(&ns, &name).into_iter().collect();
+            }
+            Change::Deployment(Event::Init) => {
+                self.deployment_listing = Some(PodIndex::default());
+                self.invalid.retain(|k, _| k.0 != "Deployment");
+            }
+            Change::Deployment(Event::InitApply(d)) => match parse_deployment(&d.metadata, &self.ranges) {
+                Ok(info) => {
+                    if let Some(next) = self.deployment_listing.as_mut() {
+                        next.upsert_deployment(info);
+                    }
+                }
+                Err(reason) => {
+                    self.invalid.insert(meta_key("Deployment", &d.metadata), reason);
+                }
+            },
+            Change::Deployment(Event::InitDone) => {
+                if let Some(mut next) = self.deployment_listing.take() {
+                    self.index.take_deployments_from(&mut next);
+                }
+                update.full = self.list_done(1, "deployments", self.index.deployment_count());
+            }
+            Change::Deployment(Event::Apply(d)) => {
+                let key = meta_key("Deployment", &d.metadata);
+                update.hosts = match parse_deployment(&d.metadata, &self.ranges) {
+                    Ok(info) => {
+                        self.invalid.remove(&key);
+                        self.index.upsert_deployment(info)
+                    }
+                    Err(reason) => {
+                        if self.invalid.insert(key.clone(), reason.clone()).as_ref() != Some(&reason) {
+                            warn!(deployment = %format!("{}/{}", key.1, key.2), %reason, "Deployment's app skipped: bad serviceless annotation");
+                            update.invalid = Some((object_ref("Deployment", &d.metadata), reason));
+                        }
+                        self.index.remove_deployment(&key.1, &key.2).into_iter().collect()
+                    }
+                };
+            }
+            Change::Deployment(Event::Delete(d)) => {
+                let key = meta_key("Deployment", &d.metadata);
+                self.invalid.remove(&key);
+                update.hosts = self.index.remove_deployment(&key.1, &key.2).into_iter().collect();
+            }
+            Change::Address(Event::Init) => {
+                self.claim_listing = Some(PodIndex::default());
+                self.invalid.retain(|k, _| k.0 != "AppAddress");
+            }
+            Change::Address(Event::InitApply(a)) => match self.parse_claim(&a) {
+                Ok(claim) => {
+                    if let Some(next) = self.claim_listing.as_mut() {
+                        next.upsert_claim(claim);
+                    }
+                }
+                Err(reason) => {
+                    self.invalid.insert(meta_key("AppAddress", &a.metadata), reason);
+                }
+            },
+            Change::Address(Event::InitDone) => {
+                if let Some(mut next) = self.claim_listing.take() {
+                    self.index.take_claims_from(&mut next);
+                }
+                update.full = self.list_done(2, "VIP records", self.index.claims.len());
+            }
+            Change::Address(Event::Apply(a)) => {
+                let key = meta_key("AppAddress", &a.metadata);
+                update.hosts = match self.parse_claim(&a) {
+                    Ok(claim) => {
+                        self.invalid.remove(&key);
+                        self.index.upsert_claim(claim)
+                    }
+                    Err(reason) => {
+                        if self.invalid.insert(key.clone(), reason.clone()).as_ref() != Some(&reason) {
+                            warn!(%reason, "VIP record ignored");
+                        }
+                        self.index.remove_claim(&key.2).into_iter().collect()
+                    }
+                };
+            }
+            Change::Address(Event::Delete(a)) => {
+                let key = meta_key("AppAddress", &a.metadata);
+                self.invalid.remove(&key);
+                update.hosts = self.index.remove_claim(&key.2).into_iter().collect();
+            }
+        }
+        if !was_synced && !update.full {
+            update.hosts.clear();
+        }
+        update
+    }
+
+    /// Marks one list as in; true once all are.
+    fn list_done(&mut self, which: usize, what: &str, count: usize) -> bool {
+        self.synced[which] = true;
+        info!(what, count, invalid = self.invalid.len(), "list synced");
+        self.synced()
+    }
+
+    fn parse_claim(&self, obj: &AppAddress) -> Result<Claim, String> {
+        let claim = Claim::parse(obj)?;
+        if !self.ranges.for_ip(claim.vip).is_some_and(|r| r.contains(claim.vip)) {
+            return Err(format!("AppAddress {}: {} is outside this node's --vip-range", claim.name, claim.vip));
+        }
+        validate_hostname(&claim.hostname).map_err(|e| format!("AppAddress {}: {e}", claim.name))?;
+        Ok(claim)
+    }
+}
+
+fn meta_key(kind: &'static str, meta: &ObjectMeta) -> (&'static str, String, String) {
+    (kind, meta.namespace.clone().unwrap_or_default(), meta.name.clone().unwrap_or_default())
+}
+
+fn object_ref(kind: &'static str, meta: &ObjectMeta) -> ObjectRef {
+    ObjectRef {
+        kind,
+        namespace: meta.namespace.clone().unwrap_or_default(),
+        name: meta.name.clone().unwrap_or_default(),
+        uid: meta.uid.clone().unwrap_or_default(),
+    }
+}
+
+/// Runs the watches until the process stops; errors are retried with backoff.
+pub async fn watch(client: Client, opts: KubeOptions, store: Store, health: Health, metrics: Metrics) -> anyhow::Result<()> {
+    let (events_tx, events_rx) = mpsc::channel::<ObjectEvent>(EVENT_QUEUE);
+    let reporter = Reporter { controller: "serviceless-agent".into(), instance: Some(opts.instance.clone()) };
+    tokio::spawn(post_events(client.clone(), reporter, events_rx));
+    let mut stream = std::pin::pin!(changes(client));
+    let mut view = ClusterView::new(opts.ranges.clone());
+    // Objects refused per hostname (another namespace owns it).
+    let mut refused: HashMap<String, usize> = HashMap::new();
     loop {
         let change = match stream.try_next().await {
             Ok(Some(change)) => change,
@@ -520,256 +762,79 @@ pub async fn watch(client: Client, opts: KubeOptions, store: Store, health: Heal
                 continue;
             }
         };
-        let synced = pods_synced && deployments_synced;
-        if synced {
+        if view.synced() {
             health.set_source_ok();
         }
-        match change {
-            Change::Pod(Event::Init) => {
-                pod_listing = Some(PodIndex::default());
-                invalid.clear();
-            }
-            Change::Pod(Event::InitApply(pod)) => {
-                if let Some(next) = pod_listing.as_mut() {
-                    match parse_pod(&pod, &opts.ranges) {
-                        Ok(info) => {
-                            next.upsert(info);
-                        }
-                        Err(reason) => {
-                            invalid.insert(key_of(&pod), reason);
-                        }
-                    }
-                }
-            }
-            Change::Pod(Event::InitDone) => {
-                // Level-triggered: the listing replaces every pod; pods not
-                // listed are gone, whatever delete events were missed.
-                if let Some(mut next) = pod_listing.take() {
-                    index.take_pods_from(&mut next);
-                }
-                pods_synced = true;
-                info!(pods = index.len(), invalid = invalid.len(), "Pod list synced");
-                if deployments_synced {
-                    publish_all(&mut index, &opts.ranges, &store, &emit, &mut reported);
-                    health.set_source_ok();
-                }
-                metrics.invalid_apps.set((invalid.len() + invalid_deployments.len()) as i64);
-            }
-            Change::Pod(Event::Apply(pod)) => {
-                let key = key_of(&pod);
-                let observed_at = Observed::now();
-                let touched = match parse_pod(&pod, &opts.ranges) {
-                    Ok(info) => {
-                        invalid.remove(&key);
-                        let origin = info.ready_since;
-                        let touched = index.upsert(info);
-                        if synced {
-                            let observed = Observed { origin, ..observed_at };
-                            publish(&mut index, &touched, &opts.ranges, &store, observed, &emit, &mut reported);
-                        }
-                        touched
-                    }
-                    Err(reason) => {
-                        warn!(pod = %format!("{}/{}", key.0, key.1), %reason, "pod skipped: bad serviceless annotation");
-                        if invalid.insert(key.clone(), reason.clone()).as_ref() != Some(&reason) {
-                            let stub = stub_info(&pod);
-                            emit(&stub, "InvalidServicelessAnnotation", reason, &mut reported);
-                        }
-                        // A pod that turned invalid no longer backs its old app.
-                        let touched: Vec<String> = index.remove(&key.0, &key.1).into_iter().collect();
-                        if synced {
-                            publish(&mut index, &touched, &opts.ranges, &store, observed_at, &emit, &mut reported);
-                        }
-                        touched
-                    }
-                };
-                debug!(pod = %format!("{}/{}", key.0, key.1), apps = ?touched, "pod applied");
-                metrics.invalid_apps.set((invalid.len() + invalid_deployments.len()) as i64);
-            }
-            Change::Pod(Event::Delete(pod)) => {
-                // A hint only: the next relist is the truth.
-                let key = key_of(&pod);
-                invalid.remove(&key);
-                reported.remove(&key);
-                let touched: Vec<String> = index.remove(&key.0, &key.1).into_iter().collect();
-                if synced {
-                    publish(&mut index, &touched, &opts.ranges, &store, Observed::now(), &emit, &mut reported);
-                }
-                metrics.invalid_apps.set((invalid.len() + invalid_deployments.len()) as i64);
-            }
-            Change::Deployment(Event::Init) => {
-                deployment_listing = Some(PodIndex::default());
-                invalid_deployments.clear();
-            }
-            Change::Deployment(Event::InitApply(d)) => {
-                if let Some(next) = deployment_listing.as_mut() {
-                    match parse_deployment(&d.metadata, &opts.ranges) {
-                        Ok(info) => {
-                            next.upsert_deployment(info);
-                        }
-                        Err(reason) => {
-                            invalid_deployments.insert(meta_key(&d.metadata), reason);
-                        }
-                    }
-                }
-            }
-            Change::Deployment(Event::InitDone) => {
-                if let Some(mut next) = deployment_listing.take() {
-                    index.take_deployments_from(&mut next);
-                }
-                deployments_synced = true;
-                info!(deployments = index.deployment_count(), invalid = invalid_deployments.len(), "Deployment list synced");
-                if pods_synced {
-                    publish_all(&mut index, &opts.ranges, &store, &emit, &mut reported);
-                    health.set_source_ok();
-                }
-                metrics.invalid_apps.set((invalid.len() + invalid_deployments.len()) as i64);
-            }
-            Change::Deployment(Event::Apply(d)) => {
-                let key = meta_key(&d.metadata);
-                let touched = match parse_deployment(&d.metadata, &opts.ranges) {
-                    Ok(info) => {
-                        invalid_deployments.remove(&key);
-                        index.upsert_deployment(info)
-                    }
-                    Err(reason) => {
-                        if invalid_deployments.insert(key.clone(), reason.clone()).as_ref() != Some(&reason) {
-                            warn!(deployment = %format!("{}/{}", key.0, key.1), %reason, "Deployment's app skipped: bad serviceless annotation");
-                        }
-                        index.remove_deployment(&key.0, &key.1).into_iter().collect()
-                    }
-                };
-                if synced {
-                    publish(&mut index, &touched, &opts.ranges, &store, Observed::now(), &emit, &mut reported);
-                }
-                metrics.invalid_apps.set((invalid.len() + invalid_deployments.len()) as i64);
-            }
-            Change::Deployment(Event::Delete(d)) => {
-                let key = meta_key(&d.metadata);
-                invalid_deployments.remove(&key);
-                let touched: Vec<String> = index.remove_deployment(&key.0, &key.1).into_iter().collect();
-                if synced {
-                    publish(&mut index, &touched, &opts.ranges, &store, Observed::now(), &emit, &mut reported);
-                }
-                metrics.invalid_apps.set((invalid.len() + invalid_deployments.len()) as i64);
+        let update = view.apply(change);
+        if let Some((object, note)) = update.invalid
+            && events_tx.try_send(ObjectEvent { object, reason: "InvalidServicelessAnnotation", note }).is_err()
+        {
+            debug!("event queue full; event dropped");
+        }
+        if update.full {
+            publish_all(&view.index, &store, &mut refused, &metrics);
+            health.set_source_ok();
+        } else if !update.hosts.is_empty() {
+            let observed = Observed { origin: update.origin, ..Observed::now() };
+            for host in &update.hosts {
+                publish(&view.index, host, &store, observed, &mut refused);
             }
         }
+        metrics.invalid_apps.set(view.invalid_count() as i64);
+        metrics.refused_claims.set(refused.values().sum::<usize>() as i64);
     }
 }
 
 /// Replaces the whole desired state with what the index holds.
-fn publish_all(
-    index: &mut PodIndex,
-    ranges: &VipRanges,
-    store: &Store,
-    emit: &impl Fn(&PodInfo, &'static str, String, &mut HashMap<PodKey, String>),
-    reported: &mut HashMap<PodKey, String>,
-) {
+fn publish_all(index: &PodIndex, store: &Store, refused: &mut HashMap<String, usize>, metrics: &Metrics) {
+    refused.clear();
     let mut apps = Vec::new();
-    let mut conflicts = Vec::new();
-    // Every claim is made again below: a hostname the new lists no longer
-    // have must not keep its VIP claimed.
-    index.forget_vip_claims();
+    let mut awaiting = 0;
     for host in index.hostnames() {
-        let (app, conflict) = index.app(&host, ranges);
-        index.claim_vip(&host, app.as_ref().map(|a| a.vip));
-        apps.extend(app);
-        conflicts.extend(conflict);
+        let decision = index.decide(&host, &|_| true);
+        if decision.chosen.is_some() && !decision.refused.is_empty() {
+            refused.insert(host.clone(), decision.refused.len());
+        }
+        match decision.app {
+            Some(app) => apps.push(app),
+            None if decision.chosen.is_none() && decision.owner.is_some() => awaiting += 1,
+            None => {}
+        }
     }
-    conflicts.extend(index.vip_conflicts(&apps));
     let asleep = apps.iter().filter(|a| !a.has_ready_pod()).count();
-    info!(apps = apps.len(), asleep, "desired state from Kubernetes replaced");
+    info!(apps = apps.len(), asleep, awaiting_vip = awaiting, "desired state from Kubernetes replaced");
+    metrics.apps_awaiting_vip.set(awaiting);
     store.replace_all(apps, Observed::now());
-    report_conflicts(index, &conflicts, emit, reported);
 }
 
-fn meta_key(meta: &ObjectMeta) -> PodKey {
-    (meta.namespace.clone().unwrap_or_default(), meta.name.clone().unwrap_or_default())
-}
-
-fn key_of(pod: &Pod) -> PodKey {
-    (pod.metadata.namespace.clone().unwrap_or_default(), pod.metadata.name.clone().unwrap_or_default())
-}
-
-/// Enough of a pod to post an Event about it.
-fn stub_info(pod: &Pod) -> PodInfo {
-    PodInfo {
-        namespace: pod.metadata.namespace.clone().unwrap_or_default(),
-        name: pod.metadata.name.clone().unwrap_or_default(),
-        uid: pod.metadata.uid.clone().unwrap_or_default(),
-        hostname: String::new(),
-        vip: None,
-        port: PortSpec { port: 0, target_port: 0, protocol: Protocol::Tcp },
-        ip: None,
-        node: None,
-        ready: false,
-        terminating: false,
-        created: 0,
-        ready_since: None,
+/// Decides one hostname again and updates the store.
+fn publish(index: &PodIndex, host: &str, store: &Store, observed: Observed, refused: &mut HashMap<String, usize>) {
+    let decision = index.decide(host, &|_| true);
+    if decision.chosen.is_some() && !decision.refused.is_empty() {
+        refused.insert(host.to_string(), decision.refused.len());
+    } else {
+        refused.remove(host);
+    }
+    match decision.app {
+        Some(app) => store.upsert(app, observed),
+        None => store.remove(host, observed),
     }
 }
 
-fn publish(
-    index: &mut PodIndex,
-    hosts: &[String],
-    ranges: &VipRanges,
-    store: &Store,
-    observed: Observed,
-    emit: &impl Fn(&PodInfo, &'static str, String, &mut HashMap<PodKey, String>),
-    reported: &mut HashMap<PodKey, String>,
-) {
-    let mut conflicts = Vec::new();
-    for host in hosts {
-        match index.app(host, ranges) {
-            (Some(app), conflict) => {
-                // The reconciler sends a shared VIP to the activator; this only reports it.
-                let others = index.claim_vip(host, Some(app.vip));
-                if !others.is_empty() {
-                    let mut hosts = others.clone();
-                    hosts.push(host.clone());
-                    conflicts.push(Conflict {
-                        what: format!("VIP {} is claimed by {}", app.vip, hosts.join(", ")),
-                        pods: hosts.iter().flat_map(|h| index.by_host.get(h).into_iter().flatten().cloned()).collect(),
-                    });
-                }
-                conflicts.extend(conflict);
-                store.upsert(app, observed);
-            }
-            (None, _) => {
-                index.claim_vip(host, None);
-                store.remove(host, observed);
-            }
-        }
-    }
-    report_conflicts(index, &conflicts, emit, reported);
-}
-
-fn report_conflicts(
-    index: &PodIndex,
-    conflicts: &[Conflict],
-    emit: &impl Fn(&PodInfo, &'static str, String, &mut HashMap<PodKey, String>),
-    reported: &mut HashMap<PodKey, String>,
-) {
-    for c in conflicts {
-        warn!(conflict = %c.what, "collision: the contested traffic goes to the activator");
-        for key in &c.pods {
-            if let Some(pod) = index.pod(key) {
-                emit(pod, "ServicelessCollision", format!("{}; its traffic goes to the activator", c.what), reported);
-            }
-        }
-    }
-}
-
-async fn post_events(client: Client, instance: String, mut rx: mpsc::Receiver<PodEvent>) {
-    let reporter = Reporter { controller: "serviceless-agent".into(), instance: Some(instance) };
+/// Posts Events from a bounded queue, paced.
+pub async fn post_events(client: Client, reporter: Reporter, mut rx: mpsc::Receiver<ObjectEvent>) {
     let recorder = Recorder::new(client, reporter);
     while let Some(ev) = rx.recv().await {
+        let (api_version, kind) = match ev.object.kind {
+            "Deployment" => (Deployment::api_version(&()).into_owned(), Deployment::kind(&()).into_owned()),
+            _ => (Pod::api_version(&()).into_owned(), Pod::kind(&()).into_owned()),
+        };
         let reference = k8s_openapi::api::core::v1::ObjectReference {
-            api_version: Some(Pod::api_version(&()).into_owned()),
-            kind: Some(Pod::kind(&()).into_owned()),
-            namespace: Some(ev.pod.namespace.clone()),
-            name: Some(ev.pod.name.clone()),
-            uid: Some(ev.pod.uid.clone()),
+            api_version: Some(api_version),
+            kind: Some(kind),
+            namespace: Some(ev.object.namespace.clone()),
+            name: Some(ev.object.name.clone()),
+            uid: Some(ev.object.uid.clone()),
             ..Default::default()
         };
         let event = K8sEvent {
@@ -787,7 +852,7 @@ async fn post_events(client: Client, instance: String, mut rx: mpsc::Receiver<Po
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
@@ -795,7 +860,7 @@ mod tests {
         VipRanges::from_list(&["10.96.0.0/16".parse().unwrap()]).unwrap()
     }
 
-    fn pod(ns: &str, name: &str, ann: &[(&str, &str)], ip: Option<&str>, ready: bool) -> Pod {
+    pub(crate) fn pod(ns: &str, name: &str, ann: &[(&str, &str)], ip: Option<&str>, ready: bool) -> Pod {
         let mut p = Pod {
             metadata: ObjectMeta {
                 namespace: Some(ns.into()),
@@ -837,6 +902,17 @@ mod tests {
         }
     }
 
+    pub(crate) fn claim(vip: &str, host: &str, ns: &str, created: i64) -> Claim {
+        let vip: IpAddr = vip.parse().unwrap();
+        Claim { name: crate::app_address::object_name(vip), vip, hostname: host.into(), namespace: ns.into(), created }
+    }
+
+    pub(crate) fn created(mut p: Pod, at: i64) -> Pod {
+        p.metadata.creation_timestamp =
+            Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(k8s_openapi::jiff::Timestamp::from_second(at).unwrap()));
+        p
+    }
+
     #[test]
     fn a_deployment_keeps_its_app_asleep_and_its_settings_hold_when_pods_come() {
         let meta = |ann: &[(&str, &str)]| ObjectMeta {
@@ -857,51 +933,77 @@ mod tests {
 
         let mut idx = PodIndex::default();
         idx.upsert_deployment(d);
-        let (app, conflict) = idx.app("x.example.com", &ranges());
-        let app = app.expect("an app with no pods");
-        assert!(conflict.is_none() && app.backends.is_empty());
+        let decision = idx.decide("x.example.com", &|_| true);
+        assert!(decision.app.is_none(), "no VIP record yet: not served");
+        assert_eq!((decision.owner.as_deref(), decision.wanted), (Some("a"), Some("10.96.0.7".parse().unwrap())));
+        idx.upsert_claim(claim("10.96.0.7", "x.example.com", "a", 10));
+        let app = idx.decide("x.example.com", &|_| true).app.expect("an app with no pods");
+        assert!(app.backends.is_empty());
         assert_eq!(app.vip.to_string(), "10.96.0.7");
         // A pod annotated differently does not move the VIP of a Deployment's app.
         let p = pod("a", "web-1", &[host, (annotations::VIP, "10.96.0.99")], Some("10.244.0.5"), true);
         idx.upsert(parse_pod(&p, &ranges()).unwrap());
-        let app = idx.app("x.example.com", &ranges()).0.unwrap();
+        let app = idx.decide("x.example.com", &|_| true).app.unwrap();
         assert_eq!((app.vip.to_string().as_str(), app.backends.len()), ("10.96.0.7", 1));
-        // Another namespace claiming the hostname makes it contested: no backends, never scaled.
-        idx.upsert(parse_pod(&pod("b", "q", &[host], Some("10.244.1.5"), true), &ranges()).unwrap());
-        let (app, conflict) = idx.app("x.example.com", &ranges());
-        let app = app.unwrap();
-        assert!(conflict.is_some() && app.backends.is_empty() && app.lifecycle.scaler.is_none());
         assert_eq!(idx.remove_deployment("a", "web").as_deref(), Some("x.example.com"));
     }
 
     #[test]
-    fn a_relist_forgets_the_vip_claims_of_hostnames_that_are_gone() {
+    fn the_oldest_namespace_owns_a_hostname_and_others_never_disturb_it() {
         let mut idx = PodIndex::default();
-        let vip: IpAddr = "10.96.0.7".parse().unwrap();
-        assert!(idx.claim_vip("gone.example.com", Some(vip)).is_empty());
-        assert_eq!(idx.claim_vip("new.example.com", Some(vip)), ["gone.example.com"], "both claim it");
-        idx.forget_vip_claims();
-        assert!(idx.claim_vip("new.example.com", Some(vip)).is_empty(), "no stale claim after a relist");
+        let host = [(annotations::HOSTNAME, "x.example.com")];
+        idx.upsert(parse_pod(&created(pod("b", "late", &host, Some("10.244.1.5"), true), 200), &ranges()).unwrap());
+        idx.upsert(parse_pod(&created(pod("a", "p1", &host, Some("10.244.0.5"), true), 100), &ranges()).unwrap());
+        idx.upsert(parse_pod(&created(pod("a", "p2", &host, Some("10.244.0.6"), false), 150), &ranges()).unwrap());
+        idx.upsert(parse_pod(&pod("a", "p3", &host, None, false), &ranges()).unwrap());
+        let d = idx.decide("x.example.com", &|_| true);
+        assert_eq!(d.owner.as_deref(), Some("a"), "the namespace of the oldest object");
+        assert_eq!(d.refused.iter().map(|o| o.name.as_str()).collect::<Vec<_>>(), ["late"]);
+        // The hostname policy can keep a namespace from taking it.
+        let d = idx.decide("x.example.com", &|ns| ns != "a");
+        assert_eq!(d.owner.as_deref(), Some("b"));
+
+        // Recorded for "a": the record decides, whatever is created later.
+        idx.upsert_claim(claim("10.96.0.9", "x.example.com", "a", 300));
+        idx.upsert(parse_pod(&created(pod("c", "early", &host, Some("10.244.2.5"), true), 1), &ranges()).unwrap());
+        let d = idx.decide("x.example.com", &|_| true);
+        let app = d.app.unwrap();
+        assert_eq!(d.owner.as_deref(), Some("a"));
+        assert_eq!(app.backends.len(), 2, "a's pods with an IP, nobody else's");
+        assert!(app.backends.iter().all(|b| b.source.as_deref().unwrap().starts_with("a/")));
+        assert!(app.backends[0].ready && !app.backends[1].ready);
+        assert_eq!(d.refused.len(), 2);
     }
 
     #[test]
-    fn apps_group_pods_and_contested_hostnames_get_no_backends() {
+    fn one_record_is_chosen_the_same_way_everywhere() {
         let mut idx = PodIndex::default();
-        let host = [(annotations::HOSTNAME, "x.example.com")];
-        idx.upsert(parse_pod(&pod("a", "p1", &host, Some("10.244.0.5"), true), &ranges()).unwrap());
-        idx.upsert(parse_pod(&pod("a", "p2", &host, Some("10.244.0.6"), false), &ranges()).unwrap());
-        idx.upsert(parse_pod(&pod("a", "p3", &host, None, false), &ranges()).unwrap());
-        let (app, conflict) = idx.app("x.example.com", &ranges());
-        let app = app.unwrap();
-        assert!(conflict.is_none());
-        assert_eq!(app.backends.len(), 2, "pods without an IP are ignored");
-        assert!(app.backends[0].ready && !app.backends[1].ready);
-        assert!(ranges().v4.unwrap().contains(app.vip), "derived VIP inside the range");
-        assert_eq!(derive_vip("x.example.com", &ranges()), Some(app.vip), "derivation is stable");
+        let p = pod("a", "p", &[(annotations::HOSTNAME, "x.example.com")], Some("10.244.0.5"), true);
+        idx.upsert(parse_pod(&p, &ranges()).unwrap());
+        // Two records (two allocators in a handover): the oldest wins.
+        idx.upsert_claim(claim("10.96.0.20", "x.example.com", "a", 50));
+        idx.upsert_claim(claim("10.96.0.10", "x.example.com", "a", 51));
+        let d = idx.decide("x.example.com", &|_| true);
+        assert_eq!(d.chosen.unwrap().vip.to_string(), "10.96.0.20");
+        assert_eq!(d.superseded.len(), 1);
+        // The one the app asks for wins over age.
+        let p = pod("a", "p", &[(annotations::HOSTNAME, "x.example.com"), (annotations::VIP, "10.96.0.10")], Some("10.244.0.5"), true);
+        idx.upsert(parse_pod(&p, &ranges()).unwrap());
+        let d = idx.decide("x.example.com", &|_| true);
+        assert_eq!(d.app.unwrap().vip.to_string(), "10.96.0.10");
+        assert_eq!(d.superseded[0].vip.to_string(), "10.96.0.20");
+        assert_eq!(idx.remove_claim(&d.superseded[0].name).as_deref(), Some("x.example.com"));
+    }
 
-        idx.upsert(parse_pod(&pod("b", "q1", &host, Some("10.244.1.5"), true), &ranges()).unwrap());
-        let (app, conflict) = idx.app("x.example.com", &ranges());
-        assert!(app.unwrap().backends.is_empty(), "contested hostname goes to the activator");
-        assert_eq!(conflict.unwrap().pods.len(), 4);
+    #[test]
+    fn bad_records_are_ignored() {
+        let mut view = ClusterView::new(ranges());
+        let outside = crate::app_address::new_record("192.168.0.1".parse().unwrap(), "x.example.com", "a");
+        assert!(view.parse_claim(&outside).unwrap_err().contains("outside"));
+        let bad_host = crate::app_address::new_record("10.96.0.1".parse().unwrap(), "Bad_Host", "a");
+        assert!(view.parse_claim(&bad_host).is_err());
+        view.apply(Change::Address(Event::Apply(outside)));
+        assert_eq!(view.invalid_count(), 1);
+        assert_eq!(view.index.claims().count(), 0);
     }
 }
