@@ -233,10 +233,11 @@ impl Cluster {
         .iter()
         .map(|s| s.to_string())
         .collect();
-        if extra.contains(&"--listen") {
-            // The test's own --listen replaces the default.
-            let at = args.iter().position(|a| a == "--listen").expect("default --listen");
-            args.drain(at..at + 2);
+        // The test's own value of a flag replaces the default.
+        for flag in extra.iter().filter(|f| f.starts_with("--")) {
+            if let Some(at) = args.iter().position(|a| a == flag) {
+                args.drain(at..at + 2);
+            }
         }
         args.extend(extra.iter().map(|s| s.to_string()));
         let args: Vec<&str> = args.iter().map(String::as_str).collect();

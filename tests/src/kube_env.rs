@@ -114,10 +114,18 @@ impl KubeEnv {
     pub fn start_allocator(&self, name: &str, extra: &[&str]) -> anyhow::Result<crate::netns::Proc> {
         let log = std::fs::File::create(self.dir.join(format!("{name}.log")))?;
         let port = 19096 + name.bytes().map(u16::from).sum::<u16>() % 100;
+        let listen = format!("127.0.0.1:{port}");
+        let mut args = vec!["allocate", "--vip-range", crate::topology::VIP_RANGE, "--identity", name];
+        args.extend(["--release-after", RELEASE_AFTER, "--listen", &listen, "--namespace", "kube-system", "--api-qps", "500"]);
+        // The test's own value of a flag replaces the default.
+        for flag in extra.iter().filter(|f| f.starts_with("--")) {
+            if let Some(at) = args.iter().position(|a| a == flag) {
+                args.drain(at..at + 2);
+            }
+        }
+        args.extend(extra);
         let child = std::process::Command::new(crate::topology::agent_binary()?)
-            .args(["allocate", "--vip-range", crate::topology::VIP_RANGE, "--identity", name, "--release-after", RELEASE_AFTER])
-            .args(["--listen", &format!("127.0.0.1:{port}"), "--namespace", "kube-system", "--api-qps", "500"])
-            .args(extra)
+            .args(&args)
             .env("KUBECONFIG", &self.allocator_kubeconfig)
             .stdout(log.try_clone()?)
             .stderr(log)

@@ -517,3 +517,135 @@ fn two_agents_hit_at_the_same_moment_wake_a_deployment_once() {
     assert_eq!(calls.get("PATCH 200").copied().unwrap_or(0), 1, "one write for the wake: {calls:?}");
     assert!(calls.values().sum::<u64>() <= 3, "at most the other node's failed test and its read besides: {calls:?}");
 }
+
+/// hostname -> VIP as an agent programmed them (`inspect --json`).
+fn programmed(c: &serviceless_tests::cluster::Cluster, node: u8) -> std::collections::BTreeMap<String, String> {
+    let text = c.inspect(node).unwrap_or_default();
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+    v["apps"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|a| (a["hostname"].as_str().unwrap_or_default().to_string(), a["vip"].as_str().unwrap_or_default().to_string()))
+        .collect()
+}
+
+/// Requests to `appaddresses` by "VERB code", from the API server's metrics.
+fn record_writes(kube: &KubeEnv) -> std::collections::BTreeMap<String, u64> {
+    let text = kube.kubectl(&["get", "--raw", "/metrics"]).unwrap_or_default();
+    let mut out = std::collections::BTreeMap::new();
+    for line in text.lines().filter(|l| l.starts_with("apiserver_request_total{") && l.contains("resource=\"appaddresses\"")) {
+        let label = |name: &str| line.split(&format!("{name}=\"")).nth(1).and_then(|r| r.split('"').next()).unwrap_or("").to_string();
+        let n = line.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0) as u64;
+        let verb = label("verb");
+        if verb == "POST" || verb == "DELETE" {
+            *out.entry(format!("{verb} {}", label("code"))).or_default() += n;
+        }
+    }
+    out
+}
+
+#[test]
+fn vips_are_unique_stable_and_survive_an_allocator_crash() {
+    if !kernel_tests_enabled("kubernetes: VIP allocation") {
+        return;
+    }
+    let mut c = serviceless_tests::cluster::Cluster::new("svk6", 2, &server_bin()).expect("cluster");
+    let mut kube = KubeEnv::start_for(&c.work_dir, &[&c.node(1).ns, &c.node(2).ns]).expect("control plane");
+    let kubeconfig = kube.agent_kubeconfig.display().to_string();
+    // Two agents started at once.
+    for i in 1..=2u8 {
+        let name = format!("node-{i}");
+        let extra = ["--node-name", name.as_str(), "--max-apps", "1024", "--max-services", "2048"];
+        c.start_agent_with(i, "kubernetes", &extra, &[("KUBECONFIG", kubeconfig.as_str())]).expect("agent");
+    }
+    c.wait_ready(Duration::from_secs(30)).unwrap_or_else(|e| panic!("{e:#}\n{}", c.agent_log(1)));
+
+    // 300 sleeping apps without a VIP annotation, created concurrently; the
+    // allocator (slowed to 20 writes/s so the kill lands mid-run) is killed
+    // part-way, and 30 apps are deleted while none runs.
+    kube.allocator.take();
+    let mut slow = kube.start_allocator("allocator-1", &["--api-qps", "20"]).expect("allocator");
+    let n = 300usize;
+    let deployments: kube::Api<k8s_openapi::api::apps::v1::Deployment> = kube::Api::namespaced(kube.client.clone(), "default");
+    let create = |range: std::ops::Range<usize>| {
+        let deployments = deployments.clone();
+        kube.rt.block_on(async move {
+            let mut tasks = tokio::task::JoinSet::new();
+            for i in range {
+                let deployments = deployments.clone();
+                tasks.spawn(async move {
+                    let ann = serde_json::json!({"serviceless.io/hostname": format!("app{i}.alloc.example.com"), "serviceless.io/target-port": "8080", "serviceless.io/idle-after": "0"});
+                    let d: k8s_openapi::api::apps::v1::Deployment = serde_json::from_value(serde_json::json!({
+                        "metadata": {"name": format!("app{i}"), "labels": {"serviceless.io/enabled": "true"}, "annotations": ann},
+                        "spec": {"replicas": 0, "selector": {"matchLabels": {"app": format!("app{i}")}},
+                            "template": {"metadata": {"labels": {"app": format!("app{i}"), "serviceless.io/enabled": "true"}, "annotations": ann},
+                                "spec": {"containers": [{"name": "app", "image": "example/app"}]}}}
+                    })).expect("deployment");
+                    deployments.create(&Default::default(), &d).await.expect("create deployment");
+                });
+            }
+            while tasks.join_next().await.is_some() {}
+        })
+    };
+    create(0..n / 2);
+    wait_until("some VIPs recorded", Duration::from_secs(30), || kube.records().len() >= 20);
+    slow.kill9();
+    let recorded_at_crash = kube.records().len();
+    create(n / 2..n);
+    for i in (0..n).step_by(10) {
+        kube.kubectl(&["delete", "deployment", &format!("app{i}"), "--wait=false"]).expect("delete");
+    }
+    // Two replicas started at once; one is elected once the dead one's Lease expires.
+    let _a2 = kube.start_allocator("allocator-2", &[]).expect("allocator 2");
+    let _a3 = kube.start_allocator("allocator-3", &[]).expect("allocator 3");
+    let live: std::collections::BTreeSet<String> =
+        (0..n).filter(|i| i % 10 != 0).map(|i| format!("app{i}.alloc.example.com")).collect();
+    let records_match = |kube: &KubeEnv| {
+        let hosts: Vec<String> = kube.records().into_values().map(|(h, _)| h).collect();
+        hosts.len() == live.len() && hosts.iter().cloned().collect::<std::collections::BTreeSet<_>>() == live
+    };
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while !records_match(&kube) {
+        assert!(
+            Instant::now() < deadline,
+            "records never matched the live apps exactly ({} records, {} apps; {recorded_at_crash} at the crash)\n--- allocator-2\n{}\n--- allocator-3\n{}",
+            kube.records().len(),
+            live.len(),
+            kube.allocator_log("allocator-2"),
+            kube.allocator_log("allocator-3")
+        );
+        thread::sleep(Duration::from_millis(200));
+    }
+    let records = kube.records();
+    let want: std::collections::BTreeMap<String, String> = records.iter().map(|(vip, (h, _))| (h.clone(), vip.clone())).collect();
+    // No leak, no duplicate: every create that succeeded is a live app or a released one.
+    let writes = record_writes(&kube);
+    let created = writes.get("POST 201").copied().unwrap_or(0);
+    let deleted = writes.get("DELETE 200").copied().unwrap_or(0);
+    assert_eq!(created - deleted, live.len() as u64, "writes: {writes:?}");
+    assert!(created <= n as u64, "at most one create per app: {writes:?}");
+
+    // Both agents program exactly the recorded VIPs.
+    wait_until("both agents to agree with the records", Duration::from_secs(30), || {
+        (1..=2).all(|i| programmed(&c, i).into_iter().filter(|(h, _)| h.ends_with(".alloc.example.com")).collect::<std::collections::BTreeMap<_, _>>() == want)
+    });
+
+    // Every app scaled to 1 and back to 0: the same VIPs.
+    kube.kubectl(&["scale", "deployment", "--all", "--replicas=1"]).expect("scale up");
+    thread::sleep(Duration::from_secs(2));
+    kube.kubectl(&["scale", "deployment", "--all", "--replicas=0"]).expect("scale down");
+    thread::sleep(Duration::from_secs(2));
+    assert_eq!(kube.records(), records, "scaling changes no record");
+
+    // An agent restart (a fresh list of everything): the same VIPs.
+    let name = "node-1".to_string();
+    let extra = ["--node-name", name.as_str(), "--max-apps", "1024", "--max-services", "2048"];
+    c.start_agent_with(1, "kubernetes", &extra, &[("KUBECONFIG", kubeconfig.as_str())]).expect("agent restart");
+    c.wait_ready(Duration::from_secs(30)).expect("ready again");
+    wait_until("the restarted agent to program the same VIPs", Duration::from_secs(30), || {
+        programmed(&c, 1).into_iter().filter(|(h, _)| h.ends_with(".alloc.example.com")).collect::<std::collections::BTreeMap<_, _>>() == want
+    });
+    assert_eq!(kube.records(), records);
+    println!("ALLOCATION: {} apps, {recorded_at_crash} recorded when the allocator was killed; creates {created}, releases {deleted}", live.len());
+}
