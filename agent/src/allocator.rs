@@ -152,6 +152,8 @@ pub struct Allocator {
     pending_deletes: HashSet<String>,
     /// Records whose app is gone, since when.
     orphaned: HashMap<String, Instant>,
+    /// When to look at a hostname again to release its records.
+    release_checks: BTreeSet<(Instant, String)>,
     /// Hostnames not to retry before a time (after a failed write).
     backoff: HashMap<String, Instant>,
     /// What was reported on each object, so each is told once.
@@ -175,6 +177,7 @@ impl Allocator {
             pending_hosts: HashMap::new(),
             pending_deletes: HashSet::new(),
             orphaned: HashMap::new(),
+            release_checks: BTreeSet::new(),
             backoff: HashMap::new(),
             reported: HashMap::new(),
         }
@@ -219,8 +222,12 @@ impl Allocator {
             // its records once it has been gone long enough.
             for c in all_claims {
                 let since = *self.orphaned.entry(c.name.clone()).or_insert(now);
-                if now.duration_since(since) >= self.release_after && !self.pending_deletes.contains(&c.name) {
-                    actions.push(Action::Delete { name: c.name.clone(), why: "released" });
+                if now.duration_since(since) >= self.release_after {
+                    if !self.pending_deletes.contains(&c.name) {
+                        actions.push(Action::Delete { name: c.name.clone(), why: "released" });
+                    }
+                } else {
+                    self.release_checks.insert((since + self.release_after, host.to_string()));
                 }
             }
             return actions;
@@ -277,6 +284,21 @@ impl Allocator {
             }
         }
         actions
+    }
+
+    /// Hostnames whose release time has come.
+    fn due_releases(&mut self, now: Instant) -> Vec<String> {
+        let mut due = Vec::new();
+        while let Some(first) = self.release_checks.first()
+            && first.0 <= now
+        {
+            due.push(self.release_checks.pop_first().expect("first exists").1);
+        }
+        due
+    }
+
+    fn next_release(&self) -> Option<Instant> {
+        self.release_checks.first().map(|(at, _)| *at)
     }
 
     fn refuse(&mut self, actions: &mut Vec<Action>, object: &ObjectRef, reason: &'static str, note: String) {
@@ -358,6 +380,7 @@ pub async fn run(args: AllocateArgs) -> anyhow::Result<()> {
                 }
             }
             _ = sweep.tick() => dirty.extend(view.index.hostnames()),
+            _ = sleep_until(alloc.next_release()) => dirty.extend(alloc.due_releases(Instant::now())),
         }
         metrics.records.set(view.index.claims().count() as i64);
         if !(is_leader && view.synced()) || dirty.is_empty() {
@@ -402,6 +425,14 @@ pub async fn run(args: AllocateArgs) -> anyhow::Result<()> {
             }
         }
         metrics.pending.set((alloc.pending_hosts.len() + alloc.pending_deletes.len()) as i64);
+    }
+}
+
+/// Sleeps until `at`, or forever.
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
     }
 }
 
@@ -587,6 +618,9 @@ mod tests {
             [Action::Delete { name: "10.96.0.21".into(), why: "superseded" }]
         );
         assert!(plan(&mut alloc, &view, "gone.example.com", now).is_empty(), "within the grace");
+        assert_eq!(alloc.next_release(), Some(now + Duration::from_secs(60)), "looked at again when it ends");
+        assert!(alloc.due_releases(now).is_empty());
+        assert_eq!(alloc.due_releases(now + Duration::from_secs(60)), ["gone.example.com"]);
         assert_eq!(
             plan(&mut alloc, &view, "gone.example.com", now + Duration::from_secs(61)),
             [Action::Delete { name: "10.96.0.30".into(), why: "released" }]
