@@ -262,3 +262,53 @@ fn bad_interface_and_attach_mode_give_clear_errors() {
     let err = run("br9", &[]);
     assert!(err.contains("--xdp-mode=generic"), "{err}");
 }
+
+#[test]
+fn apps_without_a_vip_get_unique_ones_that_survive_restarts() {
+    if !kernel_tests_enabled("traffic: file source VIP allocation") {
+        return;
+    }
+    let s = setup("svt9", &[(1, "pod-1")]);
+    let app = |host: &str, vip: Option<&str>, pod: bool| {
+        let vip = vip.map(|v| format!("    vip: {v}\n")).unwrap_or_default();
+        let pods = if pod { "    pods: [{ name: pod-1, ip: 10.244.1.2 }]\n" } else { "" };
+        format!("  - hostname: {host}\n{vip}    ports: [{{ port: 80, targetPort: 8080 }}]\n{pods}")
+    };
+    let hosts = ["a.example.com", "b.example.com", "c.example.com"];
+    let text: String = hosts.iter().enumerate().map(|(i, h)| app(h, None, i == 0)).collect();
+    write_raw(&s.file, &format!("apps:\n{text}"));
+    let mut agent = s.topo.start_agent(&s.file, "agent.log", &[]).expect("agent");
+    s.topo.wait_ready(Duration::from_secs(20)).unwrap_or_else(|e| panic!("{e:#}\n{}", s.topo.agent_log("agent.log")));
+    let vips = |s: &Setup| -> HashMap<String, String> {
+        inspect(&s.topo)["apps"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|a| (a["hostname"].as_str().unwrap_or_default().to_string(), a["vip"].as_str().unwrap_or_default().to_string()))
+            .collect()
+    };
+    let first = vips(&s);
+    assert_eq!(first.len(), 3, "{first:?}");
+    assert_eq!(first.values().collect::<std::collections::HashSet<_>>().len(), 3, "unique: {first:?}");
+    assert!(first.values().all(|v| v.starts_with("10.96.")), "inside --vip-range: {first:?}");
+    let r = s.topo.request(&format!("{}:80", first["a.example.com"])).expect("request to the allocated VIP");
+    assert_eq!(r.server(), "pod-1");
+
+    // A restart keeps them; a newcomer asking for a taken VIP is refused and
+    // moves nobody; the others keep theirs.
+    drop(agent.terminate());
+    let taken = first["b.example.com"].clone();
+    let text = format!("apps:\n{text}{}{}", app("thief.example.com", Some(&taken), false), app("d.example.com", None, false));
+    write_raw(&s.file, &text);
+    agent = s.topo.start_agent(&s.file, "agent.log", &[]).expect("agent");
+    s.topo.wait_ready(Duration::from_secs(20)).unwrap_or_else(|e| panic!("{e:#}\n{}", s.topo.agent_log("agent.log")));
+    wait_until("the new app", Duration::from_secs(10), || vips(&s).contains_key("d.example.com"));
+    let second = vips(&s);
+    for h in hosts {
+        assert_eq!(second[h], first[h], "{h} kept its VIP across the restart");
+    }
+    assert!(!second.contains_key("thief.example.com"), "{second:?}");
+    assert!(s.topo.agent_log("agent.log").contains("already held by b.example.com"));
+    assert_eq!(s.topo.request(&format!("{}:80", first["a.example.com"])).expect("request").server(), "pod-1");
+    drop(agent);
+}
