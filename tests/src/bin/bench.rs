@@ -10,6 +10,8 @@
 use serviceless_tests::xdp_pass as floor;
 #[path = "bench/fabric.rs"]
 mod fabric;
+#[path = "bench/identity.rs"]
+mod identity;
 #[path = "bench/rules.rs"]
 mod rules;
 #[path = "bench/traffic.rs"]
@@ -59,6 +61,8 @@ struct Opts {
     baselines: bool,
     /// Only the scale-to-zero rows (`--scale-to-zero-only`).
     wake_only: bool,
+    /// Only the app-identity rows: VIP collisions, DNS, allocation (`--identity-only`).
+    identity_only: bool,
 }
 
 /// How much of each scenario to run.
@@ -194,6 +198,7 @@ fn parse_opts() -> anyhow::Result<Opts> {
         traffic: true,
         baselines: true,
         wake_only: false,
+        identity_only: false,
     };
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -206,6 +211,7 @@ fn parse_opts() -> anyhow::Result<Opts> {
                 o.baselines = false;
             }
             "--scale-to-zero-only" => o.wake_only = true,
+            "--identity-only" => o.identity_only = true,
             "--out" => o.out = it.next().context("--out DIR")?.into(),
             "--sizes" => {
                 o.sizes = it
@@ -216,7 +222,7 @@ fn parse_opts() -> anyhow::Result<Opts> {
                     .collect::<Result<_, _>>()?
             }
             other => bail!(
-                "unknown argument {other}; usage: serviceless-bench [--quick] [--out DIR] [--sizes 1,1000] [--no-traffic] [--ours-only] [--scale-to-zero-only]"
+                "unknown argument {other}; usage: serviceless-bench [--quick] [--out DIR] [--sizes 1,1000] [--no-traffic] [--ours-only] [--scale-to-zero-only] [--identity-only]"
             ),
         }
     }
@@ -243,6 +249,13 @@ fn run() -> anyhow::Result<()> {
     let started = Instant::now();
     let mut rows: Vec<Row> = Vec::new();
     let mut skipped: Vec<String> = Vec::new();
+    if opts.identity_only {
+        let server = std::env::current_exe()?.parent().context("exe dir")?.join("svl-test-server");
+        run_identity(&opts, &budget, &server, &mut rows, &mut skipped);
+        write_outputs(&opts, &rows, &skipped, started.elapsed())?;
+        println!("serviceless-bench: results in {}", opts.out.display());
+        return Ok(());
+    }
     if opts.wake_only {
         let server = std::env::current_exe()?.parent().context("exe dir")?.join("svl-test-server");
         wake::run(&budget, &server, &mut rows)?;
@@ -357,6 +370,8 @@ fn run() -> anyhow::Result<()> {
             eprintln!("scale-to-zero rows failed: {e:#}");
             skipped.push(format!("scale to zero: {e:#}"));
         }
+        eprintln!("== app identity ({:.0} s elapsed)", started.elapsed().as_secs_f64());
+        run_identity(&opts, &budget, &server, &mut rows, &mut skipped);
     }
     drop(prog_ns);
     let total = started.elapsed();
@@ -367,6 +382,21 @@ fn run() -> anyhow::Result<()> {
         opts.out.display()
     );
     Ok(())
+}
+
+/// VIP collisions (old derivation vs the allocator), DNS, allocation through the API server.
+fn run_identity(opts: &Opts, budget: &Budget, server: &std::path::Path, rows: &mut Vec<Row>, skipped: &mut Vec<String>) {
+    identity::collisions(opts.quick, rows);
+    if let Err(e) = identity::dns(budget, server, rows) {
+        eprintln!("DNS rows failed: {e:#}");
+        skipped.push(format!("DNS: {e:#}"));
+    }
+    let dir = std::path::Path::new("/run/serviceless-test/bench-alloc");
+    let _ = std::fs::remove_dir_all(dir);
+    if let Err(e) = identity::allocation(opts.quick, dir, rows) {
+        eprintln!("allocation rows failed: {e:#}");
+        skipped.push(format!("VIP allocation: {e:#}"));
+    }
 }
 
 fn vip(i: usize) -> Ipv4Addr {
@@ -1324,6 +1354,7 @@ fn markdown(doc: &Value, rows: &[Row], skipped: &[String], opts: &Opts, took: Du
         ("traffic", "Real traffic through network namespaces"),
         ("memory", "Memory"),
         ("scale to zero", "Scale to zero"),
+        ("identity", "App identity: VIP collisions, DNS, allocation"),
     ] {
         let _ = writeln!(s, "## {title}\n");
         let _ = writeln!(
