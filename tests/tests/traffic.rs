@@ -296,7 +296,7 @@ fn apps_without_a_vip_get_unique_ones_that_survive_restarts() {
 
     // A restart keeps them; a newcomer asking for a taken VIP is refused and
     // moves nobody; the others keep theirs.
-    drop(agent.terminate());
+    agent.terminate();
     let taken = first["b.example.com"].clone();
     let text = format!("apps:\n{text}{}{}", app("thief.example.com", Some(&taken), false), app("d.example.com", None, false));
     write_raw(&s.file, &text);
