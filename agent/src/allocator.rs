@@ -286,6 +286,14 @@ impl Allocator {
         actions
     }
 
+    /// Forgets what concerns objects and records that are gone (each sweep),
+    /// so churn cannot grow the allocator's memory.
+    fn forget_gone(&mut self, view: &ClusterView, now: Instant) {
+        self.reported.retain(|(ns, name, kind), _| view.index.has_object(kind, ns, name));
+        self.orphaned.retain(|name, _| view.index.has_claim(name));
+        self.backoff.retain(|_, until| *until > now);
+    }
+
     /// Hostnames whose release time has come.
     fn due_releases(&mut self, now: Instant) -> Vec<String> {
         let mut due = Vec::new();
@@ -329,7 +337,7 @@ pub async fn run(args: AllocateArgs) -> anyhow::Result<()> {
         .build()
         .await
         .with_context(|| format!("the election Lease {}/{}", args.namespace, args.lease_name))?;
-    let (mut leader, _lease_task) = lease.watch().await;
+    let (mut leader, lease_task) = lease.watch().await;
     info!(%identity, lease = %format!("{}/{}", args.namespace, args.lease_name), "allocator started; waiting for the Lease");
 
     let (events_tx, events_rx) = mpsc::channel::<ObjectEvent>(EVENT_QUEUE);
@@ -345,8 +353,12 @@ pub async fn run(args: AllocateArgs) -> anyhow::Result<()> {
     let mut dirty: BTreeSet<String> = BTreeSet::new();
     let mut sweep = tokio::time::interval(SWEEP_INTERVAL);
     let mut is_leader = *leader.borrow();
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     loop {
         tokio::select! {
+            // Stopping hands the Lease over at once instead of after it expires.
+            _ = term.recv() => break,
+            _ = tokio::signal::ctrl_c() => break,
             change = stream.try_next() => match change {
                 Ok(Some(change)) => {
                     let update = view.apply(change);
@@ -379,7 +391,10 @@ pub async fn run(args: AllocateArgs) -> anyhow::Result<()> {
                     warn!(%identity, "lost the Lease: not allocating");
                 }
             }
-            _ = sweep.tick() => dirty.extend(view.index.hostnames()),
+            _ = sweep.tick() => {
+                alloc.forget_gone(&view, Instant::now());
+                dirty.extend(view.index.hostnames());
+            }
             _ = sleep_until(alloc.next_release()) => dirty.extend(alloc.due_releases(Instant::now())),
         }
         metrics.records.set(view.index.claims().count() as i64);
@@ -426,6 +441,13 @@ pub async fn run(args: AllocateArgs) -> anyhow::Result<()> {
         }
         metrics.pending.set((alloc.pending_hosts.len() + alloc.pending_deletes.len()) as i64);
     }
+    info!(%identity, "stopping: releasing the Lease");
+    drop(leader);
+    match tokio::time::timeout(Duration::from_secs(5), lease_task).await {
+        Ok(Ok(Ok(_))) => info!("Lease released"),
+        other => warn!(outcome = ?other.map(|r| r.map(|r| r.map(|_| ()))), "the Lease was not released; the next replica takes over when it expires"),
+    }
+    Ok(())
 }
 
 /// Sleeps until `at`, or forever.

@@ -597,8 +597,8 @@ fn vips_are_unique_stable_and_survive_an_allocator_crash() {
         kube.kubectl(&["delete", "deployment", &format!("app{i}"), "--wait=false"]).expect("delete");
     }
     // Two replicas started at once; one is elected once the dead one's Lease expires.
-    let _a2 = kube.start_allocator("allocator-2", &[]).expect("allocator 2");
-    let _a3 = kube.start_allocator("allocator-3", &[]).expect("allocator 3");
+    let mut a2 = kube.start_allocator("allocator-2", &[]).expect("allocator 2");
+    let mut a3 = kube.start_allocator("allocator-3", &[]).expect("allocator 3");
     let live: std::collections::BTreeSet<String> =
         (0..n).filter(|i| i % 10 != 0).map(|i| format!("app{i}.alloc.example.com")).collect();
     let records_match = |kube: &KubeEnv| {
@@ -684,5 +684,29 @@ fn vips_are_unique_stable_and_survive_an_allocator_crash() {
     } else {
         eprintln!("DNS part skipped: dig missing (cargo xtask test installs bind9-dnsutils)");
     }
+
+    // Hostname rules: the replicas stop (handing the Lease over at once) and
+    // one with a rule takes over; it refuses a hostname outside the namespace's
+    // suffix and still records allowed ones.
+    a2.terminate();
+    a3.terminate();
+    let handover = Instant::now();
+    let _a4 = kube.start_allocator("allocator-4", &["--hostname-rule", "default=.alloc.example.com"]).expect("allocator 4");
+    kube.apply(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: outsider\n  namespace: default\n  labels: { serviceless.io/enabled: \"true\" }\n  annotations: { serviceless.io/hostname: web.elsewhere.example.com }\nspec:\n  containers: [{ name: app, image: example/app }]\n",
+    )
+    .expect("pod");
+    create(n..n + 1);
+    wait_until("the new allowed app to be recorded", Duration::from_secs(30), || {
+        kube.records().values().any(|(h, _)| h == &format!("app{n}.alloc.example.com"))
+    });
+    let took_over = handover.elapsed();
+    wait_until("the rule to refuse the outsider", Duration::from_secs(20), || {
+        let events = kube.kubectl(&["get", "events", "-o", "json"]).unwrap_or_default();
+        let v: serde_json::Value = serde_json::from_str(&events).unwrap_or_default();
+        v["items"].as_array().into_iter().flatten().any(|e| e["involvedObject"]["name"] == "outsider" && e["reason"] == "ServicelessHostnameNotAllowed")
+    });
+    assert!(!kube.records().values().any(|(h, _)| h == "web.elsewhere.example.com"));
+    println!("ALLOCATION: a new replica recorded its first app {:.1} s after the old ones were stopped", took_over.as_secs_f64());
     println!("ALLOCATION: {} apps, {recorded_at_crash} recorded when the allocator was killed; creates {created}, releases {deleted}", live.len());
 }

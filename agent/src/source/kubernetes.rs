@@ -1,5 +1,6 @@
-//! Desired state from one Kubernetes Pod watch and one metadata-only
-//! Deployment watch (no Services read or created).
+//! Desired state from one Kubernetes Pod watch, one metadata-only
+//! Deployment watch and one watch of the VIP records (`AppAddress`, written
+//! by the allocator); no Services read or created.
 //!
 //! Pods opt in with the label `serviceless.io/enabled=true`; their pod
 //! template carries the app in annotations (see `annotations`). Ready pods
@@ -13,6 +14,11 @@
 //! Deployment (so they do not change when it wakes), and it is woken and
 //! put to sleep through the Deployment's `scale` subresource.
 //!
+//! An app is served once it holds a VIP record: the record gives its VIP
+//! and the namespace that owns its hostname; objects from other namespaces
+//! declaring the same hostname are refused (`PodIndex::decide`). The
+//! allocator (`crate::allocator`) decides with the same index.
+//!
 //! A good API-server citizen: one list-then-watch per kind for the whole cluster,
 //! bookmarks and resourceVersion resume (kube-runtime's watcher), a relist
 //! only when the server says 410 Gone, exponential backoff with jitter on
@@ -20,7 +26,7 @@
 //! few fields the dataplane needs are kept per pod, never whole objects.
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     net::IpAddr,
     time::{Duration, SystemTime},
 };
@@ -371,6 +377,19 @@ impl PodIndex {
 
     pub fn claims(&self) -> impl Iterator<Item = &Claim> {
         self.claims.values()
+    }
+
+    pub fn has_claim(&self, name: &str) -> bool {
+        self.claims.contains_key(name)
+    }
+
+    /// Whether the pod or Deployment still exists.
+    pub fn has_object(&self, kind: &str, namespace: &str, name: &str) -> bool {
+        let key = (namespace.to_string(), name.to_string());
+        match kind {
+            "Deployment" => self.deployments.contains_key(&key),
+            _ => self.pods.contains_key(&key),
+        }
     }
 
     /// Every hostname some pod, Deployment or record names.
@@ -747,8 +766,10 @@ pub async fn watch(client: Client, opts: KubeOptions, store: Store, health: Heal
     tokio::spawn(post_events(client.clone(), reporter, events_rx));
     let mut stream = std::pin::pin!(changes(client));
     let mut view = ClusterView::new(opts.ranges.clone());
-    // Objects refused per hostname (another namespace owns it).
+    // Per hostname: objects refused (another namespace owns it), and apps
+    // waiting for their VIP record.
     let mut refused: HashMap<String, usize> = HashMap::new();
+    let mut awaiting: HashSet<String> = HashSet::new();
     loop {
         let change = match stream.try_next().await {
             Ok(Some(change)) => change,
@@ -772,52 +793,63 @@ pub async fn watch(client: Client, opts: KubeOptions, store: Store, health: Heal
             debug!("event queue full; event dropped");
         }
         if update.full {
-            publish_all(&view.index, &store, &mut refused, &metrics);
+            publish_all(&view.index, &store, &mut refused, &mut awaiting);
             health.set_source_ok();
         } else if !update.hosts.is_empty() {
             let observed = Observed { origin: update.origin, ..Observed::now() };
             for host in &update.hosts {
-                publish(&view.index, host, &store, observed, &mut refused);
+                publish(&view.index, host, &store, observed, &mut refused, &mut awaiting);
             }
         }
         metrics.invalid_apps.set(view.invalid_count() as i64);
         metrics.refused_claims.set(refused.values().sum::<usize>() as i64);
+        metrics.apps_awaiting_vip.set(awaiting.len() as i64);
     }
 }
 
 /// Replaces the whole desired state with what the index holds.
-fn publish_all(index: &PodIndex, store: &Store, refused: &mut HashMap<String, usize>, metrics: &Metrics) {
+fn publish_all(index: &PodIndex, store: &Store, refused: &mut HashMap<String, usize>, awaiting: &mut HashSet<String>) {
     refused.clear();
+    awaiting.clear();
     let mut apps = Vec::new();
-    let mut awaiting = 0;
     for host in index.hostnames() {
         let decision = index.decide(&host, &|_| true);
-        if decision.chosen.is_some() && !decision.refused.is_empty() {
-            refused.insert(host.clone(), decision.refused.len());
-        }
-        match decision.app {
-            Some(app) => apps.push(app),
-            None if decision.chosen.is_none() && decision.owner.is_some() => awaiting += 1,
-            None => {}
-        }
+        note(&host, &decision, refused, awaiting);
+        apps.extend(decision.app);
     }
     let asleep = apps.iter().filter(|a| !a.has_ready_pod()).count();
-    info!(apps = apps.len(), asleep, awaiting_vip = awaiting, "desired state from Kubernetes replaced");
-    metrics.apps_awaiting_vip.set(awaiting);
+    info!(apps = apps.len(), asleep, awaiting_vip = awaiting.len(), "desired state from Kubernetes replaced");
     store.replace_all(apps, Observed::now());
 }
 
 /// Decides one hostname again and updates the store.
-fn publish(index: &PodIndex, host: &str, store: &Store, observed: Observed, refused: &mut HashMap<String, usize>) {
+fn publish(
+    index: &PodIndex,
+    host: &str,
+    store: &Store,
+    observed: Observed,
+    refused: &mut HashMap<String, usize>,
+    awaiting: &mut HashSet<String>,
+) {
     let decision = index.decide(host, &|_| true);
-    if decision.chosen.is_some() && !decision.refused.is_empty() {
-        refused.insert(host.to_string(), decision.refused.len());
-    } else {
-        refused.remove(host);
-    }
+    note(host, &decision, refused, awaiting);
     match decision.app {
         Some(app) => store.upsert(app, observed),
         None => store.remove(host, observed),
+    }
+}
+
+/// Keeps the per-hostname counts behind the refused and awaiting metrics.
+fn note(host: &str, d: &Decision, refused: &mut HashMap<String, usize>, awaiting: &mut HashSet<String>) {
+    if d.chosen.is_some() && !d.refused.is_empty() {
+        refused.insert(host.to_string(), d.refused.len());
+    } else {
+        refused.remove(host);
+    }
+    if d.chosen.is_none() && d.owner_object.is_some() {
+        awaiting.insert(host.to_string());
+    } else {
+        awaiting.remove(host);
     }
 }
 
