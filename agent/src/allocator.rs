@@ -321,14 +321,14 @@ impl Allocator {
 /// Runs the allocator until the process stops.
 pub async fn run(args: AllocateArgs) -> anyhow::Result<()> {
     let ranges = VipRanges::from_list(&args.vip_ranges).map_err(anyhow::Error::msg).context("--vip-range")?;
-    let client = kubernetes::client(args.api_qps).await?;
+    let identity = args.identity.clone().unwrap_or_else(|| {
+        format!("{}-{}", std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default().trim(), std::process::id())
+    });
+    let client = kubernetes::client(args.api_qps, &format!("serviceless-allocator/{} ({identity})", env!("CARGO_PKG_VERSION"))).await?;
     let metrics = AllocatorMetrics::new();
     let synced = Arc::new(std::sync::atomic::AtomicBool::new(false));
     tokio::spawn(serve(args.listen, metrics.clone(), synced.clone()));
 
-    let identity = args.identity.clone().unwrap_or_else(|| {
-        format!("{}-{}", std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default().trim(), std::process::id())
-    });
     let lease = LeaseManagerBuilder::new(client.clone(), &args.lease_name)
         .with_namespace(&args.namespace)
         .with_identity(&identity)
@@ -362,6 +362,15 @@ pub async fn run(args: AllocateArgs) -> anyhow::Result<()> {
             change = stream.try_next() => match change {
                 Ok(Some(change)) => {
                     let update = view.apply(change);
+                    // Cluster-wide facts are the allocator's to report: bad
+                    // Deployments, and pods no node's agent owns yet.
+                    if let Some((object, note)) = update.invalid
+                        && object.node.is_none()
+                        && is_leader
+                        && events_tx.try_send(ObjectEvent { object, reason: "InvalidServicelessAnnotation", note }).is_err()
+                    {
+                        debug!("event queue full; event dropped");
+                    }
                     if update.full {
                         dirty.extend(view.index.hostnames());
                         synced.store(true, std::sync::atomic::Ordering::Relaxed);

@@ -125,7 +125,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             (tokio::spawn(file::watch(path, ranges, record, store.clone(), health.clone(), metrics.clone())), None)
         }
         SourceSpec::Kubernetes => {
-            let client = kubernetes::client(args.api_qps).await?;
+            let user_agent = format!("serviceless-agent/{} (node {})", env!("CARGO_PKG_VERSION"), args.node_name);
+            let client = kubernetes::client(args.api_qps, &user_agent).await?;
             let opts = KubeOptions { ranges, instance: args.node_name.clone() };
             let watch = tokio::spawn(kubernetes::watch(client.clone(), opts, store.clone(), health.clone(), metrics.clone()));
             (watch, Some(client))

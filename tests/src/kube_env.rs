@@ -134,6 +134,15 @@ impl KubeEnv {
         Ok(crate::netns::Proc::from_child(child))
     }
 
+    /// The API server's audit log so far: one JSON object per request.
+    pub fn audit(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(self.cluster.audit_log_path())
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
     /// An allocator replica's log.
     pub fn allocator_log(&self, name: &str) -> String {
         std::fs::read_to_string(self.dir.join(format!("{name}.log"))).unwrap_or_default()

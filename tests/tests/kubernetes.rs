@@ -69,6 +69,15 @@ fn metric(topo: &Topology, name: &str) -> Option<f64> {
         .and_then(|l| l.rsplit(' ').next()?.parse().ok())
 }
 
+/// A node with its agent on the Kubernetes source, and the control plane.
+fn one_node(tag: &str) -> (Topology, KubeEnv, serviceless_tests::netns::Proc) {
+    let topo = Topology::new(tag, &server_bin()).expect("topology");
+    let kube = KubeEnv::start(&topo).expect("control plane");
+    let agent = kube.start_agent(&topo, "agent.log").expect("agent");
+    topo.wait_ready(Duration::from_secs(30)).unwrap_or_else(|e| panic!("{e:#}\n{}", topo.agent_log("agent.log")));
+    (topo, kube, agent)
+}
+
 fn servers(topo: &Topology, n: usize) -> HashSet<String> {
     (0..n).filter_map(|_| topo.request(VIP).ok()).map(|r| r.server().to_string()).collect()
 }
@@ -78,10 +87,7 @@ fn deployment_lifecycle_and_api_server_outage() {
     if !kernel_tests_enabled("kubernetes: deployment lifecycle") {
         return;
     }
-    let mut topo = Topology::new("svk1", &server_bin()).expect("topology");
-    let mut kube = KubeEnv::start(&topo).expect("control plane");
-    let _agent = kube.start_agent(&topo, "agent.log").expect("agent");
-    topo.wait_ready(Duration::from_secs(30)).unwrap_or_else(|e| panic!("{e:#}\n{}", topo.agent_log("agent.log")));
+    let (mut topo, mut kube, _agent) = one_node("svk1");
 
     // A Deployment with the label and annotations becomes reachable at its VIP.
     kube.apply(&deployment("hello", "default", "hello.example.com", "10.96.0.10", 1)).expect("deployment");
@@ -709,4 +715,111 @@ fn vips_are_unique_stable_and_survive_an_allocator_crash() {
     assert!(!kube.records().values().any(|(h, _)| h == "web.elsewhere.example.com"));
     println!("ALLOCATION: a new replica recorded its first app {:.1} s after the old ones were stopped", took_over.as_secs_f64());
     println!("ALLOCATION: {} apps, {recorded_at_crash} recorded when the allocator was killed; creates {created}, releases {deleted}", live.len());
+}
+
+/// The audit log's completed requests by `user` (impersonated ServiceAccount).
+fn requests_by(kube: &KubeEnv, user: &str) -> Vec<serde_json::Value> {
+    kube.audit()
+        .into_iter()
+        .filter(|e| e["impersonatedUser"]["username"] == user && e["stage"] == "ResponseComplete")
+        .collect()
+}
+
+fn audit_time(e: &serde_json::Value) -> k8s_openapi::jiff::Timestamp {
+    e["requestReceivedTimestamp"].as_str().and_then(|t| t.parse().ok()).unwrap_or_default()
+}
+
+#[test]
+fn the_agent_is_a_quiet_api_client() {
+    if !kernel_tests_enabled("kubernetes: API citizen") {
+        return;
+    }
+    let (mut topo, mut kube, _agent) = one_node("svk7");
+    let pod = |name: &str, node: &str, ann: &str| {
+        let node = if node.is_empty() { String::new() } else { format!("  nodeName: {node}\n") };
+        format!(
+            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: default\n  labels: {{ serviceless.io/enabled: \"true\" }}\n  annotations: {{ {ann} }}\nspec:\n{node}  containers: [{{ name: app, image: example/app }}]\n"
+        )
+    };
+    for i in 0..3 {
+        kube.apply(&pod(&format!("web-{i}"), "", &format!("serviceless.io/hostname: web{i}.example.com, serviceless.io/target-port: \"8080\""))).expect("pod");
+    }
+    kube.kubelet_sync(&mut topo).expect("kubelet");
+    // Bad annotations on a pod of this node, of another node, and of none yet.
+    let bad = "serviceless.io/hostname: Bad_Host";
+    kube.apply(&pod("bad-here", "node-1", bad)).expect("pod");
+    kube.apply(&pod("bad-there", "node-2", bad)).expect("pod");
+    kube.apply(&pod("bad-unscheduled", "", bad)).expect("pod");
+    wait_until("three apps programmed", Duration::from_secs(30), || metric(&topo, "serviceless_apps_programmed") == Some(3.0));
+    wait_until("the two Events", Duration::from_secs(30), || {
+        let events = kube.kubectl(&["get", "events", "-o", "json"]).unwrap_or_default();
+        let v: serde_json::Value = serde_json::from_str(&events).unwrap_or_default();
+        let from = |pod: &str| -> Vec<String> {
+            v["items"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|e| e["involvedObject"]["name"] == pod && e["reason"] == "InvalidServicelessAnnotation")
+                .map(|e| e["reportingComponent"].as_str().unwrap_or_default().to_string())
+                .collect()
+        };
+        from("bad-here") == ["serviceless-agent"] && from("bad-unscheduled") == ["serviceless-allocator"] && from("bad-there").is_empty()
+    });
+
+    let agent_sa = serviceless_tests::kube_env::AGENT_SA;
+    let started = requests_by(&kube, agent_sa);
+    let agent_ua = format!("serviceless-agent/{} (node node-1)", env!("CARGO_PKG_VERSION"));
+    assert!(!started.is_empty());
+    for e in &started {
+        assert_eq!(e["userAgent"], agent_ua.as_str(), "every request names the agent and its node: {e}");
+        if e["verb"] == "list" {
+            // Deployments and records from the watch cache; pods still paged from etcd.
+            let uri = e["requestURI"].as_str().unwrap_or_default();
+            let cached = uri.contains("resourceVersion=0") && !uri.contains("limit=");
+            let paged = uri.contains("limit=500") && !uri.contains("resourceVersion=");
+            assert!(if e["objectRef"]["resource"] == "pods" { paged } else { cached }, "{uri}");
+        }
+    }
+    let lists = |events: &[serde_json::Value]| events.iter().filter(|e| e["verb"] == "list").count();
+    let uris: Vec<&str> = started.iter().filter(|e| e["verb"] == "list").filter_map(|e| e["requestURI"].as_str()).collect();
+    assert_eq!(lists(&started), 4, "one list per watch at start (serviceless pods, Deployments, records, peer agents): {uris:?}");
+    let allocator_ua = format!("serviceless-allocator/{} (allocator-1)", env!("CARGO_PKG_VERSION"));
+    assert!(requests_by(&kube, serviceless_tests::kube_env::ALLOCATOR_SA).iter().all(|e| e["userAgent"] == allocator_ua.as_str()));
+
+    // Steady state: nothing but the open watches.
+    let before = started.len();
+    thread::sleep(Duration::from_secs(10));
+    let steady: Vec<_> = requests_by(&kube, agent_sa).into_iter().skip(before).collect();
+    assert_eq!(lists(&steady), 0, "no list in steady state: {steady:?}");
+    assert!(steady.iter().all(|e| e["objectRef"]["resource"] != "events"), "no Event in steady state: {steady:?}");
+
+    // An API-server restart: at most one list per watched resource, soon after it is ready.
+    let before = requests_by(&kube, agent_sa).len();
+    kube.cluster.stop_apiserver().expect("stop apiserver");
+    thread::sleep(Duration::from_secs(3));
+    kube.cluster.start_apiserver().expect("start apiserver");
+    let ready = k8s_openapi::jiff::Timestamp::now();
+    thread::sleep(Duration::from_secs(10));
+    let after: Vec<_> = requests_by(&kube, agent_sa).into_iter().skip(before).collect();
+    let relists: Vec<_> = after.iter().filter(|e| e["verb"] == "list" && e["responseStatus"]["code"] == 200).collect();
+    for resource in ["pods", "deployments", "appaddresses"] {
+        let n = relists.iter().filter(|e| e["objectRef"]["resource"] == resource).count();
+        assert!(n <= 1, "at most one relist of {resource} after a restart, saw {n}");
+    }
+    let caught_up = after
+        .iter()
+        .filter(|e| (e["verb"] == "list" || e["verb"] == "watch") && e["responseStatus"]["code"] == 200)
+        .map(audit_time)
+        .max();
+    wait_until("the agent to serve the apps again", Duration::from_secs(10), || {
+        topo.request("10.96.0.10:80").is_ok() || metric(&topo, "serviceless_apps_programmed") == Some(3.0)
+    });
+    let requests: std::collections::BTreeMap<String, usize> = after.iter().fold(Default::default(), |mut m, e| {
+        *m.entry(format!("{} {} {}", e["verb"].as_str().unwrap_or("?"), e["objectRef"]["resource"].as_str().unwrap_or("?"), e["responseStatus"]["code"])).or_default() += 1;
+        m
+    });
+    println!(
+        "API CITIZEN: after an API-server restart the agent made {requests:?}; its last list/watch was answered {} ms after the server was ready",
+        caught_up.map_or(-1, |t| t.duration_since(ready).as_millis() as i64)
+    );
 }

@@ -755,6 +755,11 @@ impl Cluster {
     }
 
     /// Whether kube-apiserver is running (started and not exited).
+    /// The API server's audit log (JSON lines, one per request).
+    pub fn audit_log_path(&self) -> PathBuf {
+        self.dir.join("audit.log")
+    }
+
     pub fn apiserver_running(&mut self) -> bool {
         self.apiserver
             .as_mut()
@@ -814,6 +819,16 @@ impl Cluster {
             .arg("--allow-privileged=true")
             .arg("--logtostderr=true")
             .arg("--v=1");
+        // Every request, at Metadata level (verb, resource, URI, user, user
+        // agent), appended across restarts: what the tests count clients by.
+        let policy = d.join("audit-policy.yaml");
+        std::fs::write(
+            &policy,
+            "apiVersion: audit.k8s.io/v1\nkind: Policy\nomitStages: [RequestReceived]\nrules:\n  - level: Metadata\n",
+        )?;
+        cmd.arg(format!("--audit-policy-file={}", policy.display()))
+            .arg(format!("--audit-log-path={}", self.audit_log_path().display()))
+            .arg("--audit-log-format=json");
         self.apiserver = Some(spawn_logged(cmd, &d.join("kube-apiserver.log"), APISERVER)?);
         self.wait_apiserver_ready()
     }

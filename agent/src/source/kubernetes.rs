@@ -104,6 +104,8 @@ pub struct PodInfo {
     pub ip: Option<IpAddr>,
     /// The node's address (`status.hostIP`).
     pub node: Option<IpAddr>,
+    /// The node's name (`spec.nodeName`), for who reports on the pod.
+    pub node_name: Option<String>,
     pub ready: bool,
     pub terminating: bool,
     pub created: i64,
@@ -179,6 +181,7 @@ pub fn parse_pod(pod: &Pod, ranges: &VipRanges) -> Result<PodInfo, String> {
         port,
         ip,
         node,
+        node_name: pod.spec.as_ref().and_then(|s| s.node_name.clone()),
         ready,
         terminating: meta.deletion_timestamp.is_some(),
         created: meta.creation_timestamp.as_ref().map_or(0, |t| t.0.as_second()),
@@ -255,6 +258,9 @@ pub struct ObjectRef {
     pub namespace: String,
     pub name: String,
     pub uid: String,
+    /// The node a pod is scheduled on (`spec.nodeName`): only that node's
+    /// agent posts Events about it.
+    pub node: Option<String>,
 }
 
 /// How one hostname is decided: who owns it, which VIP it holds, what is refused.
@@ -418,9 +424,13 @@ impl PodIndex {
         // Every declaring object, oldest first (the same order on every node).
         let mut objects: Vec<(i64, ObjectRef)> = deployments
             .iter()
-            .map(|d| (d.created, ObjectRef { kind: "Deployment", namespace: d.namespace.clone(), name: d.name.clone(), uid: d.uid.clone() }))
+            .map(|d| {
+                let object = ObjectRef { kind: "Deployment", namespace: d.namespace.clone(), name: d.name.clone(), uid: d.uid.clone(), node: None };
+                (d.created, object)
+            })
             .chain(pods.iter().map(|p| {
-                (p.created, ObjectRef { kind: "Pod", namespace: p.namespace.clone(), name: p.name.clone(), uid: p.uid.clone() })
+                let object = ObjectRef { kind: "Pod", namespace: p.namespace.clone(), name: p.name.clone(), uid: p.uid.clone(), node: p.node_name.clone() };
+                (p.created, object)
             }))
             .collect();
         objects.sort();
@@ -504,10 +514,15 @@ pub struct ObjectEvent {
 pub const EVENT_QUEUE: usize = 256;
 const EVENT_INTERVAL: Duration = Duration::from_millis(50);
 
-pub async fn client(api_qps: u32) -> anyhow::Result<Client> {
-    let config = kube::Config::infer().await.map_err(|e| {
+/// A client rate-limited to `api_qps` whose requests say who sends them
+/// (`user_agent`, e.g. "serviceless-agent/0.1.0 (node node-1)"), so the
+/// API server's audit log and metrics can tell the fleet's clients apart.
+pub async fn client(api_qps: u32, user_agent: &str) -> anyhow::Result<Client> {
+    let mut config = kube::Config::infer().await.map_err(|e| {
         anyhow::anyhow!("no Kubernetes configuration (in-cluster service account or KUBECONFIG/~/.kube/config): {e}")
     })?;
+    let agent = axum::http::HeaderValue::from_str(user_agent).map_err(|e| anyhow::anyhow!("user agent '{user_agent}': {e}"))?;
+    config.headers.push((axum::http::header::USER_AGENT, agent));
     let client = kube::client::ClientBuilder::try_from(config)?
         .with_layer(&tower::limit::RateLimitLayer::new(u64::from(api_qps.max(1)), Duration::from_secs(1)))
         .build();
@@ -524,18 +539,41 @@ pub enum Change {
 
 /// The three watches (labelled Pods, labelled Deployments as metadata, VIP
 /// records), merged; each retries with backoff on its own.
+///
+/// The small kinds (Deployment metadata, records) are listed from the API
+/// server's watch cache (resourceVersion "0", unpaged: the cache does not
+/// page), not by quorum reads of etcd, which a fleet relisting at once
+/// turns into a storm; the watch then resumes from the list's version, so
+/// nothing is missed. Pods are still listed in pages of 500 from etcd: a
+/// cached list is one response holding every Pod, too big to buffer at
+/// 100k pods until pods are read as a projection or streamed. After a
+/// failure a watch retries within about a second and backs off to at most
+/// a few seconds against a server that keeps failing (kube-runtime's
+/// default grows to 30 s, which after an API-server restart left every
+/// node's maps stale that long).
 pub fn changes(client: Client) -> impl futures::Stream<Item = Result<Change, watcher::Error>> + Send {
     let selector = format!("{LABEL}=true");
+    let cached = || watcher::Config { page_size: None, ..watcher::Config::default().any_semantic() };
     let pods = watcher::watcher(Api::<Pod>::all(client.clone()), watcher::Config::default().labels(&selector))
-        .default_backoff()
+        .backoff(watch_backoff())
         .map_ok(Change::Pod);
-    let deployments =
-        watcher::watcher(Api::<PartialObjectMeta<Deployment>>::all(client.clone()), watcher::Config::default().labels(&selector))
-            .default_backoff()
-            .map_ok(Change::Deployment);
-    let addresses =
-        watcher::watcher(Api::<AppAddress>::all(client), watcher::Config::default()).default_backoff().map_ok(Change::Address);
+    let deployments = watcher::watcher(Api::<PartialObjectMeta<Deployment>>::all(client.clone()), cached().labels(&selector))
+        .backoff(watch_backoff())
+        .map_ok(Change::Deployment);
+    let addresses = watcher::watcher(Api::<AppAddress>::all(client), cached()).backoff(watch_backoff()).map_ok(Change::Address);
     futures::stream::select_all([pods.boxed(), deployments.boxed(), addresses.boxed()])
+}
+
+/// 250 ms doubling to 2 s, with jitter (so a fleet does not retry in step),
+/// back to the start after a minute without errors.
+fn watch_backoff() -> impl kube::runtime::utils::Backoff {
+    let builder = backon::ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(250))
+        .with_max_delay(Duration::from_secs(2))
+        .with_factor(2.0)
+        .with_jitter()
+        .without_max_times();
+    kube::runtime::utils::ResetTimerBackoff::new(watcher::ExponentialBackoff::from(builder), Duration::from_secs(60))
 }
 
 /// What a change means for the apps.
@@ -628,7 +666,8 @@ impl ClusterView {
                     Err(reason) => {
                         if self.invalid.insert(key.clone(), reason.clone()).as_ref() != Some(&reason) {
                             warn!(pod = %format!("{}/{}", key.1, key.2), %reason, "pod skipped: bad serviceless annotation");
-                            update.invalid = Some((object_ref("Pod", &pod.metadata), reason));
+                            let node = pod.spec.as_ref().and_then(|s| s.node_name.clone());
+                            update.invalid = Some((object_ref("Pod", &pod.metadata, node), reason));
                         }
                         // A pod that turned invalid no longer backs its old app.
                         update.hosts = self.index.remove(&key.1, &key.2).into_iter().collect();
@@ -671,7 +710,7 @@ impl ClusterView {
                     Err(reason) => {
                         if self.invalid.insert(key.clone(), reason.clone()).as_ref() != Some(&reason) {
                             warn!(deployment = %format!("{}/{}", key.1, key.2), %reason, "Deployment's app skipped: bad serviceless annotation");
-                            update.invalid = Some((object_ref("Deployment", &d.metadata), reason));
+                            update.invalid = Some((object_ref("Deployment", &d.metadata, None), reason));
                         }
                         self.index.remove_deployment(&key.1, &key.2).into_iter().collect()
                     }
@@ -750,12 +789,13 @@ fn meta_key(kind: &'static str, meta: &ObjectMeta) -> (&'static str, String, Str
     (kind, meta.namespace.clone().unwrap_or_default(), meta.name.clone().unwrap_or_default())
 }
 
-fn object_ref(kind: &'static str, meta: &ObjectMeta) -> ObjectRef {
+fn object_ref(kind: &'static str, meta: &ObjectMeta, node: Option<String>) -> ObjectRef {
     ObjectRef {
         kind,
         namespace: meta.namespace.clone().unwrap_or_default(),
         name: meta.name.clone().unwrap_or_default(),
         uid: meta.uid.clone().unwrap_or_default(),
+        node,
     }
 }
 
@@ -787,7 +827,10 @@ pub async fn watch(client: Client, opts: KubeOptions, store: Store, health: Heal
             health.set_source_ok();
         }
         let update = view.apply(change);
+        // Only this node's pods: one Event per fact, not one per node. The
+        // allocator reports Deployments and pods not on a node yet.
         if let Some((object, note)) = update.invalid
+            && object.node.as_deref() == Some(opts.instance.as_str())
             && events_tx.try_send(ObjectEvent { object, reason: "InvalidServicelessAnnotation", note }).is_err()
         {
             debug!("event queue full; event dropped");
