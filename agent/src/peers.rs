@@ -112,7 +112,10 @@ pub async fn discover(client: kube::Client, namespace: String, selector: String,
     use k8s_openapi::api::core::v1::Pod;
     use kube::runtime::{WatchStreamExt as _, watcher};
     let api: kube::Api<Pod> = kube::Api::namespaced(client, &namespace);
-    let mut stream = std::pin::pin!(watcher::watcher(api, watcher::Config::default().labels(&selector)).default_backoff());
+    // A few objects: listed from the watch cache, retried like the app watches.
+    let config = watcher::Config { page_size: None, ..watcher::Config::default().any_semantic() };
+    let stream = watcher::watcher(api, config.labels(&selector)).backoff(crate::source::kubernetes::watch_backoff());
+    let mut stream = std::pin::pin!(stream);
     let mut agents: HashMap<String, IpAddr> = HashMap::new();
     let mut listing: Option<HashMap<String, IpAddr>> = None;
     let address = |pod: &Pod| pod.status.as_ref()?.pod_ip.as_deref()?.parse::<IpAddr>().ok();

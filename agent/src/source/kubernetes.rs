@@ -540,17 +540,17 @@ pub enum Change {
 /// The three watches (labelled Pods, labelled Deployments as metadata, VIP
 /// records), merged; each retries with backoff on its own.
 ///
-/// The small kinds (Deployment metadata, records) are listed from the API
-/// server's watch cache (resourceVersion "0", unpaged: the cache does not
-/// page), not by quorum reads of etcd, which a fleet relisting at once
+/// The small kinds (Deployment metadata, records, and the peer agents in
+/// `crate::peers`) are listed from the API server's watch cache
+/// (resourceVersion "0", unpaged: the cache does not page), not by quorum
+/// reads of etcd, which a fleet relisting at once
 /// turns into a storm; the watch then resumes from the list's version, so
 /// nothing is missed. Pods are still listed in pages of 500 from etcd: a
 /// cached list is one response holding every Pod, too big to buffer at
 /// 100k pods until pods are read as a projection or streamed. After a
-/// failure a watch retries within about a second and backs off to at most
-/// a few seconds against a server that keeps failing (kube-runtime's
-/// default grows to 30 s, which after an API-server restart left every
-/// node's maps stale that long).
+/// failure a watch retries within 250 ms and backs off to 1-2 s against a
+/// server that keeps failing (kube-runtime's default grows to 30 s, which
+/// after an API-server restart left every node's maps stale that long).
 pub fn changes(client: Client) -> impl futures::Stream<Item = Result<Change, watcher::Error>> + Send {
     let selector = format!("{LABEL}=true");
     let cached = || watcher::Config { page_size: None, ..watcher::Config::default().any_semantic() };
@@ -564,12 +564,13 @@ pub fn changes(client: Client) -> impl futures::Stream<Item = Result<Change, wat
     futures::stream::select_all([pods.boxed(), deployments.boxed(), addresses.boxed()])
 }
 
-/// 250 ms doubling to 2 s, with jitter (so a fleet does not retry in step),
-/// back to the start after a minute without errors.
-fn watch_backoff() -> impl kube::runtime::utils::Backoff {
+/// 250 ms doubling to 1 s, plus up to as much again of jitter (so a fleet
+/// does not retry in step): a restarted API server is listed again within
+/// 2 s of being ready. Back to the start after a minute without errors.
+pub fn watch_backoff() -> impl kube::runtime::utils::Backoff {
     let builder = backon::ExponentialBuilder::default()
         .with_min_delay(Duration::from_millis(250))
-        .with_max_delay(Duration::from_secs(2))
+        .with_max_delay(Duration::from_secs(1))
         .with_factor(2.0)
         .with_jitter()
         .without_max_times();
