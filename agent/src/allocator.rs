@@ -199,8 +199,7 @@ impl Allocator {
         if self.pending_hosts.contains_key(host) || self.backoff.get(host).is_some_and(|t| *t > now) {
             return Vec::new();
         }
-        let rules = self.rules.clone();
-        let d: Decision = view.index.decide(host, &|ns| rules.allows(ns, host));
+        let d: Decision = view.index.decide(host, &|ns| self.rules.allows(ns, host));
         let mut actions = Vec::new();
         let holder = |ip: IpAddr| view.index.claims().find(|c| c.vip == ip).map(|c| c.hostname.clone());
 
@@ -406,7 +405,7 @@ pub async fn run(args: AllocateArgs) -> anyhow::Result<()> {
             }
             _ = sleep_until(alloc.next_release()) => dirty.extend(alloc.due_releases(Instant::now())),
         }
-        metrics.records.set(view.index.claims().count() as i64);
+        metrics.records.set(view.index.claim_count() as i64);
         if !(is_leader && view.synced()) || dirty.is_empty() {
             continue;
         }

@@ -337,7 +337,7 @@ async fn reconcile_loop(
 /// Best effort: `inspect` works without it, just without pod names.
 fn write_sources(path: &Path, reconciler: &Reconciler) {
     let write = || -> anyhow::Result<()> {
-        crate::files::write_atomically(path, &serde_json::to_vec(&reconciler.all_sources())?)?;
+        crate::files::write_json(path, &reconciler.all_sources())?;
         Ok(())
     };
     if let Err(e) = write() {

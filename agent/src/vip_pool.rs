@@ -205,7 +205,7 @@ pub struct Want<'a> {
 /// then the rest are allocated. Each result is the VIP or why there is none.
 pub fn assign_all(ranges: &VipRanges, prior: &BTreeMap<String, IpAddr>, wants: &[Want]) -> Vec<Result<IpAddr, String>> {
     let mut pools = [ranges.v4.map(VipPool::new), ranges.v6.map(VipPool::new)];
-    let pool_for = |pools: &mut [Option<VipPool>; 2], ip: IpAddr| -> Option<usize> {
+    let pool_for = |pools: &[Option<VipPool>; 2], ip: IpAddr| -> Option<usize> {
         let i = usize::from(ip.is_ipv6());
         pools[i].as_ref().is_some_and(|p| p.range().contains(ip)).then_some(i)
     };
@@ -217,7 +217,7 @@ pub fn assign_all(ranges: &VipRanges, prior: &BTreeMap<String, IpAddr>, wants: &
         if w.requested.is_some_and(|r| r != had) || (w.requested.is_none() && had.is_ipv6() != w.ipv6) {
             continue;
         }
-        if let Some(p) = pool_for(&mut pools, had)
+        if let Some(p) = pool_for(&pools, had)
             && pools[p].as_mut().is_some_and(|pool| pool.reserve(had))
         {
             holder.insert(had, w.hostname);
@@ -227,7 +227,7 @@ pub fn assign_all(ranges: &VipRanges, prior: &BTreeMap<String, IpAddr>, wants: &
     // 2. New explicit requests.
     for (i, w) in wants.iter().enumerate() {
         let (None, Some(ip)) = (&out[i], w.requested) else { continue };
-        out[i] = Some(match pool_for(&mut pools, ip) {
+        out[i] = Some(match pool_for(&pools, ip) {
             None => Err(format!("VIP {ip} is outside the configured VIP range")),
             Some(p) if pools[p].as_mut().is_some_and(|pool| pool.reserve(ip)) => {
                 holder.insert(ip, w.hostname);

@@ -114,12 +114,12 @@ fn unix_now() -> u64 {
 
 impl Journal {
     fn load(path: &std::path::Path) -> Self {
-        std::fs::read(path).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default()
+        crate::files::read_json(path).ok().flatten().unwrap_or_default()
     }
 
     /// Best effort: without it a restart may only repeat a wake.
     fn save(&self, path: &std::path::Path) {
-        if let Err(e) = crate::files::write_atomically(path, &serde_json::to_vec(self).unwrap_or_default()) {
+        if let Err(e) = crate::files::write_json(path, self) {
             debug!(error = %e, path = %path.display(), "wake journal not written");
         }
     }
@@ -508,7 +508,7 @@ pub async fn publish_status(path: PathBuf, directory: Directory, waker: Waker, h
         if last.as_ref() == Some(&now) {
             continue;
         }
-        if let Err(e) = crate::files::write_atomically(&path, &serde_json::to_vec(&now).unwrap_or_default()) {
+        if let Err(e) = crate::files::write_json(&path, &now) {
             debug!(error = %e, path = %path.display(), "app states for inspect not written");
         }
         last = Some(now);

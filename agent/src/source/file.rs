@@ -30,7 +30,7 @@ use tracing::{error, info, warn};
 
 use super::{Observed, Store};
 use crate::{
-    files::write_atomically,
+    files::{read_json, write_json},
     health::Health,
     metrics::Metrics,
     model::{AppSpec, BackendSpec, Lifecycle, PortSpec, Protocol, ScaleTarget, VipRanges},
@@ -277,17 +277,11 @@ impl VipRecord {
     /// Reads the record; a missing one is empty, an unreadable one is
     /// reported and treated as empty (explicit VIPs are unaffected).
     pub fn open(path: PathBuf) -> Self {
-        let table = match std::fs::read(&path) {
-            Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
-                error!(file = %path.display(), error = %e, "the VIP record is unreadable; allocated VIPs may change");
-                VipTable::new()
-            }),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => VipTable::new(),
-            Err(e) => {
-                error!(file = %path.display(), error = %e, "cannot read the VIP record; allocated VIPs may change");
-                VipTable::new()
-            }
-        };
+        let table = read_json(&path).unwrap_or_else(|e| {
+            error!(file = %path.display(), error = %e, "cannot read the VIP record; allocated VIPs may change");
+            None
+        });
+        let table = table.unwrap_or_default();
         Self { path, table }
     }
 
@@ -299,8 +293,7 @@ impl VipRecord {
     /// are written cannot forget a VIP in use).
     fn record(&mut self, table: VipTable) -> std::io::Result<()> {
         if table != self.table {
-            let bytes = serde_json::to_vec(&table).map_err(std::io::Error::other)?;
-            write_atomically(&self.path, &bytes)?;
+            write_json(&self.path, &table)?;
             self.table = table;
         }
         Ok(())

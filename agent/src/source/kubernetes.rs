@@ -348,7 +348,7 @@ impl PodIndex {
             && old.hostname != claim.hostname
         {
             touched.push(old.hostname.clone());
-            unindex_name(&mut self.claims_by_host, &claim.name, &old.hostname.clone());
+            unindex(&mut self.claims_by_host, &claim.name, &old.hostname);
         }
         self.claims_by_host.entry(claim.hostname.clone()).or_default().insert(claim.name.clone());
         self.claims.insert(claim.name.clone(), claim);
@@ -357,7 +357,7 @@ impl PodIndex {
 
     pub fn remove_claim(&mut self, name: &str) -> Option<String> {
         let old = self.claims.remove(name)?;
-        unindex_name(&mut self.claims_by_host, name, &old.hostname);
+        unindex(&mut self.claims_by_host, &old.name, &old.hostname);
         Some(old.hostname)
     }
 
@@ -383,6 +383,10 @@ impl PodIndex {
 
     pub fn claims(&self) -> impl Iterator<Item = &Claim> {
         self.claims.values()
+    }
+
+    pub fn claim_count(&self) -> usize {
+        self.claims.len()
     }
 
     pub fn has_claim(&self, name: &str) -> bool {
@@ -484,18 +488,10 @@ impl PodIndex {
     }
 }
 
-fn unindex(index: &mut HashMap<String, BTreeSet<PodKey>>, key: &PodKey, host: &str) {
+/// Takes `key` out of `host`'s set, and the set once it is empty.
+fn unindex<K: Ord>(index: &mut HashMap<String, BTreeSet<K>>, key: &K, host: &str) {
     if let Some(set) = index.get_mut(host) {
         set.remove(key);
-        if set.is_empty() {
-            index.remove(host);
-        }
-    }
-}
-
-fn unindex_name(index: &mut HashMap<String, BTreeSet<String>>, name: &str, host: &str) {
-    if let Some(set) = index.get_mut(host) {
-        set.remove(name);
         if set.is_empty() {
             index.remove(host);
         }
@@ -740,7 +736,7 @@ impl ClusterView {
                 if let Some(mut next) = self.claim_listing.take() {
                     self.index.take_claims_from(&mut next);
                 }
-                update.full = self.list_done(2, "VIP records", self.index.claims.len());
+                update.full = self.list_done(2, "VIP records", self.index.claim_count());
             }
             Change::Address(Event::Apply(a)) => {
                 let key = meta_key("AppAddress", &a.metadata);
