@@ -205,7 +205,10 @@ impl Cluster {
         let n = self.node_mut(index);
         n.agent = None;
         let pin_dir = n.pin_dir();
-        let mut args: Vec<String> = [
+        let pin_dir = pin_dir.display().to_string();
+        let state_file = work_dir.join(format!("sources{index}.json")).display().to_string();
+        let key_file = work_dir.join("flow-hash.key").display().to_string();
+        let defaults = [
             "run",
             "--iface",
             "up0",
@@ -214,11 +217,11 @@ impl Cluster {
             "--vip-range",
             VIP_RANGE,
             "--pin-dir",
-            &pin_dir.display().to_string(),
+            &pin_dir,
             "--state-file",
-            &work_dir.join(format!("sources{index}.json")).display().to_string(),
+            &state_file,
             "--flow-hash-key-file",
-            &work_dir.join("flow-hash.key").display().to_string(),
+            &key_file,
             "--listen",
             "127.0.0.1:9095",
             "--max-apps",
@@ -229,17 +232,8 @@ impl Cluster {
             "512",
             "--max-connections",
             "65536",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        // The test's own value of a flag replaces the default.
-        for flag in extra.iter().filter(|f| f.starts_with("--")) {
-            if let Some(at) = args.iter().position(|a| a == flag) {
-                args.drain(at..at + 2);
-            }
-        }
-        args.extend(extra.iter().map(|s| s.to_string()));
+        ];
+        let args = crate::command_line(&defaults, extra);
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let log = work_dir.join(format!("agent{index}.log"));
         n.agent = Some(n.ns.spawn_env(bin.to_str().context("path")?, &args, Some(&log), env)?);

@@ -12,7 +12,7 @@ use std::{
 };
 
 use anyhow::Context as _;
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::{apps::v1::Deployment, core::v1::Pod};
 use kube::{
     Api, Client,
     api::{ListParams, Patch, PatchParams},
@@ -115,15 +115,9 @@ impl KubeEnv {
         let log = std::fs::File::create(self.dir.join(format!("{name}.log")))?;
         let port = 19096 + name.bytes().map(u16::from).sum::<u16>() % 100;
         let listen = format!("127.0.0.1:{port}");
-        let mut args = vec!["allocate", "--vip-range", crate::topology::VIP_RANGE, "--identity", name];
-        args.extend(["--release-after", RELEASE_AFTER, "--listen", &listen, "--namespace", "kube-system", "--api-qps", "500"]);
-        // The test's own value of a flag replaces the default.
-        for flag in extra.iter().filter(|f| f.starts_with("--")) {
-            if let Some(at) = args.iter().position(|a| a == flag) {
-                args.drain(at..at + 2);
-            }
-        }
-        args.extend(extra);
+        let defaults = ["allocate", "--vip-range", crate::topology::VIP_RANGE, "--identity", name, "--release-after", RELEASE_AFTER];
+        let defaults: Vec<&str> = defaults.into_iter().chain(["--listen", &listen, "--namespace", "kube-system", "--api-qps", "500"]).collect();
+        let args = crate::command_line(&defaults, extra);
         let child = std::process::Command::new(crate::topology::agent_binary()?)
             .args(&args)
             .env("KUBECONFIG", &self.allocator_kubeconfig)
@@ -141,6 +135,23 @@ impl KubeEnv {
             .lines()
             .filter_map(|l| serde_json::from_str(l).ok())
             .collect()
+    }
+
+    /// Creates `deployments` in `default`, 16 at a time (as a busy
+    /// cluster's clients would).
+    pub fn create_deployments(&self, deployments: Vec<Deployment>) -> anyhow::Result<()> {
+        use futures::{StreamExt as _, TryStreamExt as _};
+        let api: Api<Deployment> = Api::namespaced(self.client.clone(), "default");
+        self.rt.block_on(
+            futures::stream::iter(deployments)
+                .map(|d| {
+                    let api = api.clone();
+                    async move { api.create(&Default::default(), &d).await }
+                })
+                .buffer_unordered(16)
+                .try_collect::<Vec<_>>(),
+        )?;
+        Ok(())
     }
 
     /// An allocator replica's log.
@@ -268,6 +279,18 @@ spec:
         annotations("    "),
         annotations("        ")
     )
+}
+
+/// A labelled Deployment at zero replicas whose `annotations` (on it and
+/// on its pod template) declare an app: one that exists while it sleeps.
+pub fn app_deployment(name: &str, annotations: serde_json::Value) -> Deployment {
+    serde_json::from_value(serde_json::json!({
+        "metadata": {"name": name, "labels": {"serviceless.io/enabled": "true"}, "annotations": annotations},
+        "spec": {"replicas": 0, "selector": {"matchLabels": {"app": name}},
+            "template": {"metadata": {"labels": {"app": name, "serviceless.io/enabled": "true"}, "annotations": annotations},
+                "spec": {"containers": [{"name": "app", "image": "example/app"}]}}}
+    }))
+    .expect("a valid Deployment")
 }
 
 /// Requests to `deployments/scale`, by "VERB code", from the API server's

@@ -38,6 +38,19 @@ use serviceless_common::{
     CtKey, Fabric, Verdict, default_timeout, program_names,
 };
 
+/// A command line: `defaults` then `extra`, where a flag given in `extra`
+/// replaces its default (and the default's value).
+pub fn command_line(defaults: &[&str], extra: &[&str]) -> Vec<String> {
+    let mut args: Vec<String> = defaults.iter().map(|s| s.to_string()).collect();
+    for flag in extra.iter().filter(|f| f.starts_with("--")) {
+        if let Some(at) = args.iter().position(|a| a == flag) {
+            args.drain(at..at + 2);
+        }
+    }
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args
+}
+
 /// Whether kernel tests can run here; prints why not. They need root
 /// (CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN for namespaces and bpffs).
 pub fn kernel_tests_enabled(test: &str) -> bool {

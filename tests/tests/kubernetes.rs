@@ -575,24 +575,11 @@ fn vips_are_unique_stable_and_survive_an_allocator_crash() {
     let n = 300usize;
     let deployments: kube::Api<k8s_openapi::api::apps::v1::Deployment> = kube::Api::namespaced(kube.client.clone(), "default");
     let create = |range: std::ops::Range<usize>| {
-        let deployments = deployments.clone();
-        kube.rt.block_on(async move {
-            let mut tasks = tokio::task::JoinSet::new();
-            for i in range {
-                let deployments = deployments.clone();
-                tasks.spawn(async move {
-                    let ann = serde_json::json!({"serviceless.io/hostname": format!("app{i}.alloc.example.com"), "serviceless.io/target-port": "8080", "serviceless.io/idle-after": "0"});
-                    let d: k8s_openapi::api::apps::v1::Deployment = serde_json::from_value(serde_json::json!({
-                        "metadata": {"name": format!("app{i}"), "labels": {"serviceless.io/enabled": "true"}, "annotations": ann},
-                        "spec": {"replicas": 0, "selector": {"matchLabels": {"app": format!("app{i}")}},
-                            "template": {"metadata": {"labels": {"app": format!("app{i}"), "serviceless.io/enabled": "true"}, "annotations": ann},
-                                "spec": {"containers": [{"name": "app", "image": "example/app"}]}}}
-                    })).expect("deployment");
-                    deployments.create(&Default::default(), &d).await.expect("create deployment");
-                });
-            }
-            while tasks.join_next().await.is_some() {}
-        })
+        let apps = range.map(|i| {
+            let ann = serde_json::json!({"serviceless.io/hostname": format!("app{i}.alloc.example.com"), "serviceless.io/target-port": "8080", "serviceless.io/idle-after": "0"});
+            serviceless_tests::kube_env::app_deployment(&format!("app{i}"), ann)
+        });
+        kube.create_deployments(apps.collect()).expect("create deployments");
     };
     create(0..n / 2);
     wait_until("some VIPs recorded", Duration::from_secs(30), || kube.records().len() >= 20);

@@ -250,31 +250,14 @@ pub fn allocation(quick: bool, work_dir: &Path, rows: &mut Vec<Row>) -> anyhow::
         std::thread::sleep(Duration::from_millis(50));
     }
     let posts_before = record_posts(&kube);
-    let deployments: kube::Api<k8s_openapi::api::apps::v1::Deployment> = kube::Api::namespaced(kube.client.clone(), "default");
+    let apps = (0..n)
+        .map(|i| {
+            let ann = serde_json::json!({"serviceless.io/hostname": format!("app-{i}.bench.example")});
+            serviceless_tests::kube_env::app_deployment(&format!("app-{i}"), ann)
+        })
+        .collect();
     let started = Instant::now();
-    kube.rt.block_on(async {
-        let mut tasks = tokio::task::JoinSet::new();
-        let workers = 16;
-        for w in 0..workers {
-            let deployments = deployments.clone();
-            tasks.spawn(async move {
-                let mut i = w;
-                while i < n {
-                    let ann = serde_json::json!({"serviceless.io/hostname": format!("app-{i}.bench.example")});
-                    let d: k8s_openapi::api::apps::v1::Deployment = serde_json::from_value(serde_json::json!({
-                        "metadata": {"name": format!("app-{i}"), "labels": {"serviceless.io/enabled": "true"}, "annotations": ann},
-                        "spec": {"replicas": 0, "selector": {"matchLabels": {"app": format!("app-{i}")}},
-                            "template": {"metadata": {"labels": {"app": format!("app-{i}")}},
-                                "spec": {"containers": [{"name": "app", "image": "example/app"}]}}}
-                    }))
-                    .expect("deployment");
-                    deployments.create(&Default::default(), &d).await.expect("create");
-                    i += workers;
-                }
-            });
-        }
-        while tasks.join_next().await.is_some() {}
-    });
+    kube.create_deployments(apps)?;
     let created = started.elapsed();
     let api: kube::Api<serviceless_agent::app_address::AppAddress> = kube::Api::all(kube.client.clone());
     let deadline = Instant::now() + Duration::from_secs(600);
