@@ -174,14 +174,25 @@ async fn handle(mut client: TcpStream, peer: SocketAddr, ctx: Arc<Activator>) {
 
 async fn serve_one(client: &mut TcpStream, peer: SocketAddr, ctx: &Activator, accepted: Instant) -> &'static str {
     let Ok(local) = client.local_addr() else { return "closed_early" };
-    let Some((vip, client_port)) = identify(ctx, local, peer, IPPROTO_TCP) else {
-        debug!(%peer, "activator: connection without a conntrack entry (not sent by the dataplane?); closed");
-        return "unknown_connection";
-    };
-    let Some(app) = ctx.directory.by_service(vip.ip(), vip.port(), Protocol::Tcp) else {
-        // A VIP port no app holds, or one two apps claim.
-        refuse(client, 404, "no app serves this address", 0).await;
-        return "unknown_app";
+    let (vip, client_port, app) = match identify(ctx, local, peer, IPPROTO_TCP) {
+        Some((vip, client_port)) => {
+            let Some(app) = ctx.directory.by_service(vip.ip(), vip.port(), Protocol::Tcp) else {
+                // A VIP port no app holds, or one two apps claim.
+                refuse(client, 404, "no app serves this address", 0).await;
+                return "unknown_app";
+            };
+            (vip, client_port, app)
+        }
+        // A connection the socket hooks sent from this node has no
+        // conntrack entry: an HTTP client names its app in Host (as
+        // Knative's activator routes).
+        None => match by_host_header(client, ctx).await {
+            Some((vip, app)) => (vip, peer.port(), app),
+            None => {
+                debug!(%peer, "activator: connection without a conntrack entry or an HTTP Host of a known app; closed");
+                return "unknown_connection";
+            }
+        },
     };
     let host = app.hostname.clone();
     let _held = match ctx.held.hold(&host, &ctx.opts, &ctx.metrics) {
@@ -229,6 +240,50 @@ async fn serve_one(client: &mut TcpStream, peer: SocketAddr, ctx: &Activator, ac
             () = tokio::time::sleep(Duration::from_millis(250)), if !tried.is_empty() => tried.clear(),
         }
     }
+}
+
+/// Bytes of a request the activator reads to find its Host header.
+const HOST_PEEK_BYTES: usize = 4096;
+
+/// The app an HTTP/1 request names in its Host header (peeked, so the
+/// request still reaches the pod whole), and that app's first TCP VIP port.
+/// Waits at most a second for the request headers.
+async fn by_host_header(client: &TcpStream, ctx: &Activator) -> Option<(SocketAddr, Arc<AppSpec>)> {
+    let mut buf = vec![0u8; HOST_PEEK_BYTES];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
+    let mut n = 0;
+    while !buf[..n].windows(4).any(|w| w == b"\r\n\r\n") && n < buf.len() {
+        match tokio::time::timeout_at(deadline, client.peek(&mut buf)).await {
+            Ok(Ok(got)) if got > n => n = got,
+            // Nothing new yet: peek returns at once while bytes wait.
+            Ok(Ok(_)) => tokio::time::sleep(Duration::from_millis(5)).await,
+            _ => break,
+        }
+        if tokio::time::Instant::now() >= deadline {
+            break;
+        }
+    }
+    let host = http_host(&buf[..n])?;
+    let app = ctx.directory.get(&host)?;
+    let port = app.ports.iter().find(|p| p.protocol == Protocol::Tcp)?.port;
+    Some((SocketAddr::new(app.vip, port), app))
+}
+
+/// The Host of an HTTP/1 request head, lowercased, without a port.
+pub fn http_host(head: &[u8]) -> Option<String> {
+    if !looks_like_http(head) {
+        return None;
+    }
+    let text = std::str::from_utf8(head).ok()?;
+    let value = text.split("\r\n").skip(1).take_while(|l| !l.is_empty()).find_map(|l| {
+        let (name, value) = l.split_once(':')?;
+        name.trim().eq_ignore_ascii_case("host").then(|| value.trim().to_string())
+    })?;
+    let host = match value.rsplit_once(':') {
+        Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) && !h.contains(':') => h,
+        _ => value.as_str(),
+    };
+    Some(host.trim_end_matches('.').to_ascii_lowercase())
 }
 
 /// Connects to a ready pod of `app` not yet tried (the client's address
@@ -360,6 +415,16 @@ async fn sink_udp(socket: UdpSocket, ctx: Arc<Activator>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_host_header_names_the_app() {
+        assert_eq!(http_host(b"GET / HTTP/1.1\r\nUser-Agent: x\r\nHOST: App.Example.com:8080\r\n\r\n").as_deref(), Some("app.example.com"));
+        assert_eq!(http_host(b"GET / HTTP/1.1\r\nhost: a.example.com.\r\n\r\n").as_deref(), Some("a.example.com"));
+        assert_eq!(http_host(b"GET / HTTP/1.1\r\n\r\nHost: late.example.com\r\n"), None, "a Host past the headers is body");
+        assert_eq!(http_host(b"\x16\x03\x01 tls hello"), None);
+        assert_eq!(http_host(b"GET / HTTP/1.1\r\nHost"), None);
+        assert_eq!(http_host(b""), None);
+    }
 
     #[test]
     fn http_clients_are_told_from_others() {

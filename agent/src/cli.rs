@@ -289,6 +289,33 @@ pub struct RunArgs {
     /// app's pods change; a forgotten one is hashed anew.
     #[arg(long, default_value_t = serviceless_common::default_capacity::REMOTE_FLOWS)]
     pub max_remote_flows: u32,
+    /// Connect-time load balancing for clients on this node (pods and host
+    /// processes): cgroup v2 socket hooks point a connect() or UDP send to
+    /// a VIP straight at a pod (or the activator), with no per-packet NAT.
+    /// `on` (the default) attaches them wherever the node has a cgroup v2
+    /// hierarchy, and says so when it has none; `off` removes them.
+    #[arg(long, value_enum, env = "SERVICELESS_SOCKET_LB", default_value_t = SocketLb::On)]
+    pub socket_lb: SocketLb,
+    /// The cgroup v2 hierarchy the socket hooks attach to (every process
+    /// below it is covered). A directory holding the v1 tree with v2 at
+    /// `unified/` (the hybrid layout) works too. Default: the node's own
+    /// (/sys/fs/cgroup, /sys/fs/cgroup/unified, or any cgroup2 mount). In a
+    /// DaemonSet, mount the host's /sys/fs/cgroup and point here.
+    #[arg(long, env = "SERVICELESS_CGROUP_ROOT")]
+    pub cgroup_root: Option<PathBuf>,
+    /// Socket hooks translate only sockets in this agent's network
+    /// namespace (the host's); pods reach VIPs through the per-packet
+    /// path. For sidecar meshes and sandboxed runtimes that must see the VIP.
+    #[arg(long, env = "SERVICELESS_SOCKET_LB_HOST_NETNS_ONLY")]
+    pub socket_lb_host_netns_only: bool,
+    /// cgroup v2 directories whose processes (and those of cgroups below)
+    /// the socket hooks leave alone (repeat, or separate with commas).
+    #[arg(long = "socket-lb-skip-cgroup", env = "SERVICELESS_SOCKET_LB_SKIP_CGROUPS", value_delimiter = ',')]
+    pub socket_lb_skip_cgroups: Vec<PathBuf>,
+    /// Sockets the hooks translated that are remembered, so recvmsg() and
+    /// getpeername() show the VIP (LRU, about 100 B each).
+    #[arg(long, default_value_t = serviceless_common::default_capacity::SOCK_REV)]
+    pub max_socket_translations: u32,
     /// On exit, detach the programs and unpin the maps (default: leave traffic flowing).
     #[arg(long)]
     pub detach_on_exit: bool,
@@ -357,6 +384,14 @@ impl FromStr for SourceSpec {
             _ => Err(format!("unknown source '{s}'; expected `kubernetes` or file:<path>")),
         }
     }
+}
+
+/// `--socket-lb`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum SocketLb {
+    #[default]
+    On,
+    Off,
 }
 
 #[derive(Args, Debug, Clone)]

@@ -17,7 +17,7 @@ use anyhow::{Context as _, bail};
 use aya::{
     Ebpf, EbpfLoader,
     programs::{
-        Link as _, SchedClassifier, TcAttachType, Xdp, XdpMode,
+        CgroupSockAddr, Link as _, SchedClassifier, TcAttachType, Xdp, XdpMode,
         links::{FdLink, LinkError, PinnedLink},
         tc::{self, NlOptions, SchedClassifierLink, TcAttachOptions, TcHandle},
         xdp::XdpLink,
@@ -73,6 +73,8 @@ pub struct Sizes {
     pub nodes: u32,
     /// Flows sent to pods on other nodes, remembered (LRU).
     pub remote_flows: u32,
+    /// Sockets the cgroup hooks translated, remembered (LRU).
+    pub socket_translations: u32,
 }
 
 impl Default for Sizes {
@@ -85,6 +87,7 @@ impl Default for Sizes {
             new_connections: default_capacity::CT_NEW / 2,
             nodes: default_capacity::NODES,
             remote_flows: default_capacity::REMOTE_FLOWS,
+            socket_translations: default_capacity::SOCK_REV,
         }
     }
 }
@@ -121,6 +124,17 @@ impl Pins {
     pub fn xdp_link(&self, iface: &str) -> PathBuf {
         self.links_dir().join(format!("xdp_{iface}"))
     }
+
+    /// A socket hook's link: `cgroup_<cgroup id>_<hook>`.
+    pub fn socket_link(&self, hook: &str, cgroup_id: u64) -> PathBuf {
+        self.links_dir().join(format!("cgroup_{cgroup_id}_{hook}"))
+    }
+
+    /// (cgroup id, hook) of a `socket_link` file name.
+    pub fn parse_socket_link(name: &str) -> Option<(u64, &str)> {
+        let (id, hook) = name.strip_prefix("cgroup_")?.split_once('_')?;
+        Some((id.parse().ok()?, hook))
+    }
 }
 
 /// A loaded object: programs verified, maps created or adopted from pins.
@@ -150,7 +164,8 @@ pub fn load(pins: &Pins, sizes: Sizes) -> anyhow::Result<Loaded> {
         .map_max_entries(map_names::CT_NEW, sizes.ct_new_entries())
         .map_max_entries(map_names::NODES, sizes.nodes)
         .map_max_entries(map_names::REMOTE_FLOWS, sizes.remote_flows)
-        .map_max_entries(map_names::WAKE_GATE, sizes.apps);
+        .map_max_entries(map_names::WAKE_GATE, sizes.apps)
+        .map_max_entries(map_names::SOCK_REV, sizes.socket_translations);
     let mut ebpf = loader.load(EBPF_OBJECT).context(
         "loading the eBPF object (needs root or CAP_BPF+CAP_NET_ADMIN+CAP_PERFMON, and a kernel with BTF, >= 6.1)",
     )?;
@@ -161,6 +176,10 @@ pub fn load(pins: &Pins, sizes: Sizes) -> anyhow::Result<Loaded> {
     egress.load().context("verifier rejected the TC egress program")?;
     let gc: &mut Xdp = program(&mut ebpf, program_names::CT_GC)?.try_into()?;
     gc.load().context("verifier rejected the conntrack GC program")?;
+    for (name, hook) in program_names::SOCKET_HOOKS {
+        let prog: &mut CgroupSockAddr = program(&mut ebpf, name)?.try_into()?;
+        prog.load().with_context(|| format!("verifier rejected the {hook} socket hook"))?;
+    }
 
     let maps = DataplaneMaps::from_ebpf(&mut ebpf)?;
     if !adopted.is_empty() {
@@ -308,6 +327,7 @@ pub fn detach(pins: &Pins, iface: &str) -> anyhow::Result<()> {
             Err(e) => warn!(%iface, error = %e, "TC egress filter not found"),
         }
     }
+    crate::socket_lb::detach(pins);
     for name in map_names::ALL.iter().chain(&map_names::previous::ALL).chain(&map_names::RETIRED) {
         let path = pins.map(name);
         if path.exists() {

@@ -51,6 +51,9 @@ pub struct Report {
     pub capacity: Capacities,
     pub config: ConfigReport,
     pub map_ids: BTreeMap<&'static str, u32>,
+    /// The cgroup socket hooks pinned under the pin directory (connect-time
+    /// load balancing for clients on the node).
+    pub socket_hooks: Vec<crate::socket_lb::AttachedHook>,
 }
 
 #[derive(Debug, Serialize)]
@@ -239,6 +242,7 @@ pub fn report(maps: &DataplaneMaps, connection_limit: usize, only: Option<&str>)
         capacity: maps.capacity(),
         config,
         map_ids: maps.ids().into_iter().collect(),
+        socket_hooks: Vec::new(),
     }
 }
 
@@ -349,6 +353,13 @@ pub fn render_table(r: &Report) -> String {
             let _ = writeln!(out, "FABRIC pods on other nodes are reached by routing (--remote-mode route, or no node address)");
         }
     }
+    if r.socket_hooks.is_empty() {
+        let _ = writeln!(out, "SOCKET HOOKS none attached: clients on this node reach VIPs only through the per-packet path");
+    } else {
+        let hooks: Vec<String> =
+            r.socket_hooks.iter().map(|h| format!("{}(cgroup {}, link {}, prog {})", h.hook, h.cgroup_id, h.link_id, h.program_id)).collect();
+        let _ = writeln!(out, "SOCKET HOOKS {}  (bpftool cgroup tree)", hooks.join(" "));
+    }
     let ids: Vec<String> = r.map_ids.iter().map(|(n, id)| format!("{n}={id}")).collect();
     let _ = writeln!(out, "MAP IDS {}  (bpftool map dump id <id>)", ids.join(" "));
     out
@@ -358,6 +369,7 @@ pub fn run(args: &InspectArgs) -> anyhow::Result<()> {
     let maps = DataplaneMaps::open_pinned(&args.pin_dir)
         .with_context(|| format!("opening the maps pinned under {}", args.pin_dir.display()))?;
     let mut report = report(&maps, args.connections, args.app.as_deref());
+    report.socket_hooks = crate::socket_lb::attached(&crate::dataplane::Pins::new(&args.pin_dir));
     // Pod names come from the agent's record, if it wrote one.
     if let Ok(text) = std::fs::read(&args.state_file)
         && let Ok(sources) = serde_json::from_slice::<BTreeMap<String, Vec<String>>>(&text)

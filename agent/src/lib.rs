@@ -23,6 +23,7 @@ pub mod peers;
 pub mod reconcile;
 pub mod run;
 pub mod scale;
+pub mod socket_lb;
 pub mod source;
 pub mod upgrade;
 pub mod vip_pool;

@@ -10,7 +10,7 @@ use aya::{
 };
 use serviceless_common::{
     Activity, AppValue, Backend, BackendKey, Config, CtEntry, CtEvent, CtKey, CtSummary, Fabric, NodeValue,
-    ServiceKey, ServiceValue, Verdict, map_names as names,
+    ServiceKey, ServiceValue, SockConfig, Verdict, map_names as names,
 };
 
 /// The two conntrack tables (see `serviceless_common::conntrack`).
@@ -74,6 +74,9 @@ pub struct DataplaneMaps {
     remote_flows: MapData,
     fragments: MapData,
     ct_budget: MapData,
+    sock_rev: MapData,
+    sock_config: Array<MapData, SockConfig>,
+    sock_skip: HashMap<MapData, u64, u8>,
     capacity: Capacities,
     /// Possible CPUs: the length of every per-CPU value.
     cpus: usize,
@@ -146,6 +149,9 @@ impl DataplaneMaps {
         let nodes: Array<_, _> = next(names::NODES)?.try_into().map_err(layout(names::NODES))?;
         let fabric = next(names::FABRIC)?.try_into().map_err(layout(names::FABRIC))?;
         let remote_flows = into_data(names::REMOTE_FLOWS, next(names::REMOTE_FLOWS)?)?;
+        let sock_rev = into_data(names::SOCK_REV, next(names::SOCK_REV)?)?;
+        let sock_config = next(names::SOCK_CONFIG)?.try_into().map_err(layout(names::SOCK_CONFIG))?;
+        let sock_skip = next(names::SOCK_SKIP)?.try_into().map_err(layout(names::SOCK_SKIP))?;
         let capacity = Capacities {
             services: max_entries(services.map()),
             apps: max_entries(apps.map()),
@@ -172,6 +178,9 @@ impl DataplaneMaps {
             remote_flows,
             fragments,
             ct_budget,
+            sock_rev,
+            sock_config,
+            sock_skip,
             capacity,
             cpus: aya::util::nr_cpus().map(|n| n.max(1)).unwrap_or(1),
         })
@@ -261,6 +270,23 @@ impl DataplaneMaps {
         self.fabric
             .set(0, fabric, 0)
             .map_err(|source| MapWriteError::Syscall { map: names::FABRIC, source })
+    }
+
+    /// What the socket hooks skip: the cgroups first, then the flags that
+    /// make the hooks look at them.
+    pub fn set_socket_lb(&mut self, config: &SockConfig, skip_cgroups: &[u64]) -> Result<(), MapWriteError> {
+        let stale: Vec<u64> = self.sock_skip.keys().filter_map(Result::ok).filter(|id| !skip_cgroups.contains(id)).collect();
+        for id in skip_cgroups {
+            self.sock_skip
+                .insert(id, 1, 0)
+                .map_err(|e| classify(e, names::SOCK_SKIP, serviceless_common::default_capacity::SOCK_SKIP, "fewer --socket-lb-skip-cgroup"))?;
+        }
+        for id in stale {
+            ignore_missing(self.sock_skip.remove(&id), names::SOCK_SKIP)?;
+        }
+        self.sock_config
+            .set(0, config, 0)
+            .map_err(|source| MapWriteError::Syscall { map: names::SOCK_CONFIG, source })
     }
 
     // --- reads ---
@@ -360,6 +386,9 @@ impl DataplaneMaps {
             (names::NODES, id(self.nodes.map())),
             (names::FABRIC, id(self.fabric.map())),
             (names::REMOTE_FLOWS, id(&self.remote_flows)),
+            (names::SOCK_REV, id(&self.sock_rev)),
+            (names::SOCK_CONFIG, id(self.sock_config.map())),
+            (names::SOCK_SKIP, id(self.sock_skip.map())),
         ]
     }
 }
@@ -371,8 +400,8 @@ fn sum_per_cpu(map: &PerCpuArray<MapData, u64>, index: u32) -> u64 {
 /// The `Map` variant a pinned map of ours is, so typed views can be made.
 fn as_map(name: &str, data: MapData) -> Map {
     match name {
-        names::SERVICES | names::BACKENDS | names::CONNTRACK => Map::HashMap(data),
-        names::FRAGMENTS | names::CT_NEW | names::REMOTE_FLOWS => Map::LruHashMap(data),
+        names::SERVICES | names::BACKENDS | names::CONNTRACK | names::SOCK_SKIP => Map::HashMap(data),
+        names::FRAGMENTS | names::CT_NEW | names::REMOTE_FLOWS | names::SOCK_REV => Map::LruHashMap(data),
         names::ACTIVITY | names::VERDICTS | names::CT_EVENTS | names::CT_BUDGET => Map::PerCpuArray(data),
         _ => Map::Array(data),
     }

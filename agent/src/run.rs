@@ -17,9 +17,10 @@ use tracing::{info, warn};
 
 use crate::{
     activator::{self, Activator, ActivatorOptions, HeldCounts},
-    cli::{RunArgs, SourceSpec},
+    cli::{RunArgs, SocketLb, SourceSpec},
     conntrack::{self, HashKeySource},
     dataplane::{self, Pins, Sizes},
+    socket_lb,
     directory::Directory,
     fabric,
     health::Health,
@@ -67,6 +68,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         new_connections: args.max_new_connections,
         nodes: args.max_nodes,
         remote_flows: args.max_remote_flows,
+        socket_translations: args.max_socket_translations,
     };
     if node_fabric.config.flags & serviceless_common::FABRIC_F_ENCAP != 0 && args.flow_hash_key_file.is_none() {
         warn!("no --flow-hash-key-file: this node's key differs from other nodes', so a connection whose packets reach several nodes can break; give every node the same key");
@@ -94,6 +96,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     loaded.maps.set_fabric(&node_fabric.config).context("writing the fabric map")?;
     let previous = upgrade::migrate(&pins, &mut loaded.maps)?;
     dataplane::attach(&mut loaded, &pins, &args.iface, args.xdp_mode)?;
+    attach_socket_hooks(&args, &mut loaded, &pins)?;
     if let Some(previous) = previous {
         upgrade::finish(&pins, &mut loaded.maps, previous)?;
     }
@@ -220,6 +223,27 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
 
 /// The single `svl_config_v1` entry.
 /// `activator4`: the external activator, or the agent's own.
+/// Connect-time load balancing (`--socket-lb`): what the hooks skip is
+/// written before they go live.
+fn attach_socket_hooks(args: &RunArgs, loaded: &mut dataplane::Loaded, pins: &Pins) -> anyhow::Result<()> {
+    if args.socket_lb == SocketLb::Off {
+        socket_lb::detach(pins);
+        info!("socket hooks off (--socket-lb=off): clients on this node reach VIPs only through the per-packet path");
+        return Ok(());
+    }
+    let Some(root) = socket_lb::find_root(args.cgroup_root.as_deref())? else {
+        warn!("no cgroup v2 hierarchy is mounted on this node: socket hooks not attached, so pods and processes on this node cannot reach apps by VIP; mount one (`mount -t cgroup2 none /sys/fs/cgroup/unified`) or pass --cgroup-root");
+        return Ok(());
+    };
+    let options = socket_lb::Options {
+        host_netns_only: args.socket_lb_host_netns_only,
+        skip_cgroups: args.socket_lb_skip_cgroups.clone(),
+    };
+    let (config, skip) = socket_lb::kernel_config(&options)?;
+    loaded.maps.set_socket_lb(&config, &skip).context("writing the socket hooks' config")?;
+    socket_lb::attach(loaded, pins, &root)
+}
+
 fn kernel_config(args: &RunArgs, ranges: &VipRanges, activator4: Option<SocketAddr>) -> anyhow::Result<Config> {
     let mut c = Config::default();
     if let Some(a) = activator4 {

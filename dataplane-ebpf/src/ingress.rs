@@ -15,7 +15,7 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use serviceless_common::{
-    CONFIG_F_ACTIVATOR4, CONFIG_F_ACTIVATOR6, CONFIG_F_UPGRADING, CT_DIR_FORWARD, CT_KIND_ACTIVATOR, CT_KIND_BACKEND,
+    CONFIG_F_UPGRADING, CT_DIR_FORWARD, CT_KIND_ACTIVATOR, CT_KIND_BACKEND,
     CT_F_SNAT, CT_STATE_SYN_RECV, CT_STATE_SYN_SENT, Config, CtEntry, CtEvent, CtKey, FABRIC_F_ENCAP, FABRIC_F_PREFER_LOCAL, FABRIC_F_SNAT, as_ipv4,
     Fabric, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, NODE_LOCAL, SERVICE_F_ACTIVATOR_ONLY,
     RemoteFlow, ServiceKey, TCP_ACK, TCP_SYN, Verdict, completes_handshake, syn_reopens, tcp_may_open,
@@ -214,7 +214,7 @@ fn choose_call(cfg: &Config, fabric: &Fabric, s: &mut Scratch) -> bool {
     } else {
         Scope::Any
     };
-    match choose(cfg, &s.parsed, &s.key, scope) {
+    match lb::choose(cfg, s.parsed.v4, &s.key, scope, &mut s.choose) {
         Ok((target, verdict)) => {
             s.opening.target = target;
             s.opening.verdict = verdict;
@@ -456,46 +456,6 @@ fn app_has_ready_pods(p: &Parsed) -> bool {
     // SAFETY: copied out at once.
     let Some(svc) = (unsafe { SERVICES.get(&key) }).copied() else { return false };
     svc.flags & SERVICE_F_ACTIVATOR_ONLY == 0 && APPS.get(svc.app_id).is_some_and(|a| a.ready_count > 0)
-}
-
-/// Where a new connection goes: a ready pod, else the activator.
-#[inline(always)]
-/// (`key` is the connection: for an ICMP error, the one it quotes.)
-fn choose(cfg: &Config, p: &Parsed, key: &CtKey, scope: Scope) -> Result<(Target, Verdict), Verdict> {
-    let svc_key = ServiceKey { vip: key.dst, port: key.dport, proto: key.proto, pad: 0 };
-    // SAFETY: copied out at once; the agent may replace the entry at any time.
-    let Some(svc) = (unsafe { SERVICES.get(&svc_key) }).copied() else {
-        return activator(cfg, p.v4, u32::MAX, Verdict::ActivatorUnknownService);
-    };
-    if svc.flags & SERVICE_F_ACTIVATOR_ONLY != 0 {
-        return activator(cfg, p.v4, u32::MAX, Verdict::ActivatorCollision);
-    }
-    let Some(app) = APPS.get(svc.app_id) else {
-        return activator(cfg, p.v4, u32::MAX, Verdict::ActivatorUnknownService);
-    };
-    if app.ready_count == 0 {
-        return activator(cfg, p.v4, svc.app_id, Verdict::ActivatorNoBackend);
-    }
-    match lb::choose_backend(svc.app_id, key, app.backend_count, &cfg.hash_key, scope) {
-        Some(b) => Ok((
-            Target { addr: b.addr, port: svc.target_port, kind: CT_KIND_BACKEND, app_id: svc.app_id, slot: b.slot, node: b.node },
-            Verdict::BackendNewFlow,
-        )),
-        None => activator(cfg, p.v4, svc.app_id, Verdict::ActivatorNoBackend),
-    }
-}
-
-#[inline(always)]
-fn activator(cfg: &Config, v4: bool, app_id: u32, verdict: Verdict) -> Result<(Target, Verdict), Verdict> {
-    let (addr, port, present) = if v4 {
-        (cfg.activator4, cfg.activator4_port, cfg.flags & CONFIG_F_ACTIVATOR4)
-    } else {
-        (cfg.activator6, cfg.activator6_port, cfg.flags & CONFIG_F_ACTIVATOR6)
-    };
-    if present == 0 {
-        return Err(Verdict::DropNoActivator);
-    }
-    Ok((Target { addr, port, kind: CT_KIND_ACTIVATOR, app_id, slot: 0, node: NODE_LOCAL }, verdict))
 }
 
 /// DNATs the packet along its connection and counts the app's activity.

@@ -7,11 +7,63 @@ use aya_ebpf::{
     helpers::bpf_loop,
 };
 use serviceless_common::{
-    Addr, BACKEND_READY, BackendKey, CtKey, MAX_BACKENDS_PER_APP, NODE_LOCAL, addr_eq,
+    Addr, BACKEND_READY, BackendKey, CONFIG_F_ACTIVATOR4, CONFIG_F_ACTIVATOR6, CT_KIND_ACTIVATOR, CT_KIND_BACKEND, Config,
+    CtKey, MAX_BACKENDS_PER_APP, NODE_LOCAL, SERVICE_F_ACTIVATOR_ONLY, ServiceKey, Verdict, addr_eq,
     hash::{backend_hash, flow_hash, score},
 };
 
-use crate::maps::{APPS, BACKENDS, SCRATCH};
+use crate::{
+    conntrack::Target,
+    maps::{APPS, BACKENDS, SCRATCH, SERVICES},
+};
+
+/// Where a new connection to `key.dst:key.dport` goes: a ready pod, else
+/// the activator (`v4`: of the IPv4 family). Shared by the XDP path (`key`
+/// is the packet's flow; for an ICMP error, the one it quotes) and the
+/// socket hooks (`key` names the socket).
+#[inline(always)]
+pub fn choose(
+    cfg: &Config,
+    v4: bool,
+    key: &CtKey,
+    scope: Scope,
+    choice: &mut ChooseBackend,
+) -> Result<(Target, Verdict), Verdict> {
+    let svc_key = ServiceKey { vip: key.dst, port: key.dport, proto: key.proto, pad: 0 };
+    // SAFETY: copied out at once; the agent may replace the entry at any time.
+    let Some(svc) = (unsafe { SERVICES.get(&svc_key) }).copied() else {
+        return activator(cfg, v4, u32::MAX, Verdict::ActivatorUnknownService);
+    };
+    if svc.flags & SERVICE_F_ACTIVATOR_ONLY != 0 {
+        return activator(cfg, v4, u32::MAX, Verdict::ActivatorCollision);
+    }
+    let Some(app) = APPS.get(svc.app_id) else {
+        return activator(cfg, v4, u32::MAX, Verdict::ActivatorUnknownService);
+    };
+    if app.ready_count == 0 {
+        return activator(cfg, v4, svc.app_id, Verdict::ActivatorNoBackend);
+    }
+    match choose_backend(choice, svc.app_id, key, app.backend_count, &cfg.hash_key, scope) {
+        Some(b) => Ok((
+            Target { addr: b.addr, port: svc.target_port, kind: CT_KIND_BACKEND, app_id: svc.app_id, slot: b.slot, node: b.node },
+            Verdict::BackendNewFlow,
+        )),
+        None => activator(cfg, v4, svc.app_id, Verdict::ActivatorNoBackend),
+    }
+}
+
+#[inline(always)]
+fn activator(cfg: &Config, v4: bool, app_id: u32, verdict: Verdict) -> Result<(Target, Verdict), Verdict> {
+    let (addr, port, present) = if v4 {
+        (cfg.activator4, cfg.activator4_port, cfg.flags & CONFIG_F_ACTIVATOR4)
+    } else {
+        (cfg.activator6, cfg.activator6_port, cfg.flags & CONFIG_F_ACTIVATOR6)
+    };
+    if present == 0 {
+        return Err(Verdict::DropNoActivator);
+    }
+    Ok((Target { addr, port, kind: CT_KIND_ACTIVATOR, app_id, slot: 0, node: NODE_LOCAL }, verdict))
+}
 
 /// The slot holding `addr` (ready or draining), trying the remembered slot
 /// first: one lookup on the hot path, a search only after slots moved.
@@ -78,11 +130,20 @@ pub struct Chosen {
 /// The loop's state lives in the per-CPU scratch map, not on the stack:
 /// 6.1's verifier checks a bpf_loop callback once and then mis-prunes the
 /// caller's view of stack state it wrote, hard-wiring branches on it.
+///
+/// `choice` is the caller's per-CPU scratch (XDP's, or the socket hooks'
+/// own: a socket hook may be interrupted by XDP on the same CPU). The slot
+/// it ends with is read back under `app_id` itself, so even a clobbered
+/// scratch could only pick another of this app's pods, never another app's.
 #[inline(always)]
-pub fn choose_backend(app_id: u32, flow: &CtKey, count: u32, hash_key: &[u64; 2], scope: Scope) -> Option<Chosen> {
-    let state = SCRATCH.get_ptr_mut(0)?;
-    // SAFETY: this CPU's scratch slot; nothing else uses `choose` now.
-    let choice = unsafe { &mut (*state).choose };
+pub fn choose_backend(
+    choice: &mut ChooseBackend,
+    app_id: u32,
+    flow: &CtKey,
+    count: u32,
+    hash_key: &[u64; 2],
+    scope: Scope,
+) -> Option<Chosen> {
     *choice = ChooseBackend {
         app_id,
         flow_hash: flow_hash(flow, hash_key),

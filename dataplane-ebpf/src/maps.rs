@@ -12,8 +12,8 @@ use crate::{
 };
 use serviceless_common::{
     Activity, AppValue, Backend, BackendKey, Config, CtBudget, CtEntry, CtEvent, CtKey, CtSummary, Fabric,
-    FragKey, FragValue, NodeValue, RemoteFlow, ServiceKey, ServiceValue, Verdict, WAKE_RING_BYTES, WakeEvent,
-    default_capacity as cap,
+    FragKey, FragValue, NodeValue, RemoteFlow, ServiceKey, ServiceValue, SockConfig, SockRevKey, SockRevValue, Verdict,
+    WAKE_RING_BYTES, WakeEvent, default_capacity as cap,
 };
 
 #[btf_map(name = "svl_services_v1")]
@@ -73,6 +73,27 @@ pub static WAKES: RingBuf<WakeEvent, { WAKE_RING_BYTES as usize }> = RingBuf::ne
 
 #[btf_map(name = "svl_wakegate_v1")]
 pub static WAKE_GATE: Array<u64, { cap::APPS as usize }> = Array::new();
+
+/// Sockets the hooks translated, by cookie and the address they were
+/// pointed at. An LRU: a socket closes without telling us.
+#[btf_map(name = "svl_sock_rev_v1")]
+pub static SOCK_REV: LruHashMap<SockRevKey, SockRevValue, { cap::SOCK_REV as usize }> = LruHashMap::new();
+
+#[btf_map(name = "svl_sock_cfg_v1")]
+pub static SOCK_CONFIG: Array<SockConfig, 1> = Array::new();
+
+#[btf_map(name = "svl_sock_skip_v1")]
+pub static SOCK_SKIP: HashMap<u64, u8, { cap::SOCK_SKIP as usize }> = HashMap::new();
+
+/// The socket hooks' own scratch for the backend choice loop: they run in
+/// process context, where XDP (softirq) may interrupt them on the same CPU
+/// and reuse its own scratch. Not pinned.
+pub struct SockScratch {
+    pub choose: ChooseBackend,
+}
+
+#[btf_map]
+pub static SOCK_SCRATCH: PerCpuArray<SockScratch, 1> = PerCpuArray::new();
 
 /// A node's next hop as `bpf_fib_lookup` last found it (per CPU: no
 /// sharing; not pinned: a cache, rebuilt within a second).

@@ -48,6 +48,9 @@ pub struct Node {
     pub pods: Vec<Pod>,
     pub agent: Option<Proc>,
     bpf_dir: PathBuf,
+    /// The cgroup this node's agent hooks: the node's "processes" (clients
+    /// the test runs with `sock_client`) are put there.
+    pub cgroup: Option<crate::TestCgroup>,
 }
 
 impl Node {
@@ -110,7 +113,8 @@ impl Cluster {
             let bpf_dir = work_dir.join(format!("bpf{i}"));
             std::fs::create_dir_all(&bpf_dir)?;
             run("mount", &["-t", "bpf", "bpf", bpf_dir.to_str().context("path")?])?;
-            all.push(Node { index: i, ns, addr, pods: Vec::new(), agent: None, bpf_dir });
+            let cgroup = crate::TestCgroup::new(&format!("{tag}-n{i}"));
+            all.push(Node { index: i, ns, addr, pods: Vec::new(), agent: None, bpf_dir, cgroup });
         }
         // Host routes to every other node's pod subnet (host-gateway CNI).
         for n in &all {
@@ -174,9 +178,15 @@ impl Cluster {
     /// Writes the desired state: one app per (hostname, VIP) with every pod
     /// of `pods` (names), each with its node's address.
     pub fn write_apps(&self, apps: &[(&str, &str, &[&str])]) -> anyhow::Result<()> {
+        self.write_apps_with_ports(apps, "[{port: 80, targetPort: 8080}]")
+    }
+
+    /// `write_apps` with every app on `ports` (YAML flow list).
+    pub fn write_apps_with_ports(&self, apps: &[(&str, &str, &[&str])], ports: &str) -> anyhow::Result<()> {
         let mut yaml = String::from("apps:\n");
         for (host, vip, pods) in apps {
-            yaml.push_str(&format!("  - hostname: {host}\n    vip: {vip}\n    ports: [{{port: 80, targetPort: 8080}}]\n    pods:\n"));
+            let none = if pods.is_empty() { " []" } else { "" };
+            yaml.push_str(&format!("  - hostname: {host}\n    vip: {vip}\n    ports: {ports}\n    pods:{none}\n"));
             for name in *pods {
                 let (node, pod) = self
                     .nodes
@@ -208,8 +218,11 @@ impl Cluster {
         let pin_dir = pin_dir.display().to_string();
         let state_file = work_dir.join(format!("sources{index}.json")).display().to_string();
         let key_file = work_dir.join("flow-hash.key").display().to_string();
+        let socket_lb = crate::TestCgroup::agent_flags(n.cgroup.as_ref());
         let defaults = [
             "run",
+            socket_lb[0].as_str(),
+            socket_lb[1].as_str(),
             "--iface",
             "up0",
             "--source",
@@ -315,9 +328,29 @@ impl Cluster {
         )
     }
 
+    /// Runs `svl-sock-client <args>` in namespace `ns`, inside node
+    /// `node`'s hooked cgroup, and returns its output lines.
+    pub fn sock_client(&self, node: u8, ns: &Netns, args: &[&str]) -> anyhow::Result<Vec<String>> {
+        let cgroup = self.node(node).cgroup.as_ref().context("no cgroup v2 hierarchy on this machine")?;
+        let cg = cgroup.path.display().to_string();
+        let mut all: Vec<&str> = args.to_vec();
+        all.extend(["--cgroup", cg.as_str()]);
+        let out = ns.exec(sock_client_binary()?.to_str().context("path")?, &all)?;
+        Ok(out.lines().map(str::to_string).collect())
+    }
+
     pub fn agent_log(&self, index: u8) -> String {
         std::fs::read_to_string(self.work_dir.join(format!("agent{index}.log"))).unwrap_or_default()
     }
+}
+
+/// The socket-hook test client, next to the test binaries.
+pub fn sock_client_binary() -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let dir = exe.parent().and_then(Path::parent).context("test binary directory")?;
+    let bin = dir.join("svl-sock-client");
+    anyhow::ensure!(bin.exists(), "{} missing: build it with `cargo build -p serviceless-tests --bins`", bin.display());
+    Ok(bin)
 }
 
 impl Drop for Cluster {

@@ -101,7 +101,7 @@ impl Drop for PinDir {
 }
 
 /// Small tables: fixtures need a handful of entries, not a million.
-pub const TEST_SIZES: Sizes = Sizes { services: 64, apps: 64, backends: 256, connections: 4096, new_connections: 4096, nodes: 16, remote_flows: 1024 };
+pub const TEST_SIZES: Sizes = Sizes { services: 64, apps: 64, backends: 256, connections: 4096, new_connections: 4096, nodes: 16, remote_flows: 1024, socket_translations: 1024 };
 
 pub const VIP_RANGE4: &str = "10.96.0.0/16";
 pub const VIP_RANGE6: &str = "fd00:96::/64";
@@ -381,5 +381,68 @@ pub fn app(hostname: &str, vip: &str, pods: &[(&str, bool)]) -> AppSpec {
             })
             .collect(),
         lifecycle: Default::default(),
+    }
+}
+
+/// Where the tests mount the cgroup v2 hierarchy (see `TestCgroup::new`).
+pub const TEST_CGROUP_MOUNT: &str = "/run/serviceless-test-cgroup2";
+
+/// A cgroup v2 directory of a test's own for its agent's socket hooks
+/// (`--cgroup-root`), so hooks a test attaches see only the processes the
+/// test puts there, never the rest of the machine. Removed on drop (its
+/// processes are killed first).
+pub struct TestCgroup {
+    pub path: PathBuf,
+}
+
+impl TestCgroup {
+    /// None where no cgroup v2 hierarchy is mounted (agents then run with
+    /// `--socket-lb off`).
+    pub fn new(name: &str) -> Option<Self> {
+        // The hierarchy mounted once more outside /sys: `ip netns exec`
+        // mounts a fresh sysfs, which hides /sys/fs/cgroup from agents and
+        // clients it starts.
+        serviceless_agent::socket_lb::find_root(None).ok()??;
+        let root = PathBuf::from(TEST_CGROUP_MOUNT);
+        if serviceless_agent::socket_lb::find_root(Some(&root)).is_err() {
+            std::fs::create_dir_all(&root).ok()?;
+            crate::netns::run("mount", &["-t", "cgroup2", "none", TEST_CGROUP_MOUNT]).ok()?;
+        }
+        let path = root.join(format!("svl-test-{name}"));
+        let cg = Self { path };
+        cg.kill_all();
+        let _ = std::fs::remove_dir(&cg.path);
+        std::fs::create_dir(&cg.path).ok()?;
+        Some(cg)
+    }
+
+    /// The agent flags that keep its hooks in `cgroup` (or off without one).
+    pub fn agent_flags(cgroup: Option<&TestCgroup>) -> Vec<String> {
+        match cgroup {
+            Some(cg) => vec!["--cgroup-root".into(), cg.path.display().to_string()],
+            None => vec!["--socket-lb".into(), "off".into()],
+        }
+    }
+
+    fn kill_all(&self) {
+        for _ in 0..50 {
+            let procs = std::fs::read_to_string(self.path.join("cgroup.procs")).unwrap_or_default();
+            let pids: Vec<i32> = procs.lines().filter_map(|l| l.trim().parse().ok()).collect();
+            if pids.is_empty() {
+                return;
+            }
+            for pid in pids {
+                // SAFETY: plain kill(2).
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for TestCgroup {
+    fn drop(&mut self) {
+        self.kill_all();
+        let _ = std::fs::remove_dir(&self.path);
     }
 }

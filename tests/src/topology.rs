@@ -68,6 +68,8 @@ pub struct Topology {
     /// Start agents with `--activator` naming the stand-in (the default);
     /// false: the agent's own activator serves (on 10.0.0.1:8012).
     pub external_activator: bool,
+    /// The cgroup the agent's socket hooks are attached to (see `TestCgroup`).
+    pub cgroup: Option<crate::TestCgroup>,
     /// The XDP_PASS program on the client's interface (see `new`).
     _client_xdp: OwnedFd,
     server_bin: PathBuf,
@@ -130,6 +132,7 @@ impl Topology {
             max_apps: 1024,
             max_connections: 65536,
             external_activator: true,
+            cgroup: crate::TestCgroup::new(tag),
             _client_xdp: client_xdp,
             server_bin: server_bin.into(),
         };
@@ -167,6 +170,8 @@ impl Topology {
     /// Starts the agent with any source and extra environment.
     pub fn start_agent_with(&self, source: &str, log_name: &str, extra: &[&str], env: &[(&str, &str)]) -> anyhow::Result<Proc> {
         let mut args = vec!["--max-connections".to_string(), self.max_connections.to_string()];
+        // Hooks in the test's own cgroup, never on the machine's root.
+        args.extend(crate::TestCgroup::agent_flags(self.cgroup.as_ref()));
         args.extend(extra.iter().map(|s| s.to_string()));
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         self.spawn_agent(&agent_binary()?, source, log_name, &args, env)

@@ -614,9 +614,15 @@ fn vips_are_unique_stable_and_survive_an_allocator_crash() {
     let want: std::collections::BTreeMap<String, String> = records.iter().map(|(vip, (h, _))| (h.clone(), vip.clone())).collect();
     // No leak, no duplicate: every create that succeeded is a live app or a released one.
     let writes = record_writes(&kube);
-    let created = writes.get("POST 201").copied().unwrap_or(0);
-    let deleted = writes.get("DELETE 200").copied().unwrap_or(0);
-    assert_eq!(created - deleted, live.len() as u64, "writes: {writes:?}");
+    // A create answered 5xx (etcd timing out under load) may still have been
+    // committed, so those count as "maybe": the live records lie between the
+    // sure creates and the sure plus the maybe ones.
+    let count = |prefix: &str| writes.iter().filter(|(k, _)| k.starts_with(prefix)).map(|(_, n)| n).sum::<u64>();
+    let created = count("POST 201");
+    let maybe_created = count("POST 5");
+    let deleted = count("DELETE 200");
+    let live_n = live.len() as u64;
+    assert!(created - deleted <= live_n && live_n <= created + maybe_created - deleted, "writes: {writes:?}, {live_n} live");
     assert!(created <= n as u64, "at most one create per app: {writes:?}");
 
     // Both agents program exactly the recorded VIPs.

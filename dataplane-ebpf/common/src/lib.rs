@@ -65,11 +65,20 @@ pub mod map_names {
     /// app id -> when its last wake signal was sent (array), so a flood to
     /// a sleeping app sends one signal per interval. Not pinned.
     pub const WAKE_GATE: &str = "svl_wakegate_v1";
+    /// (socket cookie, pod or activator address, port) -> the VIP and port
+    /// the socket hooks translated it from (LRU), so `recvmsg()` and
+    /// `getpeername()` show the VIP.
+    pub const SOCK_REV: &str = "svl_sock_rev_v1";
+    /// Single entry: which sockets the cgroup hooks leave alone.
+    pub const SOCK_CONFIG: &str = "svl_sock_cfg_v1";
+    /// cgroup v2 id -> 1: sockets of processes in these cgroups (or below
+    /// them) are left to the per-packet path (`--socket-lb-skip-cgroup`).
+    pub const SOCK_SKIP: &str = "svl_sock_skip_v1";
 
     /// Every map the agent pins, in the order `inspect` reports them.
-    pub const ALL: [&str; 15] = [
+    pub const ALL: [&str; 18] = [
         SERVICES, APPS, BACKENDS, ACTIVITY, CONNTRACK, CT_NEW, FRAGMENTS, VERDICTS, CT_EVENTS, CT_BUDGET,
-        CT_SUMMARY, CONFIG, NODES, FABRIC, REMOTE_FLOWS,
+        CT_SUMMARY, CONFIG, NODES, FABRIC, REMOTE_FLOWS, SOCK_REV, SOCK_CONFIG, SOCK_SKIP,
     ];
 
     /// Maps of earlier layouts: an upgraded agent migrates what it can from
@@ -96,6 +105,26 @@ pub mod program_names {
     /// Conntrack garbage collector: never attached; the agent runs it with
     /// BPF_PROG_TEST_RUN every few seconds.
     pub const CT_GC: &str = "svl_ct_gc";
+    /// Connect-time load balancing on the cgroup v2 socket hooks.
+    pub const CONNECT4: &str = "svl_connect4";
+    pub const CONNECT6: &str = "svl_connect6";
+    pub const SENDMSG4: &str = "svl_sendmsg4";
+    pub const SENDMSG6: &str = "svl_sendmsg6";
+    pub const RECVMSG4: &str = "svl_recvmsg4";
+    pub const RECVMSG6: &str = "svl_recvmsg6";
+    pub const GETPEERNAME4: &str = "svl_getpeername4";
+    pub const GETPEERNAME6: &str = "svl_getpeername6";
+    /// Every socket hook: (program, the hook's name as `bpftool cgroup` shows it).
+    pub const SOCKET_HOOKS: [(&str, &str); 8] = [
+        (CONNECT4, "connect4"),
+        (CONNECT6, "connect6"),
+        (SENDMSG4, "sendmsg4"),
+        (SENDMSG6, "sendmsg6"),
+        (RECVMSG4, "recvmsg4"),
+        (RECVMSG6, "recvmsg6"),
+        (GETPEERNAME4, "getpeername4"),
+        (GETPEERNAME6, "getpeername6"),
+    ];
 }
 
 /// Compile-time capacities of the object file. The agent overrides them at
@@ -116,6 +145,11 @@ pub mod default_capacity {
     pub const NODES: u32 = 1 << 13;
     /// Flows this node sent to pods on other nodes, remembered (LRU).
     pub const REMOTE_FLOWS: u32 = 1 << 17;
+    /// Sockets the hooks translated, remembered for `recvmsg`/`getpeername`
+    /// (LRU, 56 B each): a forgotten one shows the pod's address instead.
+    pub const SOCK_REV: u32 = 1 << 16;
+    /// cgroups the hooks skip.
+    pub const SOCK_SKIP: u32 = 256;
 }
 
 /// Upper bound on live backends per app: the new-flow path scores each one
@@ -298,6 +332,51 @@ pub struct Fabric {
     /// own ephemeral range, so replies to them are never the node's own).
     pub snat_port_min: u16,
     pub snat_port_max: u16,
+}
+
+/// Key of `svl_sock_rev_v1`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SockRevKey {
+    /// `bpf_get_socket_cookie`: the socket.
+    pub cookie: u64,
+    /// The pod (or activator) the socket was pointed at, network order.
+    pub addr: Addr,
+    /// Its port, network order.
+    pub port: u16,
+    pub pad: [u8; 6],
+}
+
+/// Value of `svl_sock_rev_v1`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SockRevValue {
+    /// The VIP the socket asked for, network order.
+    pub vip: Addr,
+    /// Its port, network order.
+    pub port: u16,
+    pub pad: [u8; 2],
+    pub app_id: u32,
+}
+
+/// `SockConfig::flags`: only sockets in the agent's own network namespace
+/// (the host's) are translated; pods' go through the per-packet path.
+pub const SOCK_F_HOST_NETNS_ONLY: u32 = 1;
+/// `SockConfig::flags`: `svl_sock_skip_v1` lists cgroups to skip.
+pub const SOCK_F_SKIP_CGROUPS: u32 = 2;
+
+/// How deep below the hierarchy's root the hooks look for a skipped cgroup.
+pub const MAX_CGROUP_DEPTH: i32 = 16;
+
+/// Single entry of `svl_sock_cfg_v1`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SockConfig {
+    /// `SOCK_F_*` bits.
+    pub flags: u32,
+    pub pad: u32,
+    /// The agent's network namespace (`SO_NETNS_COOKIE`).
+    pub host_netns_cookie: u64,
 }
 
 /// An entry of `svl_wakes_v1`: a new connection (or UDP flow) to an app
@@ -504,13 +583,35 @@ pub enum Verdict {
     /// For a pod on another node (SNAT or a reply to the client), but the
     /// kernel has no route or resolved neighbour for the next hop: dropped.
     DropNoNextHop = 34,
+    /// Socket hooks: a `connect()` to a VIP was pointed at a pod.
+    SockConnectBackend = 35,
+    /// Socket hooks: a `connect()` to a VIP was pointed at the activator
+    /// (the app has no ready pod, or the VIP port is unknown or contested).
+    SockConnectActivator = 36,
+    /// Socket hooks: a UDP datagram to a VIP was sent to a pod.
+    SockSendmsgBackend = 37,
+    /// Socket hooks: a UDP datagram to a VIP was sent to the activator.
+    SockSendmsgActivator = 38,
+    /// Socket hooks: a datagram from a pod was shown as from the VIP.
+    SockRecvmsgTranslated = 39,
+    /// Socket hooks: `getpeername()` showed the VIP instead of the pod.
+    SockGetpeernameTranslated = 40,
+    /// Socket hooks: refused (EPERM) for want of an activator of the
+    /// address family (the app has no ready pod).
+    SockRefusedNoActivator = 41,
+    /// Socket hooks: refused (EPERM): the chosen pod is of the other
+    /// address family than the socket.
+    SockRefusedFamily = 42,
+    /// Socket hooks: a socket to a VIP from a skipped cgroup or network
+    /// namespace, left to the per-packet path.
+    SockSkipped = 43,
 }
 
 impl Verdict {
     /// Entries in `svl_verdicts_v3`.
     pub const COUNT: u32 = 48;
 
-    pub const ALL: [Verdict; 35] = [
+    pub const ALL: [Verdict; 44] = [
         Verdict::PassNotVip,
         Verdict::BackendNewFlow,
         Verdict::BackendEstablished,
@@ -546,6 +647,15 @@ impl Verdict {
         Verdict::SnatReplyTranslated,
         Verdict::DropSnatPortsExhausted,
         Verdict::DropNoNextHop,
+        Verdict::SockConnectBackend,
+        Verdict::SockConnectActivator,
+        Verdict::SockSendmsgBackend,
+        Verdict::SockSendmsgActivator,
+        Verdict::SockRecvmsgTranslated,
+        Verdict::SockGetpeernameTranslated,
+        Verdict::SockRefusedNoActivator,
+        Verdict::SockRefusedFamily,
+        Verdict::SockSkipped,
     ];
 
     /// Stable snake_case name used in metrics labels, `inspect` and tests.
@@ -586,6 +696,15 @@ impl Verdict {
             Verdict::SnatReplyTranslated => "snat_reply_translated",
             Verdict::DropSnatPortsExhausted => "drop_snat_ports_exhausted",
             Verdict::DropNoNextHop => "drop_no_next_hop",
+            Verdict::SockConnectBackend => "sock_connect_backend",
+            Verdict::SockConnectActivator => "sock_connect_activator",
+            Verdict::SockSendmsgBackend => "sock_sendmsg_backend",
+            Verdict::SockSendmsgActivator => "sock_sendmsg_activator",
+            Verdict::SockRecvmsgTranslated => "sock_recvmsg_translated",
+            Verdict::SockGetpeernameTranslated => "sock_getpeername_translated",
+            Verdict::SockRefusedNoActivator => "sock_refused_no_activator",
+            Verdict::SockRefusedFamily => "sock_refused_family",
+            Verdict::SockSkipped => "sock_skipped",
         }
     }
 }
@@ -612,6 +731,9 @@ mod user {
     unsafe impl aya::Pod for Fabric {}
     unsafe impl aya::Pod for RemoteFlow {}
     unsafe impl aya::Pod for WakeEvent {}
+    unsafe impl aya::Pod for SockRevKey {}
+    unsafe impl aya::Pod for SockRevValue {}
+    unsafe impl aya::Pod for SockConfig {}
 }
 
 #[cfg(test)]
@@ -638,6 +760,9 @@ mod tests {
         assert_eq!(size_of::<NodeValue>(), 24);
         assert_eq!(size_of::<Fabric>(), 20);
         assert_eq!(size_of::<WakeEvent>(), 16);
+        assert_eq!(size_of::<SockRevKey>(), 32);
+        assert_eq!(size_of::<SockRevValue>(), 24);
+        assert_eq!(size_of::<SockConfig>(), 16);
         assert!(Verdict::ALL.len() as u32 <= Verdict::COUNT);
         assert!(CtEvent::ALL.len() as u32 <= CtEvent::COUNT);
         assert!(align_of::<Activity>() <= 8);

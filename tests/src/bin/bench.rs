@@ -501,6 +501,7 @@ fn ours_at(
         new_connections: 1 << 16,
         nodes: 16,
         remote_flows: 1024,
+        socket_translations: 1024,
     };
     let mut dp = TestDataplane::new(sizes)?;
     dp.configure_ranges(Some("10.245.0.2:8080"), None, VIP_RANGE, "fd00:96::/64")?;

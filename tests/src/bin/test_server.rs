@@ -2,7 +2,8 @@
 //! every response body starts "<name> peer=<client ip:port> received=<n>"
 //! (n: bytes of request body read); GET /bytes/<n> pads it to n bytes.
 //! With `--echo` it is a raw TCP echo server instead (any protocol's bytes,
-//! back as they came).
+//! back as they came). It also answers UDP datagrams on the same address
+//! with "<name> peer=<client ip:port>".
 
 use std::{
     io::{BufRead as _, BufReader, Read as _, Write as _},
@@ -17,6 +18,14 @@ fn main() -> std::io::Result<()> {
     let name = arg("--name").unwrap_or_else(|| "server".into());
     let echo = args.iter().any(|a| a == "--echo");
     let listener = TcpListener::bind(&listen)?;
+    let udp = std::net::UdpSocket::bind(&listen)?;
+    let udp_name = name.clone();
+    thread::spawn(move || {
+        let mut buf = [0u8; 2048];
+        while let Ok((_, peer)) = udp.recv_from(&mut buf) {
+            let _ = udp.send_to(format!("{udp_name} peer={peer}\n").as_bytes(), peer);
+        }
+    });
     eprintln!("{name} listening on {listen}{}", if echo { " (echo)" } else { "" });
     for stream in listener.incoming() {
         let Ok(stream) = stream else { continue };
