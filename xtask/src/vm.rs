@@ -138,8 +138,9 @@ pub const GUEST_AGENT: &str = "/svl/bin/serviceless";
 /// The agent checks: the real agent loads the programs (the kernel's
 /// verifier judges them), attaches XDP natively to a veth and TC to its
 /// clsact egress, and programs an app from a file; traffic crosses the veth;
-/// `inspect` reads the maps; after `kill -9` the programs stay attached and
-/// a restarted agent adopts the pinned maps.
+/// the cgroup socket hooks attach at the cgroup v2 root; `inspect` reads
+/// the maps; after `kill -9` the programs and hooks stay attached and a
+/// restarted agent adopts the pinned maps.
 pub const EBPF_CHECKS: &str = r#"
 AGENT=/svl/bin/serviceless
 ARGS="run --iface svl0 --activator 10.99.0.9:8080 --source file:/tmp/apps.yaml --vip-range 10.96.0.0/16 --listen 127.0.0.1:9095 --max-apps 1024 --max-services 4096 --max-backends 8192 --max-connections 65536 --state-file /tmp/sources.json"
@@ -173,6 +174,16 @@ svl_attached() {
 	echo "XDP and TC attached"
 }
 
+# The socket hooks, attached at the cgroup v2 root through pinned links.
+svl_sock_hooks() {
+	bpftool cgroup show /sys/fs/cgroup >/tmp/cgroup.txt 2>&1
+	cat /tmp/cgroup.txt
+	for _hook in connect4 connect6 sendmsg4 sendmsg6 recvmsg4 recvmsg6 getpeername4 getpeername6; do
+		grep -q "$_hook" /tmp/cgroup.txt || { echo "no $_hook hook on /sys/fs/cgroup"; return 1; }
+	done
+	$AGENT inspect --state-file /tmp/sources.json | grep 'SOCKET HOOKS connect4('
+}
+
 svl_inspect() {
 	$AGENT inspect --state-file /tmp/sources.json >/tmp/inspect.txt 2>&1
 	_rc=$?
@@ -185,11 +196,13 @@ $AGENT $ARGS >/tmp/agent.log 2>&1 &
 PID=$!
 svl_step agent-start svl_wait_log reconciled /tmp/agent.log || exit 1
 svl_step attached svl_attached
+svl_step socket-hooks svl_sock_hooks
 svl_step traffic ping -c 3 -W 5 10.99.0.2
 svl_step inspect svl_inspect
 kill -9 "$PID"
 wait "$PID" 2>/dev/null
 svl_step survives-kill-9 svl_attached
+svl_step socket-hooks-survive-kill-9 svl_sock_hooks
 svl_step traffic-after-kill ping -c 2 -W 5 10.99.0.2
 $AGENT $ARGS >/tmp/agent2.log 2>&1 &
 svl_step restart-adopts svl_wait_log 'adopted pinned maps' /tmp/agent2.log

@@ -1106,6 +1106,9 @@ impl TrafficBed {
             "--max-new-connections",
             &new_connections,
             "--detach-on-exit",
+            // The client is outside the node: the per-packet path is what is measured.
+            "--socket-lb",
+            "off",
         ];
         let log = self.topo.work_dir.join(format!("agent-{n}.log"));
         let mut proc = self.topo.node.spawn(agent, &args, Some(&log))?;

@@ -82,6 +82,8 @@ mount -t devtmpfs devtmpfs /dev
 mount -t tmpfs tmpfs /tmp
 mount -t tmpfs tmpfs /run
 mount -t bpf bpf /sys/fs/bpf
+# The unified cgroup v2 layout, where the agent attaches its socket hooks.
+mount -t cgroup2 none /sys/fs/cgroup
 mkdir -p /run/netns /dev/pts /dev/shm
 mount -t tmpfs tmpfs /dev/shm
 # Kernel messages off the console: it carries the protocol to the host.
