@@ -347,10 +347,12 @@ impl Cluster {
 /// The socket-hook test client, next to the test binaries.
 pub fn sock_client_binary() -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe()?;
-    let dir = exe.parent().and_then(Path::parent).context("test binary directory")?;
-    let bin = dir.join("svl-sock-client");
-    anyhow::ensure!(bin.exists(), "{} missing: build it with `cargo build -p serviceless-tests --bins`", bin.display());
-    Ok(bin)
+    exe.ancestors()
+        .skip(1)
+        .take(2)
+        .map(|dir| dir.join("svl-sock-client"))
+        .find(|bin| bin.is_file())
+        .with_context(|| format!("svl-sock-client not found next to {}: build it with `cargo build -p serviceless-tests --bins`", exe.display()))
 }
 
 impl Drop for Cluster {

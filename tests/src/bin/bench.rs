@@ -12,6 +12,9 @@ use serviceless_tests::xdp_pass as floor;
 mod fabric;
 #[path = "bench/identity.rs"]
 mod identity;
+// In-node clients through the socket hooks vs iptables/nftables DNAT.
+#[path = "bench/east_west.rs"]
+mod east_west;
 #[path = "bench/rules.rs"]
 mod rules;
 #[path = "bench/traffic.rs"]
@@ -63,6 +66,9 @@ struct Opts {
     wake_only: bool,
     /// Only the app-identity rows: VIP collisions, DNS, allocation (`--identity-only`).
     identity_only: bool,
+    /// Only the east-west rows: in-node clients through the socket hooks
+    /// vs iptables/nftables DNAT (`--east-west-only`).
+    east_west_only: bool,
 }
 
 /// How much of each scenario to run.
@@ -199,6 +205,7 @@ fn parse_opts() -> anyhow::Result<Opts> {
         baselines: true,
         wake_only: false,
         identity_only: false,
+        east_west_only: false,
     };
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -212,6 +219,7 @@ fn parse_opts() -> anyhow::Result<Opts> {
             }
             "--scale-to-zero-only" => o.wake_only = true,
             "--identity-only" => o.identity_only = true,
+            "--east-west-only" => o.east_west_only = true,
             "--out" => o.out = it.next().context("--out DIR")?.into(),
             "--sizes" => {
                 o.sizes = it
@@ -222,7 +230,7 @@ fn parse_opts() -> anyhow::Result<Opts> {
                     .collect::<Result<_, _>>()?
             }
             other => bail!(
-                "unknown argument {other}; usage: serviceless-bench [--quick] [--out DIR] [--sizes 1,1000] [--no-traffic] [--ours-only] [--scale-to-zero-only] [--identity-only]"
+                "unknown argument {other}; usage: serviceless-bench [--quick] [--out DIR] [--sizes 1,1000] [--no-traffic] [--ours-only] [--scale-to-zero-only] [--identity-only] [--east-west-only]"
             ),
         }
     }
@@ -252,6 +260,13 @@ fn run() -> anyhow::Result<()> {
     if opts.identity_only {
         let server = std::env::current_exe()?.parent().context("exe dir")?.join("svl-test-server");
         run_identity(&opts, &budget, &server, &mut rows, &mut skipped);
+        write_outputs(&opts, &rows, &skipped, started.elapsed())?;
+        println!("serviceless-bench: results in {}", opts.out.display());
+        return Ok(());
+    }
+    if opts.east_west_only {
+        let server = std::env::current_exe()?.parent().context("exe dir")?.join("svl-test-server");
+        run_east_west(&opts, &budget, &server, &mut rows, &mut skipped);
         write_outputs(&opts, &rows, &skipped, started.elapsed())?;
         println!("serviceless-bench: results in {}", opts.out.display());
         return Ok(());
@@ -372,6 +387,8 @@ fn run() -> anyhow::Result<()> {
         }
         eprintln!("== app identity ({:.0} s elapsed)", started.elapsed().as_secs_f64());
         run_identity(&opts, &budget, &server, &mut rows, &mut skipped);
+        eprintln!("== east-west ({:.0} s elapsed)", started.elapsed().as_secs_f64());
+        run_east_west(&opts, &budget, &server, &mut rows, &mut skipped);
     }
     drop(prog_ns);
     let total = started.elapsed();
@@ -382,6 +399,59 @@ fn run() -> anyhow::Result<()> {
         opts.out.display()
     );
     Ok(())
+}
+
+/// The file source's desired state for `svcs`: app-<i>.bench.example on
+/// VIP:80/TCP -> its pod:8080.
+fn write_file_source(file: &std::path::Path, svcs: &[Svc]) -> anyhow::Result<()> {
+    let apps: Vec<Value> = svcs
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            json!({ "hostname": format!("app-{i}.bench.example"), "vip": s.vip.to_string(),
+                    "ports": [{ "port": 80, "targetPort": 8080, "protocol": "TCP" }],
+                    "pods": [{ "name": "pod-1", "ip": s.pod.to_string(), "ready": true }] })
+        })
+        .collect();
+    std::fs::write(file, serde_json::to_vec(&json!({ "apps": apps }))?)?;
+    Ok(())
+}
+
+/// The connections/s and latency rows of a load against ours and the
+/// baselines: `names` is (scenario, rate row, latency row); the rate row's
+/// note gets the errors appended.
+fn connection_rows(
+    names: (&'static str, &str, &str),
+    n: usize,
+    ours: traffic::Load,
+    ipt: Option<traffic::Load>,
+    nft: Option<traffic::Load>,
+    note: String,
+    latency_note: &str,
+) -> [Row; 2] {
+    let (scenario, rate, latency) = names;
+    let mut cps = Row::new(scenario, rate, n, "conn/s");
+    cps.lower_better = false;
+    cps.ours = single(ours.conns_per_s);
+    cps.iptables = ipt.as_ref().and_then(|l| single(l.conns_per_s));
+    cps.nftables = nft.as_ref().and_then(|l| single(l.conns_per_s));
+    let errors = |l: &Option<traffic::Load>| l.as_ref().map_or("-".into(), |l| l.errors.to_string());
+    cps.note = format!("{note}; errors: ours {}, iptables {}, nftables {}", ours.errors, errors(&ipt), errors(&nft));
+    let mut lat = Row::new(scenario, latency, n, "us");
+    lat.ours = stat(ours.latencies_us);
+    lat.iptables = ipt.and_then(|l| stat(l.latencies_us));
+    lat.nftables = nft.and_then(|l| stat(l.latencies_us));
+    lat.note = latency_note.into();
+    [cps, lat]
+}
+
+/// In-node clients through the socket hooks vs DNAT on OUTPUT, at the sizes up to 10k.
+fn run_east_west(opts: &Opts, budget: &Budget, server: &std::path::Path, rows: &mut Vec<Row>, skipped: &mut Vec<String>) {
+    let sizes: Vec<usize> = opts.sizes.iter().copied().filter(|n| *n <= 10_000).collect();
+    if let Err(e) = east_west::run(budget, server, &sizes, opts.baselines, rows) {
+        eprintln!("east-west rows failed: {e:#}");
+        skipped.push(format!("east-west: {e:#}"));
+    }
 }
 
 /// VIP collisions (old derivation vs the allocator), DNS, allocation through the API server.
@@ -1029,26 +1099,12 @@ impl TrafficBed {
                 "traffic at {n} apps: baselines without a ruleset at this size are not measured"
             ));
         }
-        let mut cps = Row::new("traffic", "new connections/s", n, "conn/s");
-        cps.lower_better = false;
-        cps.ours = single(ours.conns_per_s);
-        cps.iptables = ipt.as_ref().and_then(|l| single(l.conns_per_s));
-        cps.nftables = nft.as_ref().and_then(|l| single(l.conns_per_s));
-        cps.note = format!(
-            "4 closed-loop clients, {} s, one request per connection; ours {} ok; errors: ours {}, iptables {}, nftables {}",
+        let note = format!(
+            "4 closed-loop clients, {} s, one request per connection; ours {} ok",
             b.traffic_secs.as_secs(),
-            ours.ok,
-            ours.errors,
-            ipt.as_ref().map_or("-".into(), |l| l.errors.to_string()),
-            nft.as_ref().map_or("-".into(), |l| l.errors.to_string())
+            ours.ok
         );
-        rows.push(cps);
-        let mut lat = Row::new("traffic", "request latency (p50, p99)", n, "us");
-        lat.ours = stat(ours.latencies_us);
-        lat.iptables = ipt.and_then(|l| stat(l.latencies_us));
-        lat.nftables = nft.and_then(|l| stat(l.latencies_us));
-        lat.note = "connect to EOF; median column is p50".into();
-        rows.push(lat);
+        rows.extend(connection_rows(("traffic", "new connections/s", "request latency (p50, p99)"), n, ours, ipt, nft, note, "connect to EOF; median column is p50"));
         let mut r = Row::new("memory", "agent RSS", n, "MiB");
         r.ours = rss.and_then(single);
         r.note = "VmRSS of the agent running the file source with N apps".into();
@@ -1065,16 +1121,7 @@ impl TrafficBed {
         secs: Duration,
     ) -> anyhow::Result<(traffic::Load, Flooded, Option<f64>)> {
         let file = self.topo.work_dir.join(format!("apps-{n}.json"));
-        let apps: Vec<Value> = svcs
-            .iter()
-            .enumerate()
-            .map(|(i, s)| {
-                json!({ "hostname": format!("app-{i}.bench.example"), "vip": s.vip.to_string(),
-                        "ports": [{ "port": 80, "targetPort": 8080, "protocol": "TCP" }],
-                        "pods": [{ "name": "pod-1", "ip": s.pod.to_string(), "ready": true }] })
-            })
-            .collect();
-        std::fs::write(&file, serde_json::to_vec(&json!({ "apps": apps }))?)?;
+        write_file_source(&file, svcs)?;
         let cap = (n + 64).to_string();
         let new_connections = NEW_CONNECTIONS.to_string();
         let pin = self.topo.bpf_dir.join(format!("svl-{n}"));
@@ -1359,6 +1406,7 @@ fn markdown(doc: &Value, rows: &[Row], skipped: &[String], opts: &Opts, took: Du
         ("memory", "Memory"),
         ("scale to zero", "Scale to zero"),
         ("identity", "App identity: VIP collisions, DNS, allocation"),
+        ("east-west", "East-west: a client on the node (socket hooks vs DNAT on OUTPUT)"),
     ] {
         let _ = writeln!(s, "## {title}\n");
         let _ = writeln!(

@@ -7,8 +7,9 @@
 //! Modes: `http ADDR` (a GET on a fresh connection, `--count` times),
 //! `udp ADDR` (unconnected sendto/recvfrom), `udp-connected ADDR`,
 //! `hold ADDR` (one keep-alive connection, a GET every `--interval-ms` for
-//! `--secs`), `load ADDR` (fresh connections for `--secs`; prints
-//! `ok=<n> err=<n>` at the end).
+//! `--secs`), `load ADDR` (fresh connections for `--secs` from `--threads`
+//! closed-loop clients; prints `ok=<n> err=<n>` at the end and writes each
+//! request's latency, microseconds, to `--latencies FILE`).
 
 use std::{
     io::{BufRead as _, BufReader, Read as _, Write as _},
@@ -53,17 +54,38 @@ fn main() {
             Err(e) => report(Err(e)),
         },
         "load" => {
-            let (mut ok, mut failed, mut first) = (0u64, 0u64, None);
-            while Instant::now() < until {
-                match http_once(addr, &host) {
-                    Ok(_) => ok += 1,
-                    Err(e) => {
-                        failed += 1;
-                        first.get_or_insert(e);
-                    }
-                }
+            let threads: usize = arg("--threads").and_then(|c| c.parse().ok()).unwrap_or(1);
+            let workers: Vec<_> = (0..threads)
+                .map(|_| {
+                    let host = host.clone();
+                    std::thread::spawn(move || {
+                        let (mut latencies, mut failed, mut first) = (Vec::new(), 0u64, None);
+                        while Instant::now() < until {
+                            let t = Instant::now();
+                            match http_once(addr, &host) {
+                                Ok(_) => latencies.push(t.elapsed().as_secs_f64() * 1e6),
+                                Err(e) => {
+                                    failed += 1;
+                                    first.get_or_insert(e);
+                                }
+                            }
+                        }
+                        (latencies, failed, first)
+                    })
+                })
+                .collect();
+            let (mut latencies, mut failed, mut first) = (Vec::new(), 0u64, None);
+            for w in workers {
+                let (l, f, e) = w.join().expect("worker");
+                latencies.extend(l);
+                failed += f;
+                first = first.or(e);
             }
-            println!("ok={ok} err={failed}{}", first.map(|e| format!(" first_err={e}")).unwrap_or_default());
+            if let Some(path) = arg("--latencies") {
+                let text: String = latencies.iter().map(|l| format!("{l:.1}\n")).collect();
+                let _ = std::fs::write(path, text);
+            }
+            println!("ok={} err={failed}{}", latencies.len(), first.map(|e| format!(" first_err={e}")).unwrap_or_default());
         }
         other => {
             eprintln!("unknown mode {other}");
@@ -95,7 +117,11 @@ fn http_once(addr: SocketAddr, host: &str) -> Result<(String, String), String> {
     let peer = peer_of(&stream);
     let mut reader = BufReader::new(stream.try_clone().map_err(|e| e.to_string())?);
     let mut writer = stream;
-    get(&mut reader, &mut writer, host, true).map(|server| (server, peer))
+    let answer = get(&mut reader, &mut writer, host, true).map(|server| (server, peer));
+    // Close with RST (SO_LINGER 0), as load generators do: no TIME_WAIT,
+    // so source ports are reusable at once.
+    let _ = socket2::SockRef::from(&writer).set_linger(Some(Duration::ZERO));
+    answer
 }
 
 /// One GET; returns the first word of the body (the server's name).

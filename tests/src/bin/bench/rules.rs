@@ -114,6 +114,14 @@ pub fn iptables_one_change(svcs: &[Svc], i: usize, new_pod: Ipv4Addr, generation
     out
 }
 
+/// `iptables_full` for clients on the node too: kube-proxy also sends
+/// OUTPUT through KUBE-SERVICES.
+pub fn iptables_full_local(svcs: &[Svc]) -> String {
+    let full = iptables_full(svcs);
+    let portals = "-A PREROUTING -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n";
+    full.replacen(portals, &format!("{portals}-A OUTPUT -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n"), 1)
+}
+
 pub const IPTABLES_EMPTY: &str =
     "*nat\n:PREROUTING ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n:POSTROUTING ACCEPT [0:0]\nCOMMIT\n";
 
@@ -140,6 +148,14 @@ pub fn nft_full(svcs: &[Svc]) -> String {
             s.vip
         );
     }
+    out
+}
+
+/// `nft_full` for clients on the node too: kube-proxy's nat-output chain.
+pub fn nft_full_local(svcs: &[Svc]) -> String {
+    let mut out = nft_full(svcs);
+    out.push_str("add chain ip kube-proxy nat-output { type nat hook output priority -100 ; policy accept ; }\n");
+    out.push_str("add rule ip kube-proxy nat-output jump services\n");
     out
 }
 
