@@ -90,6 +90,17 @@ fn node_and_pod_clients_reach_apps_by_vip_through_the_socket_hooks() {
     assert_eq!(counter(&c, 1, "backend_new_flow"), before.1, "no packet took the per-packet path");
     assert!(counter(&c, 1, "sock_getpeername_translated") >= 30);
 
+    // A dual-stack (IPv6) socket dialling the IPv4 VIP in its mapped form
+    // goes through the IPv6 hooks: TCP and UDP, the VIP shown back.
+    let mapped = format!("[::ffff:{A}]:80");
+    let before = (counter(&c, 1, "sock_connect_backend"), counter(&c, 1, "sock_sendmsg_backend"));
+    let got = answers(&c.sock_client(1, node1, &["http", &mapped, "--count", "5"]).expect("client"));
+    assert!(got.iter().all(|(s, p)| (s == "a1" || s == "a2") && *p == mapped), "{got:?}");
+    let got = answers(&c.sock_client(1, node1, &["udp", &mapped, "--count", "3"]).expect("client"));
+    assert!(got.iter().all(|(s, p)| (s == "a1" || s == "a2") && *p == mapped), "{got:?}");
+    assert_eq!(counter(&c, 1, "sock_connect_backend") - before.0, 5);
+    assert_eq!(counter(&c, 1, "sock_sendmsg_backend") - before.1, 3);
+
     // A pod (in its own network namespace) calls another app.
     let b1 = &c.node(1).pods[1].ns;
     let got = answers(&c.sock_client(1, b1, &["http", &format!("{A}:80"), "--count", "10"]).expect("client"));
@@ -113,7 +124,7 @@ fn node_and_pod_clients_reach_apps_by_vip_through_the_socket_hooks() {
     assert!(got.iter().all(|(s, p)| s == "b1" && p == &format!("{B}:80")), "{got:?}");
     // recvfrom() on the unconnected socket was translated; a connected
     // socket's recv() asks for no address (getpeername() shows the VIP).
-    assert_eq!(counter(&c, 1, "sock_recvmsg_translated"), 5);
+    assert_eq!(counter(&c, 1, "sock_recvmsg_translated"), 3 + 5);
 }
 
 #[test]
