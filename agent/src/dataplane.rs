@@ -177,8 +177,11 @@ pub fn load(pins: &Pins, sizes: Sizes) -> anyhow::Result<Loaded> {
     let gc: &mut Xdp = program(&mut ebpf, program_names::CT_GC)?.try_into()?;
     gc.load().context("verifier rejected the conntrack GC program")?;
     for (name, hook) in program_names::SOCKET_HOOKS {
-        let prog: &mut CgroupSockAddr = program(&mut ebpf, name)?.try_into()?;
-        prog.load().with_context(|| format!("verifier rejected the {hook} socket hook"))?;
+        let loaded = match program(&mut ebpf, name)? {
+            aya::programs::Program::CgroupSkb(p) => p.load(),
+            other => <&mut CgroupSockAddr>::try_from(other)?.load(),
+        };
+        loaded.with_context(|| format!("verifier rejected the {hook} socket hook"))?;
     }
 
     let maps = DataplaneMaps::from_ebpf(&mut ebpf)?;

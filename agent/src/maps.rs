@@ -75,6 +75,8 @@ pub struct DataplaneMaps {
     fragments: MapData,
     ct_budget: MapData,
     sock_rev: MapData,
+    /// Socket storage: per socket, nothing to read from here.
+    sock_app: MapData,
     sock_config: Array<MapData, SockConfig>,
     sock_skip: HashMap<MapData, u64, u8>,
     capacity: Capacities,
@@ -150,6 +152,7 @@ impl DataplaneMaps {
         let fabric = next(names::FABRIC)?.try_into().map_err(layout(names::FABRIC))?;
         let remote_flows = into_data(names::REMOTE_FLOWS, next(names::REMOTE_FLOWS)?)?;
         let sock_rev = into_data(names::SOCK_REV, next(names::SOCK_REV)?)?;
+        let sock_app = into_data(names::SOCK_APP, next(names::SOCK_APP)?)?;
         let sock_config = next(names::SOCK_CONFIG)?.try_into().map_err(layout(names::SOCK_CONFIG))?;
         let sock_skip = next(names::SOCK_SKIP)?.try_into().map_err(layout(names::SOCK_SKIP))?;
         let capacity = Capacities {
@@ -179,6 +182,7 @@ impl DataplaneMaps {
             fragments,
             ct_budget,
             sock_rev,
+            sock_app,
             sock_config,
             sock_skip,
             capacity,
@@ -387,6 +391,7 @@ impl DataplaneMaps {
             (names::FABRIC, id(self.fabric.map())),
             (names::REMOTE_FLOWS, id(&self.remote_flows)),
             (names::SOCK_REV, id(&self.sock_rev)),
+            (names::SOCK_APP, id(&self.sock_app)),
             (names::SOCK_CONFIG, id(self.sock_config.map())),
             (names::SOCK_SKIP, id(self.sock_skip.map())),
         ]
@@ -403,13 +408,14 @@ fn as_map(name: &str, data: MapData) -> Map {
         names::SERVICES | names::BACKENDS | names::CONNTRACK | names::SOCK_SKIP => Map::HashMap(data),
         names::FRAGMENTS | names::CT_NEW | names::REMOTE_FLOWS | names::SOCK_REV => Map::LruHashMap(data),
         names::ACTIVITY | names::VERDICTS | names::CT_EVENTS | names::CT_BUDGET => Map::PerCpuArray(data),
+        names::SOCK_APP => Map::SkStorage(data),
         _ => Map::Array(data),
     }
 }
 
 fn into_data(name: &'static str, map: Map) -> Result<MapData, OpenError> {
     match map {
-        Map::Array(d) | Map::HashMap(d) | Map::LruHashMap(d) | Map::PerCpuArray(d) => Ok(d),
+        Map::Array(d) | Map::HashMap(d) | Map::LruHashMap(d) | Map::PerCpuArray(d) | Map::SkStorage(d) => Ok(d),
         _ => Err(OpenError::Kind(name)),
     }
 }

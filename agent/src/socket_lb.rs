@@ -1,7 +1,8 @@
 //! Connect-time load balancing for clients on the node: the cgroup v2
 //! socket hooks (the eBPF `sock` module) attached at the root of the node's
 //! cgroup v2 hierarchy, so every process on the node, host network and pods
-//! alike, reaches apps by VIP, with no per-packet NAT.
+//! alike, reaches apps by VIP, with no per-packet NAT. (One more hook,
+//! cgroup_skb egress, counts translated connections' traffic as activity.)
 //!
 //! Restart safety as for XDP: each hook is attached through a bpf_link
 //! pinned under `links/` (named after the hook and the cgroup's id). A
@@ -20,7 +21,7 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
-use aya::programs::{CgroupAttachMode, CgroupSockAddr, links::FdLink, links::PinnedLink};
+use aya::programs::{CgroupAttachMode, CgroupSkbAttachType, CgroupSockAddr, Program, links::FdLink, links::PinnedLink};
 use serviceless_common::{SOCK_F_HOST_NETNS_ONLY, SOCK_F_SKIP_CGROUPS, SockConfig, program_names::SOCKET_HOOKS};
 use tracing::{info, warn};
 
@@ -148,11 +149,7 @@ pub fn attach(loaded: &mut Loaded, pins: &Pins, root: &Path) -> anyhow::Result<(
     let cgroup = std::fs::File::open(root).with_context(|| format!("opening cgroup {}", root.display()))?;
     std::fs::create_dir_all(pins.links_dir())?;
     for (program, hook) in SOCKET_HOOKS {
-        let prog: &mut CgroupSockAddr = loaded
-            .ebpf
-            .program_mut(program)
-            .with_context(|| format!("program {program} missing from the eBPF object"))?
-            .try_into()?;
+        let prog = loaded.ebpf.program_mut(program).with_context(|| format!("program {program} missing from the eBPF object"))?;
         let pin = pins.socket_link(hook, id);
         if pin.exists() {
             let link = bpf_obj_get(&pin).with_context(|| format!("opening pinned link {}", pin.display()))?;
@@ -162,10 +159,18 @@ pub fn attach(loaded: &mut Loaded, pins: &Pins, root: &Path) -> anyhow::Result<(
         }
         // A bpf_link takes no attach flags: links always share the hook
         // with other programs (BPF_F_ALLOW_MULTI semantics).
-        let link_id = prog
-            .attach(&cgroup, CgroupAttachMode::Single)
-            .with_context(|| format!("attaching the {hook} hook to cgroup {}", root.display()))?;
-        let link = FdLink::try_from(prog.take_link(link_id)?)
+        let attached = match prog {
+            Program::CgroupSkb(p) => p
+                .attach(&cgroup, CgroupSkbAttachType::Egress, CgroupAttachMode::Single)
+                .and_then(|id| p.take_link(id))
+                .map(FdLink::try_from),
+            other => {
+                let p = <&mut CgroupSockAddr>::try_from(other)?;
+                p.attach(&cgroup, CgroupAttachMode::Single).and_then(|id| p.take_link(id)).map(FdLink::try_from)
+            }
+        };
+        let link = attached
+            .with_context(|| format!("attaching the {hook} hook to cgroup {}", root.display()))?
             .context("the kernel attached a cgroup hook without a bpf_link (pre-5.7 kernel?); restart safety needs bpf_link")?;
         link.pin(&pin).with_context(|| format!("pinning the {hook} link at {}", pin.display()))?;
     }

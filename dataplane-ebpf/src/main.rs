@@ -27,8 +27,8 @@ mod wake;
 use aya_log_ebpf::error;
 use aya_ebpf::{
     bindings::{TC_ACT_OK, xdp_action},
-    macros::{cgroup_sock_addr, classifier, xdp},
-    programs::{SockAddrContext, TcContext, XdpContext},
+    macros::{cgroup_skb, cgroup_sock_addr, classifier, xdp},
+    programs::{SkBuffContext, SockAddrContext, TcContext, XdpContext},
 };
 use serviceless_common::Verdict;
 use sock::{Family, Hook};
@@ -113,6 +113,11 @@ pub fn svl_getpeername4(ctx: SockAddrContext) -> i32 {
 #[cgroup_sock_addr(getpeername6)]
 pub fn svl_getpeername6(ctx: SockAddrContext) -> i32 {
     sock::reverse(&ctx, Family::V6, Verdict::SockGetpeernameTranslated)
+}
+
+#[cgroup_skb]
+pub fn svl_sock_egress(ctx: SkBuffContext) -> i32 {
+    sock::egress_activity(&ctx)
 }
 
 #[cfg(not(test))]

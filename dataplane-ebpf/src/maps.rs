@@ -2,7 +2,7 @@
 //! Capacities here are defaults; the agent sets the real ones at load time.
 
 use aya_ebpf::{
-    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
+    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf, SkStorage},
     macros::btf_map,
 };
 use crate::{
@@ -78,6 +78,11 @@ pub static WAKE_GATE: Array<u64, { cap::APPS as usize }> = Array::new();
 /// pointed at. An LRU: a socket closes without telling us.
 #[btf_map(name = "svl_sock_rev_v1")]
 pub static SOCK_REV: LruHashMap<SockRevKey, SockRevValue, { cap::SOCK_REV as usize }> = LruHashMap::new();
+
+/// The app a connected socket was pointed at by the connect hook (per
+/// socket, freed with it), so its traffic keeps the app awake.
+#[btf_map(name = "svl_sock_app_v1")]
+pub static SOCK_APP: SkStorage<u32> = SkStorage::new();
 
 #[btf_map(name = "svl_sock_cfg_v1")]
 pub static SOCK_CONFIG: Array<SockConfig, 1> = Array::new();

@@ -12,8 +12,11 @@
 
 use aya_ebpf::{
     EbpfContext as _,
-    helpers::{bpf_get_current_ancestor_cgroup_id, bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_coarse_ns},
-    programs::SockAddrContext,
+    helpers::{
+        bpf_get_current_ancestor_cgroup_id, bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_coarse_ns,
+        generated::{bpf_sk_fullsock, bpf_sk_storage_get},
+    },
+    programs::{SkBuffContext, SockAddrContext},
 };
 use serviceless_common::{
     Addr, CT_DIR_FORWARD, CT_KIND_ACTIVATOR, Config, CtKey, FABRIC_F_PREFER_LOCAL, IPPROTO_TCP, IPPROTO_UDP,
@@ -24,7 +27,7 @@ use serviceless_common::{
 use crate::{
     ingress::record_activity,
     lb::{self, Scope},
-    maps::{CONFIG, FABRIC, SOCK_CONFIG, SOCK_REV, SOCK_SCRATCH, SOCK_SKIP, count},
+    maps::{CONFIG, FABRIC, SOCK_APP, SOCK_CONFIG, SOCK_REV, SOCK_SCRATCH, SOCK_SKIP, count},
     wake,
 };
 
@@ -111,8 +114,19 @@ fn translate_call(ctx: &SockAddrContext, cfg: &Config, family: Family, hook: Hoo
     // SAFETY: no preconditions.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
     // One "packet" per connection (or datagram) the app is asked for: what
-    // keeps it awake.
+    // keeps it awake; a connected socket's later traffic is counted by
+    // `egress_activity`, through the app id it carries.
     record_activity(target.app_id, 0, now);
+    if hook == Hook::Connect && target.app_id != u32::MAX {
+        let mut app_id = target.app_id;
+        // SAFETY: the hook's own socket. Without storage (out of memory),
+        // only the connection's later packets go uncounted.
+        let stored = unsafe { SOCK_APP.get_or_insert_ptr_mut(ctx, Some(&mut app_id)) };
+        if !stored.is_null() {
+            // SAFETY: a live storage value of this socket.
+            unsafe { *stored = app_id };
+        }
+    }
     let to_activator = target.kind == CT_KIND_ACTIVATOR;
     if to_activator && target.app_id != u32::MAX {
         wake::signal_call(target.app_id, proto, now);
@@ -139,6 +153,31 @@ pub fn reverse(ctx: &SockAddrContext, family: Family, verdict: Verdict) -> i32 {
         && write_peer(ctx, family, &rev.vip, rev.port)
     {
         count(verdict);
+    }
+    ALLOW
+}
+
+/// `cgroup_skb/egress`: a packet a connected socket the connect hook
+/// translated sends counts as its app's activity, so an app used only over
+/// long-lived connections (a client's pool) is not put to sleep. Every other
+/// packet costs a socket-storage miss. Always passes the packet.
+#[inline(always)]
+pub fn egress_activity(ctx: &SkBuffContext) -> i32 {
+    // SAFETY: `sk` is readable in cgroup_skb programs (NULL-checked).
+    let sk = unsafe { (*ctx.skb.skb).__bindgen_anon_2.sk };
+    if sk.is_null() {
+        return ALLOW;
+    }
+    // SAFETY: a NULL-checked socket of this packet.
+    let full = unsafe { bpf_sk_fullsock(sk) };
+    if full.is_null() {
+        return ALLOW;
+    }
+    // SAFETY: a full socket; lookup only (no create).
+    let app = unsafe { bpf_sk_storage_get(core::ptr::from_ref(&SOCK_APP).cast_mut().cast(), full.cast(), core::ptr::null_mut(), 0) };
+    if !app.is_null() {
+        // SAFETY: the storage value is a u32 written by `translate_call`; no preconditions for the clock.
+        unsafe { record_activity(*app.cast::<u32>(), u64::from(ctx.len()), bpf_ktime_get_coarse_ns()) };
     }
     ALLOW
 }

@@ -76,7 +76,7 @@ fn node_and_pod_clients_reach_apps_by_vip_through_the_socket_hooks() {
     let c = cluster("sew1");
     let inspect: serde_json::Value = serde_json::from_str(&c.inspect(1).expect("inspect")).expect("json");
     let hooks: BTreeSet<&str> = inspect["socket_hooks"].as_array().expect("hooks").iter().filter_map(|h| h["hook"].as_str()).collect();
-    assert_eq!(hooks.len(), 8, "inspect reports every attached hook: {hooks:?}");
+    assert_eq!(hooks.len(), 9, "inspect reports every attached hook: {hooks:?}");
 
     // A process on node 1 calls app A: answered by its pods on both nodes;
     // getpeername() shows the VIP; nothing went through conntrack.
@@ -89,6 +89,19 @@ fn node_and_pod_clients_reach_apps_by_vip_through_the_socket_hooks() {
     assert_eq!(counter(&c, 1, "sock_connect_backend") - before.0, 30, "one connect verdict per connection");
     assert_eq!(counter(&c, 1, "backend_new_flow"), before.1, "no packet took the per-packet path");
     assert!(counter(&c, 1, "sock_getpeername_translated") >= 30);
+
+    // A long-lived connection keeps its app awake by its traffic, not only
+    // by its connect: 10 requests on one keep-alive connection move the
+    // app's activity by more than the one connect.
+    let packets = |c: &Cluster| -> u64 {
+        let v: serde_json::Value = serde_json::from_str(&c.inspect(1).expect("inspect")).expect("json");
+        v["apps"].as_array().expect("apps").iter().find(|a| a["hostname"] == "b.example.com").and_then(|a| a["packets"].as_u64()).unwrap_or(0)
+    };
+    let before = packets(&c);
+    let held = answers(&c.sock_client(1, node1, &["hold", &format!("{B}:80"), "--secs", "2", "--interval-ms", "150"]).expect("client"));
+    assert!(held.len() >= 10, "{held:?}");
+    let moved = packets(&c) - before;
+    assert!(moved > held.len() as u64, "the connection's packets count as activity: {moved} for {} requests", held.len());
 
     // A dual-stack (IPv6) socket dialling the IPv4 VIP in its mapped form
     // goes through the IPv6 hooks: TCP and UDP, the VIP shown back.
@@ -225,7 +238,7 @@ fn socket_hooks_survive_an_agent_crash_under_load_and_honour_the_skip_switches()
     let ok: u64 = out.trim().strip_prefix("ok=").and_then(|r| r.split(' ').next()).and_then(|n| n.parse().ok()).unwrap_or(0);
     assert!(ok > 50 && out.contains(" err=0"), "every connection across the crash and restart succeeded: {out}");
     let after = links(&c);
-    assert_eq!(after.len(), 8);
+    assert_eq!(after.len(), 9);
     for ((hook, link, prog), (hook2, link2, prog2)) in before.iter().zip(&after) {
         assert_eq!((hook, link), (hook2, link2), "the pinned link was kept");
         assert_ne!(prog, prog2, "{hook}: the restarted agent swapped its own program in");

@@ -178,7 +178,7 @@ svl_attached() {
 svl_sock_hooks() {
 	bpftool cgroup show /sys/fs/cgroup >/tmp/cgroup.txt 2>&1
 	cat /tmp/cgroup.txt
-	for _hook in connect4 connect6 sendmsg4 sendmsg6 recvmsg4 recvmsg6 getpeername4 getpeername6; do
+	for _hook in connect4 connect6 sendmsg4 sendmsg6 recvmsg4 recvmsg6 getpeername4 getpeername6 egress; do
 		grep -q "$_hook" /tmp/cgroup.txt || { echo "no $_hook hook on /sys/fs/cgroup"; return 1; }
 	done
 	$AGENT inspect --state-file /tmp/sources.json | grep 'SOCKET HOOKS connect4('

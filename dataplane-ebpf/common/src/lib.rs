@@ -69,6 +69,9 @@ pub mod map_names {
     /// the socket hooks translated it from (LRU), so `recvmsg()` and
     /// `getpeername()` show the VIP.
     pub const SOCK_REV: &str = "svl_sock_rev_v1";
+    /// socket -> the app id its connect() was pointed at (socket storage):
+    /// its packets keep the app awake.
+    pub const SOCK_APP: &str = "svl_sock_app_v1";
     /// Single entry: which sockets the cgroup hooks leave alone.
     pub const SOCK_CONFIG: &str = "svl_sock_cfg_v1";
     /// cgroup v2 id -> 1: sockets of processes in these cgroups (or below
@@ -76,9 +79,9 @@ pub mod map_names {
     pub const SOCK_SKIP: &str = "svl_sock_skip_v1";
 
     /// Every map the agent pins, in the order `inspect` reports them.
-    pub const ALL: [&str; 18] = [
+    pub const ALL: [&str; 19] = [
         SERVICES, APPS, BACKENDS, ACTIVITY, CONNTRACK, CT_NEW, FRAGMENTS, VERDICTS, CT_EVENTS, CT_BUDGET,
-        CT_SUMMARY, CONFIG, NODES, FABRIC, REMOTE_FLOWS, SOCK_REV, SOCK_CONFIG, SOCK_SKIP,
+        CT_SUMMARY, CONFIG, NODES, FABRIC, REMOTE_FLOWS, SOCK_REV, SOCK_APP, SOCK_CONFIG, SOCK_SKIP,
     ];
 
     /// Maps of earlier layouts: an upgraded agent migrates what it can from
@@ -114,8 +117,10 @@ pub mod program_names {
     pub const RECVMSG6: &str = "svl_recvmsg6";
     pub const GETPEERNAME4: &str = "svl_getpeername4";
     pub const GETPEERNAME6: &str = "svl_getpeername6";
+    /// cgroup_skb egress: traffic of translated sockets counts as activity.
+    pub const SOCK_EGRESS: &str = "svl_sock_egress";
     /// Every socket hook: (program, the hook's name as `bpftool cgroup` shows it).
-    pub const SOCKET_HOOKS: [(&str, &str); 8] = [
+    pub const SOCKET_HOOKS: [(&str, &str); 9] = [
         (CONNECT4, "connect4"),
         (CONNECT6, "connect6"),
         (SENDMSG4, "sendmsg4"),
@@ -124,6 +129,7 @@ pub mod program_names {
         (RECVMSG6, "recvmsg6"),
         (GETPEERNAME4, "getpeername4"),
         (GETPEERNAME6, "getpeername6"),
+        (SOCK_EGRESS, "egress"),
     ];
 }
 
