@@ -235,11 +235,7 @@ fn attach_socket_hooks(args: &RunArgs, loaded: &mut dataplane::Loaded, pins: &Pi
         warn!("no cgroup v2 hierarchy is mounted on this node: socket hooks not attached, so pods and processes on this node cannot reach apps by VIP; mount one (`mount -t cgroup2 none /sys/fs/cgroup/unified`) or pass --cgroup-root");
         return Ok(());
     };
-    let options = socket_lb::Options {
-        host_netns_only: args.socket_lb_host_netns_only,
-        skip_cgroups: args.socket_lb_skip_cgroups.clone(),
-    };
-    let (config, skip) = socket_lb::kernel_config(&options)?;
+    let (config, skip) = socket_lb::kernel_config(args.socket_lb_host_netns_only, &args.socket_lb_skip_cgroups)?;
     loaded.maps.set_socket_lb(&config, &skip).context("writing the socket hooks' config")?;
     socket_lb::attach(loaded, pins, &root)
 }

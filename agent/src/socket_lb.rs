@@ -30,15 +30,6 @@ use crate::dataplane::{Loaded, Pins};
 /// cgroup2 filesystem magic (statfs f_type).
 const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
 
-/// What the hooks leave alone (from `run`'s flags).
-#[derive(Clone, Debug, Default)]
-pub struct Options {
-    /// Only sockets in the agent's own network namespace.
-    pub host_netns_only: bool,
-    /// cgroups (with everything below them) to leave alone.
-    pub skip_cgroups: Vec<PathBuf>,
-}
-
 /// A hook as attached (for logs and `inspect`).
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct AttachedHook {
@@ -111,15 +102,16 @@ fn cgroup_id(dir: &Path) -> anyhow::Result<u64> {
     Ok(std::fs::metadata(dir).with_context(|| format!("stat {}", dir.display()))?.ino())
 }
 
-/// What the kernel side skips: written before the hooks go live.
-pub fn kernel_config(options: &Options) -> anyhow::Result<(SockConfig, Vec<u64>)> {
+/// What the kernel side skips (`--socket-lb-host-netns-only`, the
+/// `--socket-lb-skip-cgroup` directories): written before the hooks go live.
+pub fn kernel_config(host_netns_only: bool, skip_cgroups: &[PathBuf]) -> anyhow::Result<(SockConfig, Vec<u64>)> {
     let mut config = SockConfig::default();
-    if options.host_netns_only {
+    if host_netns_only {
         config.flags |= SOCK_F_HOST_NETNS_ONLY;
         config.host_netns_cookie = own_netns_cookie().context("reading this agent's network namespace cookie (SO_NETNS_COOKIE, Linux >= 5.14)")?;
     }
     let mut skip = Vec::new();
-    for dir in &options.skip_cgroups {
+    for dir in skip_cgroups {
         skip.push(cgroup_id(dir).with_context(|| format!("--socket-lb-skip-cgroup {}", dir.display()))?);
     }
     if !skip.is_empty() {

@@ -331,17 +331,32 @@ impl Cluster {
     /// Runs `svl-sock-client <args>` in namespace `ns`, inside node
     /// `node`'s hooked cgroup, and returns its output lines.
     pub fn sock_client(&self, node: u8, ns: &Netns, args: &[&str]) -> anyhow::Result<Vec<String>> {
-        let cgroup = self.node(node).cgroup.as_ref().context("no cgroup v2 hierarchy on this machine")?;
-        let cg = cgroup.path.display().to_string();
-        let mut all: Vec<&str> = args.to_vec();
-        all.extend(["--cgroup", cg.as_str()]);
-        let out = ns.exec(sock_client_binary()?.to_str().context("path")?, &all)?;
+        let out = crate::netns::output(sock_client_command(ns, self.node_cgroup(node)?, args)?)?;
         Ok(out.lines().map(str::to_string).collect())
+    }
+
+    /// `sock_client` on a thread of its own, for a client that must run
+    /// while the test changes something.
+    pub fn sock_client_background(&self, node: u8, ns: &Netns, args: &[&str]) -> anyhow::Result<std::thread::JoinHandle<anyhow::Result<Vec<String>>>> {
+        let cmd = sock_client_command(ns, self.node_cgroup(node)?, args)?;
+        Ok(std::thread::spawn(move || Ok(crate::netns::output(cmd)?.lines().map(str::to_string).collect())))
+    }
+
+    /// The cgroup node `node`'s agent hooks.
+    pub fn node_cgroup(&self, node: u8) -> anyhow::Result<&Path> {
+        Ok(&self.node(node).cgroup.as_ref().context("no cgroup v2 hierarchy on this machine")?.path)
     }
 
     pub fn agent_log(&self, index: u8) -> String {
         std::fs::read_to_string(self.work_dir.join(format!("agent{index}.log"))).unwrap_or_default()
     }
+}
+
+/// `svl-sock-client <args>` in namespace `ns`, joining `cgroup` first.
+pub fn sock_client_command(ns: &Netns, cgroup: &Path, args: &[&str]) -> anyhow::Result<std::process::Command> {
+    let mut cmd = std::process::Command::new("ip");
+    cmd.args(["netns", "exec", &ns.name]).arg(sock_client_binary()?).args(args).arg("--cgroup").arg(cgroup);
+    Ok(cmd)
 }
 
 /// The socket-hook test client, next to the test binaries.

@@ -11,9 +11,16 @@ use anyhow::{Context as _, bail};
 
 /// Runs a command to completion; fails with its stderr.
 pub fn run(cmd: &str, args: &[&str]) -> anyhow::Result<String> {
-    let out = Command::new(cmd).args(args).output().with_context(|| format!("spawning {cmd}"))?;
+    let mut c = Command::new(cmd);
+    c.args(args);
+    output(c)
+}
+
+/// Runs `cmd` to completion and returns its stdout; fails with its stderr.
+pub fn output(mut cmd: Command) -> anyhow::Result<String> {
+    let out = cmd.output().with_context(|| format!("spawning {cmd:?}"))?;
     if !out.status.success() {
-        bail!("{cmd} {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+        bail!("{cmd:?}: {}", String::from_utf8_lossy(&out.stderr).trim());
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }

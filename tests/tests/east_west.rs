@@ -148,22 +148,16 @@ fn a_sleeping_app_is_reached_through_the_activator_and_removed_pods_get_no_new_c
     let c = cluster("sew2");
     // A sleeping app: the connection goes to this node's activator, which
     // holds it; once a pod is up, the held request is answered by it.
-    let bin = serviceless_tests::cluster::sock_client_binary().expect("client binary");
-    let cg = c.node(1).cgroup.as_ref().expect("cgroup").path.display().to_string();
-    let ns = c.node(1).ns.name.clone();
-    let held = thread::spawn(move || {
-        std::process::Command::new("ip")
-            .args(["netns", "exec", &ns, bin.to_str().unwrap(), "http", &format!("{SLEEPY}:80"), "--host", "sleepy.example.com", "--cgroup", &cg])
-            .output()
-            .map(|o| String::from_utf8_lossy(&o.stdout).to_string())
-    });
+    let held = c
+        .sock_client_background(1, &c.node(1).ns, &["http", &format!("{SLEEPY}:80"), "--host", "sleepy.example.com"])
+        .expect("client");
     wait_until("the connection to reach the activator", Duration::from_secs(10), || counter(&c, 1, "sock_connect_activator") == 1);
     c.write_apps_with_ports(
         &[("a.example.com", A, &["a1", "a2"]), ("b.example.com", B, &["b1"]), ("sleepy.example.com", SLEEPY, &["a2"])],
         PORTS,
     )
     .expect("desired state");
-    let out = held.join().expect("client thread").expect("client");
+    let out = held.join().expect("client thread").expect("client").join("\n");
     assert!(out.starts_with("ok server=a2 "), "the held request reached the woken app's pod: {out}\n{}", c.agent_log(1));
     // The next connection goes straight to the pod.
     let before = counter(&c, 1, "sock_connect_backend");
@@ -174,15 +168,7 @@ fn a_sleeping_app_is_reached_through_the_activator_and_removed_pods_get_no_new_c
     // A pod removed from app A while a client holds a connection to it:
     // new connections never go to it; the held one stays with its pod
     // (an ordinary socket to the pod) for as long as the pod answers.
-    let bin = serviceless_tests::cluster::sock_client_binary().expect("client binary");
-    let cg = c.node(1).cgroup.as_ref().expect("cgroup").path.display().to_string();
-    let ns = c.node(1).ns.name.clone();
-    let holder = thread::spawn(move || {
-        std::process::Command::new("ip")
-            .args(["netns", "exec", &ns, bin.to_str().unwrap(), "hold", &format!("{A}:80"), "--secs", "4", "--cgroup", &cg])
-            .output()
-            .map(|o| String::from_utf8_lossy(&o.stdout).to_string())
-    });
+    let holder = c.sock_client_background(1, &c.node(1).ns, &["hold", &format!("{A}:80"), "--secs", "4"]).expect("client");
     thread::sleep(Duration::from_millis(800));
     write(&c, &["a2"]);
     let removed_at = Instant::now();
@@ -194,8 +180,7 @@ fn a_sleeping_app_is_reached_through_the_activator_and_removed_pods_get_no_new_c
     });
     let got = answers(&c.sock_client(1, &c.node(1).ns, &["http", &format!("{A}:80"), "--count", "30"]).expect("client"));
     assert!(got.iter().all(|(s, _)| s == "a2"), "new connections never go to a removed pod: {got:?}");
-    let held: Vec<String> = holder.join().expect("holder").expect("client").lines().map(str::to_string).collect();
-    let held = answers(&held);
+    let held = answers(&holder.join().expect("holder").expect("client"));
     assert!(held.len() >= 10, "{held:?}");
     let first = held[0].0.clone();
     assert!(held.iter().all(|(s, p)| *s == first && p == &format!("{A}:80")), "the held connection stayed with its pod: {held:?}");
@@ -220,21 +205,13 @@ fn socket_hooks_survive_an_agent_crash_under_load_and_honour_the_skip_switches()
     let before = links(&c);
     // New connections for 6 s from a pod while node 1's agent is killed
     // (kill -9) and restarted: not one fails.
-    let bin = serviceless_tests::cluster::sock_client_binary().expect("client binary");
-    let cg = c.node(1).cgroup.as_ref().expect("cgroup").path.display().to_string();
-    let ns = c.node(1).pods[1].ns.name.clone();
-    let load = thread::spawn(move || {
-        std::process::Command::new("ip")
-            .args(["netns", "exec", &ns, bin.to_str().unwrap(), "load", &format!("{A}:80"), "--secs", "6", "--cgroup", &cg])
-            .output()
-            .map(|o| String::from_utf8_lossy(&o.stdout).to_string())
-    });
+    let load = c.sock_client_background(1, &c.node(1).pods[1].ns, &["load", &format!("{A}:80"), "--secs", "6"]).expect("client");
     thread::sleep(Duration::from_secs(1));
     c.nodes[0].agent.as_mut().expect("agent").kill9();
     thread::sleep(Duration::from_secs(1));
     c.start_agent(1, &[]).expect("restart");
     c.wait_ready(Duration::from_secs(30)).expect("ready again");
-    let out = load.join().expect("load").expect("client");
+    let out = load.join().expect("load").expect("client").join("\n");
     let ok: u64 = out.trim().strip_prefix("ok=").and_then(|r| r.split(' ').next()).and_then(|n| n.parse().ok()).unwrap_or(0);
     assert!(ok > 50 && out.contains(" err=0"), "every connection across the crash and restart succeeded: {out}");
     let after = links(&c);
@@ -251,12 +228,8 @@ fn socket_hooks_survive_an_agent_crash_under_load_and_honour_the_skip_switches()
     c.start_agent(1, &["--socket-lb-skip-cgroup", skipped.to_str().unwrap()]).expect("restart");
     c.wait_ready(Duration::from_secs(30)).expect("ready");
     let (skips, connects) = (counter(&c, 1, "sock_skipped"), counter(&c, 1, "sock_connect_backend"));
-    let bin = serviceless_tests::cluster::sock_client_binary().expect("client binary");
-    let out = c
-        .node(1)
-        .ns
-        .exec(bin.to_str().unwrap(), &["http", &format!("{A}:80"), "--cgroup", skipped.to_str().unwrap()])
-        .expect("client");
+    let client = serviceless_tests::cluster::sock_client_command(&c.node(1).ns, &skipped, &["http", &format!("{A}:80")]).expect("client");
+    let out = serviceless_tests::netns::output(client).expect("client");
     assert!(out.starts_with("err "), "untranslated, the node has no route to the VIP: {out}");
     assert_eq!(counter(&c, 1, "sock_skipped") - skips, 1);
     assert_eq!(counter(&c, 1, "sock_connect_backend"), connects);

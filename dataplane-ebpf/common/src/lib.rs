@@ -152,7 +152,8 @@ pub mod default_capacity {
     /// Flows this node sent to pods on other nodes, remembered (LRU).
     pub const REMOTE_FLOWS: u32 = 1 << 17;
     /// Sockets the hooks translated, remembered for `recvmsg`/`getpeername`
-    /// (LRU, 56 B each): a forgotten one shows the pod's address instead.
+    /// (LRU, 56 B of key and value each, about 100 B with the map's own
+    /// overhead): a forgotten one shows the pod's address instead.
     pub const SOCK_REV: u32 = 1 << 16;
     /// cgroups the hooks skip.
     pub const SOCK_SKIP: u32 = 256;

@@ -12,7 +12,7 @@
 use std::{net::SocketAddr, path::Path, time::Duration};
 
 use anyhow::{Context as _, bail};
-use serviceless_tests::{scenario::inspect, topology::Topology};
+use serviceless_tests::{cluster::sock_client_command, netns::output, scenario::inspect, topology::Topology};
 
 use super::{Budget, Row, TRAFFIC_POD, connection_rows, rules, rules::Svc, traffic::Load, vip, write_file_source};
 
@@ -27,14 +27,13 @@ pub fn run(b: &Budget, server: &Path, sizes: &[usize], baselines: bool, rows: &m
     // The node's own route to the VIPs, as a node's default route gives
     // one: iptables/nftables DNAT on OUTPUT needs a route to start from.
     topo.node.ip("route replace 10.96.0.0/16 dev up0")?;
-    let client = serviceless_tests::cluster::sock_client_binary()?;
     let cgroup = topo.cgroup.as_ref().context("no cgroup v2 hierarchy: the socket hooks cannot be measured")?.path.clone();
     for &n in sizes {
         let svcs: Vec<Svc> = (0..n).map(|i| Svc { vip: vip(i), pod: TRAFFIC_POD }).collect();
         // The last service: the worst case for iptables' linear KUBE-SERVICES.
         let target = SocketAddr::new(svcs[n - 1].vip.into(), 80);
         topo.max_apps = n as u32 + 64;
-        let load = |tag: &str| -> anyhow::Result<Load> { client_load(&topo, &client, &cgroup, target, b.traffic_secs, tag) };
+        let load = |tag: &str| -> anyhow::Result<Load> { client_load(&topo, &cgroup, target, b.traffic_secs, tag) };
         let node = topo.node.name.clone();
         let (ipt, nft) = if baselines {
             rules::iptables_restore(&node, &rules::iptables_full_local(&svcs), true)?;
@@ -82,23 +81,11 @@ pub fn run(b: &Budget, server: &Path, sizes: &[usize], baselines: bool, rows: &m
 }
 
 /// `svl-sock-client load` in the node namespace and the hooked cgroup.
-fn client_load(topo: &Topology, client: &Path, cgroup: &Path, target: SocketAddr, secs: Duration, tag: &str) -> anyhow::Result<Load> {
+fn client_load(topo: &Topology, cgroup: &Path, target: SocketAddr, secs: Duration, tag: &str) -> anyhow::Result<Load> {
     let latencies = topo.work_dir.join(format!("east-west-{tag}.lat"));
-    let out = topo.node.exec(
-        client.to_str().context("path")?,
-        &[
-            "load",
-            &target.to_string(),
-            "--threads",
-            THREADS,
-            "--secs",
-            &secs.as_secs_f64().to_string(),
-            "--latencies",
-            latencies.to_str().context("path")?,
-            "--cgroup",
-            cgroup.to_str().context("path")?,
-        ],
-    )?;
+    let (target, secs_arg) = (target.to_string(), secs.as_secs_f64().to_string());
+    let args = ["load", &target, "--threads", THREADS, "--secs", &secs_arg, "--latencies", latencies.to_str().context("path")?];
+    let out = output(sock_client_command(&topo.node, cgroup, &args)?)?;
     let field = |name: &str| -> u64 {
         out.split_whitespace().find_map(|w| w.strip_prefix(name)).and_then(|v| v.parse().ok()).unwrap_or(0)
     };
