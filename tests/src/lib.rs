@@ -12,6 +12,7 @@ pub mod kube_env;
 pub mod netns;
 pub mod orchestrator;
 pub mod packet;
+pub mod replay;
 pub mod scenario;
 pub mod topology;
 pub mod xdp_pass;
@@ -302,6 +303,13 @@ impl TestDataplane {
     /// `ingress_on`, `repeat` times; returns action, output and time per run.
     pub fn ingress_on_repeat(&self, ifindex: u32, frame: &[u8], repeat: u32) -> anyhow::Result<(u32, Vec<u8>, std::time::Duration)> {
         self.run_ingress(frame, repeat, Some(ifindex))
+    }
+
+    /// The ingress program, for a replay wrapper to tail-call.
+    pub fn ingress_fd(&self) -> anyhow::Result<std::os::fd::BorrowedFd<'_>> {
+        use std::os::fd::AsFd as _;
+        let prog: &Xdp = self.ebpf.program(program_names::INGRESS).context("ingress program")?.try_into()?;
+        Ok(prog.fd()?.as_fd())
     }
 
     /// BPF_PROG_TEST_RUN of the ingress program, with the ingress interface

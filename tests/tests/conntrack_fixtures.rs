@@ -72,6 +72,14 @@ fn event_delta(dp: &TestDataplane, before: &std::collections::HashMap<CtEvent, u
     dp.ct_events()[&e] - before[&e]
 }
 
+fn verdict_delta(dp: &TestDataplane, before: &std::collections::HashMap<Verdict, u64>, v: Verdict) -> u64 {
+    dp.verdicts()[&v] - before[&v]
+}
+
+fn total_delta(dp: &TestDataplane, before: &std::collections::HashMap<Verdict, u64>) -> u64 {
+    dp.verdicts().iter().map(|(k, v)| v - before[k]).sum()
+}
+
 fn addr(s: &str) -> [u8; 16] {
     match s.parse::<IpAddr>().expect("address") {
         IpAddr::V4(v4) => ipv4_mapped(v4.octets()),
@@ -628,4 +636,46 @@ fn a_restart_rebuilds_exactly_what_it_wrote_whatever_the_hostname_length() {
     assert_eq!(dp.reconciler.app_count(), 3);
     let data = syn.clone().flags(ACK);
     ingress(&dp, "connection across the restart", &data.frame(), XDP_PASS, &data.nat(None, Some(("10.244.5.2", 8080))).frame(), Verdict::BackendEstablished);
+}
+
+/// The benchmark's replay wrapper (serviceless_tests::replay) restores its
+/// template before every repeated run: a varied SYN is a new connection on
+/// every run, with valid checksums (the output is compared with a packet
+/// built independently), and a fixed ACK of a tracked connection stays an
+/// established hit; around the XDP_PASS floor it passes.
+#[test]
+fn the_replay_wrapper_keeps_every_repeated_run_on_its_path() {
+    use serviceless_tests::{replay::Replay, xdp_pass::Floor};
+    if !kernel_tests_enabled("conntrack: replay wrapper") {
+        return;
+    }
+    let dp = dataplane();
+    let floor = Floor::load().expect("floor");
+    let pass = Packet::tcp(CLIENT, 40000, "192.168.50.1", 80).frame();
+    let (action, out, _) = Replay::new(floor.fd(), &pass, false).expect("wrapper").run(1000, None).expect("run");
+    assert_eq!((action, out), (XDP_PASS, pass), "the wrapper around the floor passes the template");
+
+    let ingress_fd = dp.ingress_fd().expect("ingress fd");
+    let syn = Packet::tcp("10.2.0.0", 0, VIP, 80).with(|p| p.ip_id = 0);
+    let varied = Replay::new(ingress_fd, &syn.frame(), true).expect("varied wrapper");
+    let before = dp.verdicts();
+    let (action, out, _) = varied.run(1, None).expect("run");
+    let first = Packet::tcp("10.2.0.1", 0xfffe, VIP, 80).with(|p| p.ip_id = 0xfffe);
+    assert_eq!(action, XDP_PASS);
+    assert_eq!(hex(&out), hex(&first.nat(None, Some((POD, 8080))).frame()), "stamp 1, checksums valid, DNATed");
+    let (_, out, _) = varied.run(999, None).expect("run");
+    let last = Packet::tcp("10.2.3.232", !1000u16, VIP, 80).with(|p| p.ip_id = !1000u16);
+    assert_eq!(hex(&out), hex(&last.nat(None, Some((POD, 8080))).frame()), "stamp 1000");
+    assert_eq!(verdict_delta(&dp, &before, Verdict::BackendNewFlow), 1000, "every run a new connection");
+    assert_eq!(total_delta(&dp, &before), 1000, "and nothing else");
+    assert_eq!(dp.conntrack().len(), 2000, "two entries per connection");
+
+    handshake(&dp, CLIENT, 50000, VIP, POD);
+    let ack = Packet::tcp(CLIENT, 50000, VIP, 80).flags(ACK);
+    let fixed = Replay::new(ingress_fd, &ack.frame(), false).expect("fixed wrapper");
+    let before = dp.verdicts();
+    let (action, out, _) = fixed.run(1000, None).expect("run");
+    assert_eq!((action, hex(&out)), (XDP_PASS, hex(&ack.nat(None, Some((POD, 8080))).frame())));
+    assert_eq!(verdict_delta(&dp, &before, Verdict::BackendEstablished), 1000, "every run an established hit");
+    assert_eq!(total_delta(&dp, &before), 1000, "and nothing else");
 }

@@ -42,6 +42,11 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         "bpftool",
         "iproute2",
         "python3-matplotlib",
+        // Packet rate (trafgen), nginx + wrk, and conntrack -F between baseline trials.
+        "netsniff-ng",
+        "nginx-light",
+        "wrk",
+        "conntrack",
     ])?;
     build::cargo(&[
         "build",

@@ -18,6 +18,8 @@ PLOTS = {
     "programming": ("programming", "latency (unit in legend)"),
     "traffic": ("traffic", "conn/s or us (unit in legend)"),
     "memory": ("memory", "B/app or MiB"),
+    "packet_rate": ("packet-rate", "pkt/s or ns/pkt (unit in legend)"),
+    "http": ("http", "conn/s, req/s or us (unit in legend)"),
 }
 STYLE = {"ours": "-o", "iptables": "--s", "nftables": ":^"}
 

@@ -14,12 +14,13 @@ use serviceless_agent::model::AppSpec;
 use serviceless_common::{ENCAP_OVERHEAD, FABRIC_F_ENCAP, Fabric, Verdict as V};
 use serviceless_tests::{
     TEST_SIZES, TestDataplane,
+    xdp_pass::Floor,
     cluster::Cluster,
     netns::Netns,
     packet::{ACK, Packet, SYN},
 };
 
-use super::{Budget, Row, proven, single, stat, traffic};
+use super::{Budget, Row, proven, replayed, single, stat, traffic};
 
 const NODE_A: &str = "192.0.2.11";
 const NODE_B: &str = "192.0.2.12";
@@ -56,9 +57,10 @@ fn establish(front: &TestDataplane, owner: &TestDataplane, ifindex: u32, vip: &s
     Ok(())
 }
 
-/// Per-packet rows, one run at a time (each run rewrites its packet, so a
-/// repeated run would not take the same path), in a network namespace
-/// whose routes and neighbour entries the encapsulation looks up.
+/// Per-packet rows, replayed (see `super::replayed`: each repeated run gets
+/// the original frame back, so encapsulating or decapsulating it again is
+/// what every run measures), in a network namespace whose routes and
+/// neighbour entries the encapsulation looks up.
 pub fn per_packet(b: &Budget, rows: &mut Vec<Row>) -> anyhow::Result<()> {
     let ns = Netns::new("svlbench-fab")?;
     ns.ip("link add fxa type veth peer name fxb")?;
@@ -69,8 +71,10 @@ pub fn per_packet(b: &Budget, rows: &mut Vec<Row>) -> anyhow::Result<()> {
     ns.ip(&format!("neigh add {NODE_B} lladdr 02:00:00:00:00:12 dev fxa nud permanent"))?;
     let link = ns.ip("-o link show fxa")?;
     let ifindex: u32 = link.split(':').next().context("ifindex")?.trim().parse()?;
-    let samples = b.r1_samples;
+    let (repeat, trials) = (b.pkt_repeat, b.pkt_trials);
+    let runs = u64::from(repeat) * trials as u64;
     let measured = ns.run(move || -> anyhow::Result<Vec<Row>> {
+        let floor = Floor::load()?;
         let mut a = TestDataplane::new(TEST_SIZES)?;
         a.join_fabric(&[NODE_A], &fabric(NODE_A))?;
         let o = a.apply(vec![
@@ -92,21 +96,18 @@ pub fn per_packet(b: &Budget, rows: &mut Vec<Row>) -> anyhow::Result<()> {
             r.note = note;
             out.push(r);
         };
-        let time_on = |dp: &TestDataplane, frame: &[u8]| -> anyhow::Result<f64> {
-            Ok(dp.ingress_on_repeat(ifindex, frame, 1)?.2.as_nanos() as f64)
-        };
-        let time = |dp: &TestDataplane, frame: &[u8]| -> anyhow::Result<f64> { Ok(dp.ingress_repeat(frame, 1)?.2.as_nanos() as f64) };
         let local = Packet::tcp(CLIENT, 40000, LOCAL_VIP, 80).flags(ACK).frame();
-        let (s, proof) = proven(&a, &[V::BackendEstablished], samples as u64, || (0..samples).map(|_| time_on(&a, &local)).collect())?;
-        add("remote pod: local hit for comparison, established, repeat=1", s, format!("{samples} runs on the front node (ingress interface set, as below); {proof}"));
+        let on_a = |frame: &[u8]| replayed(a.ingress_fd()?, &floor, frame, false, repeat, trials, Some(ifindex), || Ok(()));
+        let ((s, note), proof) = proven(&a, &[V::BackendEstablished], runs, || on_a(&local))?;
+        add("remote pod: local hit for comparison, established", s, format!("{note}; on the front node (ingress interface set, as below); {proof}"));
         let remote = Packet::tcp(CLIENT, 40001, REMOTE_VIP, 80).flags(ACK).frame();
-        let (s, proof) = proven(&a, &[V::EncapForwarded], samples as u64, || (0..samples).map(|_| time_on(&a, &remote)).collect())?;
-        add("remote pod: encapsulated at the front node, repeat=1", s, format!("{samples} runs; no connection state on the front node: a flow-memory lookup (the node it sent the flow to) and a route lookup per packet; {proof}"));
+        let ((s, note), proof) = proven(&a, &[V::EncapForwarded], runs, || on_a(&remote))?;
+        add("remote pod: encapsulated at the front node", s, format!("{note}; no connection state on the front node: a flow-memory lookup (the node it sent the flow to) and a route lookup per packet; {proof}"));
         let (_, encapsulated) = a.ingress_on(ifindex, &remote)?;
-        let (s, proof) = proven(&bnode, &[V::Decapsulated, V::BackendEstablished], 2 * samples as u64, || {
-            (0..samples).map(|_| time(&bnode, &encapsulated)).collect()
+        let ((s, note), proof) = proven(&bnode, &[V::Decapsulated, V::BackendEstablished], 2 * runs, || {
+            replayed(bnode.ingress_fd()?, &floor, &encapsulated, false, repeat, trials, None, || Ok(()))
         })?;
-        add("remote pod: decapsulated at the pod's node, established, repeat=1", s, format!("{samples} runs; each counts decapsulated and backend_established; {proof}"));
+        add("remote pod: decapsulated at the pod's node, established", s, format!("{note}; each run counts decapsulated and backend_established; {proof}"));
         Ok(out)
     })??;
     rows.extend(measured);

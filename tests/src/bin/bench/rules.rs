@@ -26,7 +26,7 @@ fn svc_chain(i: usize) -> String {
     )
 }
 
-fn sep_chain(i: usize, generation: u8) -> String {
+pub fn sep_chain(i: usize, generation: u8) -> String {
     format!(
         "KUBE-SEP-{:015X}{generation}",
         (i as u64).wrapping_mul(0xC2B2_AE3D_27D4_EB4F) >> 4
