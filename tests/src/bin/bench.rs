@@ -139,6 +139,11 @@ fn stat(mut v: Vec<f64>) -> Option<Stat> {
     })
 }
 
+/// The median of `v` (NaN when empty).
+fn median(v: &[f64]) -> f64 {
+    stat(v.to_vec()).map_or(f64::NAN, |s| s.median)
+}
+
 fn single(x: f64) -> Option<Stat> {
     Some(Stat {
         median: x,
@@ -761,14 +766,13 @@ pub fn replayed(
         wf.push(w);
         pf.push(p);
     }
-    let med = |v: &[f64]| stat(v.to_vec()).map_or(f64::NAN, |s| s.median);
     let note = format!(
         "{:.1}x this run's XDP_PASS floor; {trials} trials x repeat {repeat}, replayed{}: wrapped {:.1} ns - wrapper around the floor {:.1} + floor {:.1}",
-        med(&out) / med(&pf),
+        median(&out) / median(&pf),
         if vary { " as a new connection on every run" } else { "" },
-        med(&raw),
-        med(&wf),
-        med(&pf)
+        median(&raw),
+        median(&wf),
+        median(&pf)
     );
     Ok((out, note))
 }
@@ -804,7 +808,7 @@ fn per_packet(
     let (repeat, trials) = (b.pkt_repeat, b.pkt_trials);
     let runs = u64::from(repeat) * trials as u64;
     let floor_runs: Vec<f64> = (0..trials).map(|_| floor.run(&pass, repeat)).collect::<anyhow::Result<_>>()?;
-    let floor_median = stat(floor_runs.clone()).map_or(f64::NAN, |s| s.median);
+    let floor_median = median(&floor_runs);
     add("floor: XDP_PASS program", floor_runs, format!("{trials} trials x repeat {repeat}"));
     let ingress = dp.ingress_fd()?;
     let fixed = |frame: &[u8]| replayed(ingress, floor, frame, false, repeat, trials, None, || Ok(()));
@@ -880,8 +884,7 @@ fn per_packet(
     };
     let frame = ack(vip(n + 2));
     let (samples, proof) = proven(dp, &[V::BackendEstablished], runs, || repeated(&frame))?;
-    let times_floor = |samples: &[f64], floor: f64| stat(samples.to_vec()).map_or(f64::NAN, |s| s.median) / floor;
-    let x = times_floor(&samples, floor_median);
+    let x = median(&samples) / floor_median;
     add("hit, 1 backend, established (mirror apps, no wrapper)", samples, format!("{x:.1}x this run's XDP_PASS floor; {trials} trials x repeat {repeat}, alternating between two mirror connections; {proof}"));
     // Egress: the reply of the first mirror connection comes from its "pod"
     // (the other mirror VIP) and leaves from the first VIP, which is in
@@ -892,12 +895,12 @@ fn per_packet(
     let reply = Packet::tcp(&mirror.to_string(), 80, client, 40000).flags(TCP_ACK_FLAG).frame();
     let tc_floor = floor::Floor::load_tc()?;
     let tc_floor_runs: Vec<f64> = (0..trials).map(|_| tc_floor.run(&reply, repeat)).collect::<anyhow::Result<_>>()?;
-    let tc_floor_median = stat(tc_floor_runs.clone()).map_or(f64::NAN, |s| s.median);
+    let tc_floor_median = median(&tc_floor_runs);
     add("floor: TC_ACT_OK program (for egress)", tc_floor_runs, format!("{trials} trials x repeat {repeat}; a TC program's test run builds an skb, so its floor is higher than XDP's"));
     let (samples, proof) = proven(dp, &[V::ReplyTranslated], runs, || {
         (0..trials).map(|_| dp.egress_repeat(&reply, repeat).map(|(_, _, d)| d.as_nanos() as f64)).collect::<anyhow::Result<Vec<f64>>>()
     })?;
-    let x = times_floor(&samples, tc_floor_median);
+    let x = median(&samples) / tc_floor_median;
     add("egress reply translation, established", samples, format!("{x:.1}x this run's TC floor; {trials} trials x repeat {repeat} (TC), alternating between the two mirror connections' replies; {proof}"));
     Ok(())
 }

@@ -77,6 +77,14 @@ enum Dp {
 }
 
 impl Dp {
+    /// The counter (`Probe::read`'s key) that moves once per new connection.
+    fn new_flow_counter(self, proto: &str) -> String {
+        match self {
+            Dp::Ours => "backend_new_flow".to_string(),
+            _ => format!("DNAT {proto}"),
+        }
+    }
+
     fn name(self) -> &'static str {
         match self {
             Dp::Ours => "ours",
@@ -702,10 +710,7 @@ fn build_rows(n: usize, s: &Settings, plan: Plan, results: &[(Dp, Measured)], sk
                 .iter()
                 .map(|(dp, m)| {
                     let p = m.pkts(kind);
-                    let key = match dp {
-                        Dp::Ours => "backend_new_flow".to_string(),
-                        _ => format!("DNAT {}", kind.proto()),
-                    };
+                    let key = dp.new_flow_counter(kind.proto());
                     // Nothing reaches the pod untranslated; a few percent may be lost past the DNAT.
                     let range = (p.delivered, p.delivered + p.delivered / 20 + 64);
                     proof(*dp, &key, &p.moved, range, &format!("{} delivered", p.delivered), true)
@@ -739,10 +744,7 @@ fn build_rows(n: usize, s: &Settings, plan: Plan, results: &[(Dp, Measured)], sk
                 .iter()
                 .map(|(dp, m)| {
                     let h = m.http(close);
-                    let key = match dp {
-                        Dp::Ours => "backend_new_flow".to_string(),
-                        _ => "DNAT tcp".to_string(),
-                    };
+                    let key = dp.new_flow_counter("tcp");
                     // One new flow per request (close) or per connection (keep-alive),
                     // plus those open or failed when a run ended.
                     let slack = h.errors + c * s.http_trials as u64 + 16;
